@@ -1,0 +1,36 @@
+"""Checks of the latent against the VAE, with messages that name the input and what is allowed."""
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+from .spec import VaeSpec
+
+
+def check_latent(samples, spec: VaeSpec) -> torch.Tensor:
+    """Return the latent tensor if ``spec``'s VAE can decode it; raise InputError otherwise."""
+    if not isinstance(samples, torch.Tensor):
+        raise InputError("samples", f"expected a LATENT tensor, got {type(samples).__name__}")
+    if getattr(samples, "is_nested", False):
+        raise InputError("samples", "nested (multi-part audio+video) latents are not supported; "
+                                    "split them before decoding")
+    want = spec.latent_dim + 2
+    if samples.ndim != want:
+        shape = "[B, C, H, W] image" if want == 4 else "[B, C, T, H, W] video"
+        got = {4: "an image latent [B, C, H, W]", 5: "a video latent [B, C, T, H, W]"}.get(
+            samples.ndim, f"a {samples.ndim}-D tensor")
+        raise InputError("samples", f"got {got} of shape {list(samples.shape)}, but the {spec.label} "
+                                    f"decodes {shape} latents")
+    if samples.shape[1] != spec.latent_channels:
+        raise InputError("samples", f"has {samples.shape[1]} channels, but the {spec.label} takes "
+                                    f"{spec.latent_channels}-channel latents: is this latent from another model?")
+    if samples.numel() == 0:
+        raise InputError("samples", f"is empty (shape {list(samples.shape)}): nothing to decode")
+    if not samples.is_floating_point():
+        raise InputError("samples", f"must be a floating-point tensor, got {samples.dtype}")
+    finite = torch.isfinite(samples)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError("samples", f"contains {bad} NaN or inf value{'s' if bad != 1 else ''}; "
+                                    f"the sampler or an upstream node produced an invalid latent")
+    return samples

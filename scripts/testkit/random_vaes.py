@@ -1,0 +1,127 @@
+"""Architecture-faithful VAEs with random weights, saved as safetensors for the real VAELoader.
+
+ComfyUI picks the architecture from state-dict keys and shapes only, so each family here is
+built by asking ComfyUI itself for the module it would construct from a few detection keys,
+then filling *every* tensor of that module's state dict (ComfyUI's layers skip initialisation,
+so a missing key would be uninitialised memory). The last layer is then calibrated so the raw
+output has a standard deviation near 0.35: outputs that saturate at the clamp would make
+equality tests blind.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import comfy_env
+
+# Bump when the recipe changes so cached files are rebuilt.
+RECIPE_VERSION = 1
+TARGET_STD = 0.35
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    detect: dict  # key -> shape: just enough for ComfyUI's detector to pick the architecture
+    head: str  # the output layer's weight, scaled during calibration
+    probe_latent: tuple  # latent shape used to calibrate
+    save_dtype: torch.dtype = torch.float32
+
+
+FAMILIES = {
+    "sd": Family(
+        "sd",
+        {"decoder.conv_in.weight": (512, 4, 3, 3), "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+         "post_quant_conv.weight": (4, 4, 1, 1)},
+        "decoder.conv_out.weight", (1, 4, 8, 8)),
+    # 16-channel image VAE without post_quant_conv: ComfyUI builds AutoencodingEngine (Flux/SD3 style).
+    "flux": Family(
+        "flux",
+        {"decoder.conv_in.weight": (512, 16, 3, 3), "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3)},
+        "decoder.conv_out.weight", (1, 16, 8, 8)),
+    # Wan 2.1 reads its width from decoder.head.0.gamma: dim=16 keeps it small (3.6 M parameters).
+    "wan21": Family(
+        "wan21",
+        {"decoder.middle.0.residual.0.gamma": (64, 1, 1, 1), "decoder.head.0.gamma": (16, 1, 1, 1)},
+        "decoder.head.2.weight", (1, 16, 2, 4, 4)),
+    # Wan 2.2's width is fixed by ComfyUI (705 M parameters); stored in bf16 to halve the file.
+    "wan22": Family(
+        "wan22",
+        {"decoder.middle.0.residual.0.gamma": (1024, 1, 1, 1),
+         "decoder.upsamples.0.upsamples.0.residual.2.weight": (1024, 1024, 3, 3, 3)},
+        "decoder.head.2.weight", (1, 48, 2, 2, 2), torch.bfloat16),
+    # fp32 decoder.1.weight means lighttaew2_1 (no latent scaling); fp16 would mean TAEHV-Hunyuan.
+    "taehv": Family(
+        "taehv",
+        {"decoder.22.bias": (3,), "decoder.1.weight": (256, 16, 3, 3)},
+        "decoder.22.weight", (1, 16, 2, 4, 4)),
+}
+
+
+def _fill(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "gamma" or (leaf == "weight" and len(shape) == 1):  # norm scales
+        return 1.0 + 0.05 * torch.randn(shape, generator=gen)
+    if leaf == "bias" or len(shape) <= 1:
+        return 0.02 * torch.randn(shape, generator=gen)
+    fan_in = shape[1] * math.prod(shape[2:])
+    return torch.randn(shape, generator=gen) * (1.0 / math.sqrt(fan_in))
+
+
+def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    comfy_env.boot()
+    import comfy.sd
+
+    fam = FAMILIES[family]
+    probe = {k: torch.zeros(s) for k, s in fam.detect.items()}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "Missing VAE keys": expected, we only read the layout
+    try:
+        layout = comfy.sd.VAE(sd=probe).first_stage_model.state_dict()
+    finally:
+        logging.disable(previous)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: _fill(k, v.shape, gen).to(v.dtype) for k, v in layout.items()}
+    _calibrate(fam, sd, seed)
+    return {k: v.to(fam.save_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@torch.inference_mode()
+def _calibrate(fam: Family, sd: dict, seed: int) -> None:
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd=sd)
+    z = torch.randn(fam.probe_latent, generator=torch.Generator().manual_seed(seed + 1))
+    raw = vae.first_stage_model.decode(z.to(vae.vae_dtype)).float()
+    std = raw.std().item()
+    if not math.isfinite(std) or std == 0:
+        raise RuntimeError(f"random {fam.name} VAE decodes to std={std}")
+    scale = TARGET_STD / std
+    sd[fam.head] = sd[fam.head] * scale
+    bias = fam.head[: -len("weight")] + "bias"
+    if bias in sd:
+        sd[bias] = sd[bias] * scale
+
+
+def vae_filename(family: str, seed: int = 0) -> str:
+    return f"random_{family}_r{RECIPE_VERSION}_s{seed}.safetensors"
+
+
+def ensure_vae_file(family: str, directory: Path, seed: int = 0) -> Path:
+    """Build (once) and return the safetensors file for ``family`` in ``directory``."""
+    import safetensors.torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / vae_filename(family, seed)
+    if not path.exists():
+        sd = build_state_dict(family, seed)
+        tmp = path.with_suffix(".partial")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+                                    metadata={"pvae_random_vae": family, "seed": str(seed)})
+        tmp.rename(path)
+    return path
