@@ -52,4 +52,8 @@ def load_pack():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK_MODULE] = module
     spec.loader.exec_module(module)
+    # Register the nodes through the pack's own entrypoint, as ComfyUI does.
+    import asyncio
+
+    asyncio.run(module.comfy_entrypoint())
     return module

@@ -54,6 +54,11 @@ FAMILIES = {
         {"decoder.middle.0.residual.0.gamma": (1024, 1, 1, 1),
          "decoder.upsamples.0.upsamples.0.residual.2.weight": (1024, 1024, 3, 3, 3)},
         "decoder.head.2.weight", (1, 48, 2, 2, 2), torch.bfloat16),
+    # A non-causal video VAE (ComfyUI tiles it in time): Cosmos' wavelet tokenizer, 106 M parameters.
+    "cosmos": Family(
+        "cosmos",
+        {"decoder.unpatcher3d.wavelets": (2,)},
+        "decoder.conv_out.1.conv3d.weight", (1, 16, 2, 4, 4)),
     # fp32 decoder.1.weight means lighttaew2_1 (no latent scaling); fp16 would mean TAEHV-Hunyuan.
     "taehv": Family(
         "taehv",
@@ -81,11 +86,19 @@ def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # "Missing VAE keys": expected, we only read the layout
     try:
-        layout = comfy.sd.VAE(sd=probe).first_stage_model.state_dict()
+        model = comfy.sd.VAE(sd=probe).first_stage_model
     finally:
         logging.disable(previous)
+    layout = model.state_dict()
     gen = torch.Generator().manual_seed(seed)
     sd = {k: _fill(k, v.shape, gen).to(v.dtype) for k, v in layout.items()}
+    # Detection keys that the module keeps as non-persistent buffers (Cosmos' wavelets) are not
+    # in its state dict; real files carry them, so ours do too, with the module's own values.
+    buffers = dict(model.named_buffers())
+    for key in fam.detect:
+        if key not in sd:
+            leaf = key.rsplit(".", 1)[-1]
+            sd[key] = next(v for name, v in buffers.items() if name.rsplit(".", 1)[-1] == leaf).clone()
     _calibrate(fam, sd, seed)
     return {k: v.to(fam.save_dtype) if v.is_floating_point() else v for k, v in sd.items()}
 

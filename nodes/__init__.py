@@ -1,0 +1,13 @@
+"""ComfyUI glue: the only code in the pack that imports ``comfy``."""
+from ._api import ComfyExtension, io
+from .decode import ParallelVAEDecode
+
+NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode]
+
+
+class ParallelVAEExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEExtension"]

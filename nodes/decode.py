@@ -1,0 +1,105 @@
+"""Parallel Tiled VAE Decode: VAEDecodeTiled's output, computed tile by tile on the named devices."""
+from __future__ import annotations
+
+import logging
+
+from ..parallel_vae import blend, engine
+from ..parallel_vae import devices as device_lists
+from ..parallel_vae.errors import InputError
+from ..parallel_vae.inputs import check_latent
+from ..parallel_vae.plan import TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN, validate_settings
+from ._api import io
+from . import lanes, vae_info
+from .progress import NodeProgress
+
+log = logging.getLogger("parallel_vae")
+
+CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2, TAEHV) ignore it: they are never cut in time, because "
+               "restarting their causal cache at a temporal tile edge makes the video flicker. Each spatial "
+               "tile is decoded frame after frame with its cache carried forward instead.")
+
+TOOLTIPS = {
+    "samples": "The latent to decode: an image latent [B, C, H, W] or a video latent [B, C, T, H, W] made for "
+               "this VAE.",
+    "vae": "The VAE to decode with (Load VAE, or the VAE output of a checkpoint loader).",
+    "tile_size": "Tile width and height in pixels, as in VAE Decode (Tiled). Smaller tiles need less memory. "
+                 "Image VAEs average three tile grids (t/2 x 2t, 2t x t/2, t x t) exactly like VAE Decode (Tiled).",
+    "overlap": "Pixels shared by neighbouring tiles, blended with a linear feather. Must be smaller than "
+               "tile_size; values above tile_size/4 are reduced to tile_size/4, as VAE Decode (Tiled) does.",
+    "temporal_size": "Video VAEs only: frames per temporal tile (non-causal video VAEs are cut into temporal "
+                     "tiles like VAE Decode (Tiled)). " + CAUSAL_NOTE,
+    "temporal_overlap": "Video VAEs only: frames shared by neighbouring temporal tiles; must be smaller than "
+                        "temporal_size. " + CAUSAL_NOTE,
+    "devices": "Where to decode: auto (every visible GPU, else the CPU), cpu, cpu:N (N CPU lanes), cuda (every "
+               "GPU), or a list such as cuda:0,cuda:1. A device that is not visible is an error. This version "
+               "decodes in-process on one named device: the VAE's own when it is named, else the first.",
+}
+
+
+class ParallelVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParallelVAEDecode",
+            display_name="Parallel Tiled VAE Decode",
+            category="latent",
+            description="Decodes latents in tiles with the same result as VAE Decode (Tiled), on the devices you "
+                        "name. Causal video VAEs (Wan, TAEHV) are never cut in time, so their videos do not "
+                        "flicker at tile edges.",
+            inputs=[
+                io.Latent.Input("samples", tooltip=TOOLTIPS["samples"]),
+                io.Vae.Input("vae", tooltip=TOOLTIPS["vae"]),
+                io.Int.Input("tile_size", default=512, min=TILE_MIN, max=TILE_MAX, step=32,
+                             tooltip=TOOLTIPS["tile_size"]),
+                io.Int.Input("overlap", default=64, min=0, max=TILE_MAX, step=32, tooltip=TOOLTIPS["overlap"]),
+                io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=4096, step=4,
+                             tooltip=TOOLTIPS["temporal_size"]),
+                io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=4096, step=4,
+                             tooltip=TOOLTIPS["temporal_overlap"]),
+                io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
+            ],
+            outputs=[io.Image.Output(tooltip="The decoded images; a video's frames come as one image batch.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
+                        devices=None):
+        """Queue-time checks of the widget values, so a bad value fails before hours of sampling.
+
+        Linked inputs arrive as None here and are checked again when the node runs.
+        """
+        try:
+            if None not in (tile_size, overlap, temporal_size, temporal_overlap):
+                validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
+            if devices is not None:
+                device_lists.parse(devices)
+        except InputError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices) -> io.NodeOutput:
+        spec = vae_info.describe(vae)
+        if not isinstance(samples, dict) or "samples" not in samples:
+            raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
+        latent = check_latent(samples["samples"], spec)
+        settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
+        named = device_lists.parse(devices)
+        plan = spec.plan(tuple(latent.shape), settings)
+        device = lanes.choose(named, vae)
+        lane = lanes.local_lane(vae, spec, device, plan)
+        storage, out = blend.allocate_output(plan)
+
+        def finish(segment, region):
+            result = vae.process_output(region)
+            if result is not region:
+                region.copy_(result)
+
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        note = "in-process" if len(named) == 1 else f"in-process on {device.name} of {len(named)} named"
+        progress = NodeProgress(plan.units, node_id, [lane.name], note)
+        log.info("parallel_vae: %s, latent %s -> %d tiles x %d steps on %s", spec.label, list(latent.shape),
+                 len(plan.tiles), plan.steps, lane.name)
+        engine.decode(plan, latent, lane, out, finish=finish, on_unit=progress.unit)
+        return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))

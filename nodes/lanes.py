@@ -1,0 +1,60 @@
+"""Build the in-process decode lane for a device from ComfyUI's VAE."""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+from ..parallel_vae.devices import Device
+from ..parallel_vae.engine import LocalLane
+from ..parallel_vae.models import make_decoder
+from ..parallel_vae.plan import Plan
+from ..parallel_vae.spec import VaeSpec
+
+log = logging.getLogger("parallel_vae")
+
+# A VAE rebuilt on another device than its own, per (VAE object, device); freed with the VAE.
+_copies: "weakref.WeakKeyDictionary[object, dict[str, comfy.sd.VAE]]" = weakref.WeakKeyDictionary()
+
+
+def _same_device(a, b: torch.device) -> bool:
+    a = torch.device(a)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return True
+
+
+def choose(devices: list[Device], vae) -> Device:
+    """In-process decoding runs on one device: the VAE's own when it is named, else the first."""
+    for d in devices:
+        if _same_device(vae.device, torch.device(d.torch_device)):
+            return d
+    return devices[0]
+
+
+def rebuild_on(vae, device: torch.device):
+    """The same VAE built by ComfyUI on ``device`` (weights from get_sd(), ComfyUI's own loader path)."""
+    per_vae = _copies.setdefault(vae, {})
+    key = str(device)
+    if key not in per_vae:
+        log.info("parallel_vae: building a copy of the VAE on %s", device)
+        sd = {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
+        per_vae[key] = comfy.sd.VAE(sd=sd, device=device, dtype=mm.vae_dtype(device, vae.working_dtypes))
+    return per_vae[key]
+
+
+def local_lane(vae, spec: VaeSpec, device: Device, plan: Plan) -> LocalLane:
+    target = torch.device(device.torch_device)
+    lane_vae = vae if _same_device(vae.device, target) else rebuild_on(vae, target)
+    biggest = max(plan.tiles, key=lambda t: t.volume)
+    tile_shape = (1, spec.latent_channels) + biggest.lat_size
+    mm.load_models_gpu([lane_vae.patcher], memory_required=lane_vae.memory_used_decode(tile_shape, lane_vae.vae_dtype),
+                       force_full_load=lane_vae.disable_offload)
+    decoder = make_decoder(spec.family, lane_vae.first_stage_model, lane_vae.vae_dtype, lane_vae.device)
+    return LocalLane(decoder, device.name)

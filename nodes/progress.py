@@ -1,0 +1,46 @@
+"""ComfyUI progress for one decode: the bar advances per unit of work, a text line counts per lane,
+and every unit is a point where ComfyUI's interrupt button stops the decode."""
+from __future__ import annotations
+
+import time
+
+import comfy.model_management
+import comfy.utils
+
+TEXT_INTERVAL_S = 0.25  # progress text is a websocket message per update: keep it to a few per second
+
+
+def _send_text(text: str, node_id) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)
+
+
+class NodeProgress:
+    def __init__(self, total: int, node_id, lanes: list[str], note: str = ""):
+        self.total = total
+        self.node_id = node_id
+        self.done = dict.fromkeys(lanes, 0)
+        self.note = note
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self._last_text = 0.0
+        self.text()
+
+    def text(self) -> str:
+        parts = ", ".join(f"{lane} {n}/{self.total}" for lane, n in self.done.items())
+        line = f"{parts}{f' ({self.note})' if self.note else ''}"
+        self._last_text = time.monotonic()
+        _send_text(line, self.node_id)
+        return line
+
+    def unit(self, lane: str, tile=None, step: int = 0) -> None:
+        # Raises InterruptProcessingException (and clears the flag) when the user pressed cancel.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.done[lane] += 1
+        self.bar.update(1)
+        if time.monotonic() - self._last_text >= TEXT_INTERVAL_S or sum(self.done.values()) == self.total:
+            self.text()

@@ -1,0 +1,61 @@
+"""Read what the engine needs from a ComfyUI ``comfy.sd.VAE`` into a plain VaeSpec."""
+from __future__ import annotations
+
+from ..parallel_vae.errors import InputError
+from ..parallel_vae.plan import AxisScale
+from ..parallel_vae.spec import CAUSAL_FAMILIES, GENERIC_FAMILIES, VaeSpec
+
+
+def _causal_family(model) -> str | None:
+    from comfy.ldm.wan import vae as wan21
+    from comfy.ldm.wan import vae2_2 as wan22
+    from comfy.taesd.taehv import TAEHV
+
+    if isinstance(model, wan22.WanVAE):
+        return "wan22"
+    if isinstance(model, wan21.WanVAE):
+        return "wan21"
+    if isinstance(model, TAEHV):
+        return "taehv"
+    return None
+
+
+def describe(vae) -> VaeSpec:
+    """Raise InputError("vae", ...) for VAEs the pack cannot decode, else return their spec."""
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise InputError("vae", "ComfyUI could not initialise this VAE: no known VAE weights were found in "
+                                "its file (ComfyUI logged 'No VAE weights detected'). Load a VAE file with "
+                                "Load VAE, or a checkpoint that contains a VAE.")
+    name = type(model).__name__
+    if vae.latent_dim == 1 or getattr(vae, "extra_1d_channel", None) is not None:
+        raise InputError("vae", f"{name} is an audio VAE; only image and video VAEs can be decoded in tiles "
+                                f"here. Use VAE Decode (Audio).")
+    if vae.latent_dim == 2:
+        ratio = vae.upscale_ratio
+        if isinstance(ratio, (tuple, list)) or int(ratio) != ratio or ratio < 1:
+            raise InputError("vae", f"{name} has an upscale ratio {ratio!r} this node cannot tile")
+        return VaeSpec("image", f"{GENERIC_FAMILIES['image']} ({name})", vae.latent_channels,
+                       (AxisScale(int(ratio)),) * 2, vae.output_channels)
+    if vae.latent_dim != 3:
+        raise InputError("vae", f"{name} has {vae.latent_dim}-D latents; only image (2-D) and video (3-D) "
+                                f"VAEs are supported")
+    scales = _video_scales(vae, name)
+    family = _causal_family(model) or "video"
+    label = CAUSAL_FAMILIES.get(family) or GENERIC_FAMILIES[family]
+    return VaeSpec(family, f"{label} ({name})", vae.latent_channels, scales, vae.output_channels)
+
+
+def _video_scales(vae, name: str) -> tuple[AxisScale, ...]:
+    """ComfyUI describes video geometry with a lambda for time; check it is the usual k*T-(k-1)."""
+    k = vae.temporal_compression_decode()
+    up = vae.upscale_ratio
+    index = vae.upscale_index_formula
+    ok = isinstance(up, (tuple, list)) and len(up) == 3 and k is not None and index is not None
+    if ok:
+        time_scale = AxisScale(k, k - 1)
+        ok = all(round(up[0](n)) == time_scale.size(n) for n in range(0, 12)) and tuple(index) == (k, up[1], up[2])
+    if not ok:
+        raise InputError("vae", f"{name} maps latent frames to pixels in a way this node cannot tile "
+                                f"(upscale_ratio={up!r}, index formula={index!r})")
+    return time_scale, AxisScale(int(up[1])), AxisScale(int(up[2]))

@@ -1,0 +1,78 @@
+"""The real ComfyUI package, booted in this process in CPU mode, with random-weight VAE files
+built in ComfyUI's exact layouts and loaded through the real VAELoader."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from testkit import comfy_env, random_vaes
+
+TOL = 1e-4  # the correctness contract's max abs difference in float32
+
+
+@pytest.fixture(scope="session")
+def comfy(vae_dir):
+    nodes = comfy_env.boot()
+    import folder_paths
+
+    folder_paths.add_model_folder_path("vae", str(vae_dir), is_default=True)
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return comfy_env.load_pack()
+
+
+@pytest.fixture(scope="session")
+def load_vae(comfy, vae_dir):
+    loaded = {}
+
+    def load(family: str):
+        if family not in loaded:
+            random_vaes.ensure_vae_file(family, vae_dir)
+            (loaded[family],) = comfy.VAELoader().load_vae(random_vaes.vae_filename(family))
+        return loaded[family]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def decode(pack):
+    """Run ParallelVAEDecode the way ComfyUI's executor does (hidden inputs on a class clone)."""
+    node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "9"})
+
+    def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto"):
+        with torch.inference_mode():
+            out = node.execute({"samples": latent}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices)
+        return out.result[0]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def core_tiled(comfy):
+    def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8):
+        with torch.inference_mode():
+            return comfy.VAEDecodeTiled().decode(vae, {"samples": latent}, tile_size, overlap, temporal_size,
+                                                 temporal_overlap)[0]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def core_decode(comfy):
+    def run(latent, vae):
+        with torch.inference_mode():
+            return comfy.VAEDecode().decode(vae, {"samples": latent})[0]
+
+    return run
+
+
+def latent(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()

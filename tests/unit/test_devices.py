@@ -1,0 +1,65 @@
+"""The ``devices`` string: what it accepts, and errors that list what is visible."""
+import pytest
+
+from parallel_vae.devices import Device, parse
+from parallel_vae.errors import InputError
+
+
+def names(devs):
+    return [d.name for d in devs]
+
+
+@pytest.mark.parametrize("spec, cuda, expected", [
+    ("auto", 0, ["cpu"]),
+    ("", 0, ["cpu"]),
+    ("AUTO", 2, ["cuda:0", "cuda:1"]),
+    ("cpu", 2, ["cpu"]),
+    ("cpu:1", 0, ["cpu"]),
+    ("cpu:2", 0, ["cpu[0]", "cpu[1]"]),
+    ("cuda", 3, ["cuda:0", "cuda:1", "cuda:2"]),
+    ("cuda:0, cuda:2", 3, ["cuda:0", "cuda:2"]),
+    ("cuda:1,cpu", 2, ["cuda:1", "cpu"]),
+])
+def test_accepted(spec, cuda, expected):
+    assert names(parse(spec, cuda_devices=cuda, cpu_cores=4)) == expected
+
+
+def test_cpu_lanes_know_their_share_and_torch_device():
+    lanes = parse("cpu:2", cuda_devices=0, cpu_cores=2)
+    assert lanes == [Device("cpu", 0, 2), Device("cpu", 1, 2)]
+    assert {d.torch_device for d in lanes} == {"cpu"}
+    assert parse("cuda:1", cuda_devices=2)[0].torch_device == "cuda:1"
+
+
+@pytest.mark.parametrize("spec, cuda, fragment", [
+    ("cuda:0", 0, "cuda:0 is not visible (visible: cpu)"),
+    ("cuda:2", 2, "cuda:2 is not visible (visible: cpu, cuda:0, cuda:1)"),
+    ("cuda", 0, "no CUDA device is visible (visible: cpu)"),
+    ("gpu:0", 1, "'gpu:0' is not a device; use auto, cpu, cpu:N, cuda"),
+    ("cpu:0", 0, "use cpu:1..cpu:4"),
+    ("cpu:9", 0, "this machine has 4 cores"),
+    ("cpu:two", 0, "needs a whole number"),
+    ("cuda:0,cuda:0", 1, "names cuda:0 more than once"),
+    ("cpu,cpu:2", 0, "names the CPU more than once"),
+    ("cuda:0,,cuda:1", 2, "empty item"),
+    ("auto,cpu", 0, "'auto' cannot be combined"),
+])
+def test_rejected_with_a_message_naming_the_input(spec, cuda, fragment):
+    with pytest.raises(InputError) as e:
+        parse(spec, cuda_devices=cuda, cpu_cores=4)
+    assert e.value.input_name == "devices"
+    assert str(e.value).startswith("devices: ")
+    assert fragment in str(e.value)
+
+
+def test_non_string_is_rejected():
+    with pytest.raises(InputError, match="must be a string"):
+        parse(3, cuda_devices=0)
+
+
+def test_defaults_read_this_machine():
+    # No GPU in CI: auto is the CPU there; on a GPU machine it is every GPU.
+    import torch
+
+    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    assert names(parse("auto")) == expected
