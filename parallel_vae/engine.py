@@ -28,7 +28,7 @@ class LocalLane:
 
     def run(self, plan: Plan, latent: torch.Tensor,
             order: Iterable[tuple[Tile, int]]) -> Iterator[tuple[Tile, int, torch.Tensor]]:
-        streams: dict[int, Iterator[torch.Tensor]] = {}
+        streams: dict[int, Iterator[torch.Tensor]] = {}  # causal tiles in progress, by tile index
         for tile, step in order:
             if plan.kind != CAUSAL:
                 yield tile, step, self.decoder.decode(latent_box(latent, tile))

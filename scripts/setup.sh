@@ -78,7 +78,8 @@ fi
 # --- the pack ------------------------------------------------------------------------------
 if [ ! -f "$VENV/.stamp-pack" ] || [ pyproject.toml -nt "$VENV/.stamp-pack" ]; then
   say "installing the pack editable into $VENV"
-  $PIP --no-deps -e .
+  # setuptools is chatty about editable installs; show its output only when it fails
+  $PIP --no-deps -e . > "$VENV/pack-install.log" 2>&1 || { cat "$VENV/pack-install.log" >&2; exit 1; }
   touch "$VENV/.stamp-pack"
 fi
 link="$COMFY/custom_nodes/parallel_tiled_vae"

@@ -48,6 +48,11 @@ FAMILIES = {
         "wan21",
         {"decoder.middle.0.residual.0.gamma": (64, 1, 1, 1), "decoder.head.0.gamma": (16, 1, 1, 1)},
         "decoder.head.2.weight", (1, 16, 2, 4, 4)),
+    # The real Wan 2.1 width (dim=96, 127 M parameters), for benchmarks.
+    "wan21_full": Family(
+        "wan21_full",
+        {"decoder.middle.0.residual.0.gamma": (384, 1, 1, 1), "decoder.head.0.gamma": (96, 1, 1, 1)},
+        "decoder.head.2.weight", (1, 16, 2, 4, 4)),
     # Wan 2.2's width is fixed by ComfyUI (705 M parameters); stored in bf16 to halve the file.
     "wan22": Family(
         "wan22",

@@ -130,11 +130,13 @@ class ComfyServer:
                     frame = ws.recv()
                 except websocket.WebSocketTimeoutException:
                     raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
+                now = time.monotonic()
                 if isinstance(frame, bytes):
                     messages.append({"type": "binary", "event": int.from_bytes(frame[:4], "big"),
-                                     "size": len(frame)})
+                                     "payload": frame[4:], "t": now})
                     continue
                 msg = json.loads(frame)
+                msg["t"] = now  # arrival time, for per-node timings
                 messages.append(msg)
                 data = msg.get("data") or {}
                 if data.get("prompt_id") != prompt_id:
@@ -172,3 +174,33 @@ class PromptRun:
 
     def outputs(self, node_id: str) -> dict:
         return self.history.get("outputs", {}).get(node_id, {})
+
+    def node_seconds(self, node_id: str) -> float:
+        """Time from ``executing`` this node to the next ``executing`` message (client clock)."""
+        execs = [m for m in self.of_type("executing") if m["data"].get("prompt_id") == self.prompt_id]
+        for i, m in enumerate(execs[:-1]):
+            if m["data"].get("node") == node_id:
+                return execs[i + 1]["t"] - m["t"]
+        raise KeyError(f"node {node_id} did not run in prompt {self.prompt_id}")
+
+    def progress_texts(self, node_id: str) -> list[str]:
+        """ComfyUI's binary TEXT events (progress text) addressed to ``node_id``."""
+        texts = []
+        for m in self.of_type("binary"):
+            if m["event"] == 3:
+                n = int.from_bytes(m["payload"][:4], "big")
+                if m["payload"][4:4 + n].decode() == node_id:
+                    texts.append(m["payload"][4 + n:].decode())
+        return texts
+
+
+def saved_images(server: ComfyServer, run: PromptRun, node_id: str):
+    """The PNGs a SaveImage node wrote, as one int16 array [N, H, W, 3] (ready for differences)."""
+    import numpy as np
+
+    from .latents import read_png
+
+    files = run.outputs(node_id).get("images", [])
+    if not files:
+        raise AssertionError(f"node {node_id} saved no images; outputs: {run.history.get('outputs')}")
+    return np.stack([read_png(server.base / "output" / f["subfolder"] / f["filename"]) for f in files])

@@ -7,8 +7,6 @@ import torch
 
 from testkit import comfy_env, random_vaes
 
-TOL = 1e-4  # the correctness contract's max abs difference in float32
-
 
 @pytest.fixture(scope="session")
 def comfy(vae_dir):
@@ -67,12 +65,3 @@ def core_decode(comfy):
             return comfy.VAEDecode().decode(vae, {"samples": latent})[0]
 
     return run
-
-
-def latent(shape, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()

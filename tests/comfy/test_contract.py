@@ -2,7 +2,7 @@
 exact layouts, loaded by the real VAELoader; float32 on the CPU)."""
 import pytest
 
-from conftest import TOL, latent, max_diff
+from testkit.compare import TOL, latent, max_diff
 
 # Causal video VAEs: (family, latent shape [B, C, T, H, W]) small enough for a 2-core CPU.
 CAUSAL = [

@@ -3,7 +3,7 @@ next decode works."""
 import pytest
 import torch
 
-from conftest import latent
+from testkit.compare import latent
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ button between tiles, a preallocated output, and the VAE rebuilt on another devi
 import pytest
 import torch
 
-from conftest import TOL, latent, max_diff
+from testkit.compare import TOL, latent, max_diff
 
 
 @pytest.fixture

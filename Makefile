@@ -1,0 +1,38 @@
+# make test   set everything up from nothing, then run the whole suite (what CI runs)
+# make demo   set up, decode the example workflow on a headless ComfyUI, compare with VAEDecodeTiled
+#             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
+# make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser
+# make bench  set up, run the benchmark against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
+SHELL := /bin/bash
+VPY := .venv/bin/python
+PORT ?= 8188
+VAE ?=
+
+.PHONY: setup test test-unit test-comfy test-e2e demo run bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(VPY) -m pytest
+
+test-unit: setup
+	$(VPY) -m pytest tests/unit
+
+test-comfy: setup
+	$(VPY) -m pytest tests/comfy
+
+test-e2e: setup
+	$(VPY) -m pytest tests/e2e
+
+demo: setup
+	$(VPY) scripts/demo.py $(if $(VAE),--vae "$(VAE)")
+
+run: setup
+	$(VPY) scripts/run_comfyui.py --port $(PORT)
+
+bench: setup
+	$(VPY) benchmarks/bench_decode.py
+
+clean:
+	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

@@ -1,0 +1,37 @@
+"""make run: ComfyUI with the pack for the browser, on 127.0.0.1:PORT.
+
+Uses demo-output/comfy-base as ComfyUI's base directory, with the example workflow's VAE and
+latent in place, so the template "parallel_vae_decode" runs as soon as it is opened. Put your own
+VAEs in demo-output/comfy-base/models/vae/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testkit import demo_assets  # noqa: E402
+from testkit.comfy_env import REPO, comfy_root  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--port", type=int, default=8188)
+    args = ap.parse_args()
+    base = REPO / "demo-output" / "comfy-base"
+    demo_assets.prepare(base)
+    import torch
+
+    cmd = [sys.executable, str(comfy_root() / "main.py"), "--listen", "127.0.0.1", "--port", str(args.port),
+           "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    if not torch.cuda.is_available():
+        cmd.append("--cpu")
+    print(f"ComfyUI with the pack: http://127.0.0.1:{args.port}  (base directory {base})", flush=True)
+    os.execv(sys.executable, cmd)
+
+
+if __name__ == "__main__":
+    main()

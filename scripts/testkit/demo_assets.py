@@ -1,0 +1,63 @@
+"""The files the example workflow names: a VAE and a latent, in a ComfyUI base directory."""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import comfy_env, latents, random_vaes
+from .server import prepare_base
+
+DEMO_VAE = "parallel_vae_demo_sd.safetensors"  # the names example_workflows/ uses
+DEMO_LATENT = "parallel_vae_demo.latent"
+CACHE = Path(os.environ.get("PVAE_CACHE", comfy_env.REPO / ".cache")).resolve()
+
+
+@dataclass
+class DemoAssets:
+    vae_name: str
+    latent_name: str
+    description: str
+    causal: bool
+    latent_shape: tuple
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    dst.symlink_to(src.resolve())
+
+
+def prepare(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> DemoAssets:
+    base = prepare_base(Path(base))
+    if vae_path is None:
+        src = random_vaes.ensure_vae_file("sd", CACHE / "test-vaes")
+        vae_name = DEMO_VAE
+        description = ("an architecture-faithful SD VAE (AutoencoderKL, 83.7 M parameters) with random "
+                       "weights, made by this demo: no weights were downloaded")
+    else:
+        src = Path(vae_path).expanduser()
+        if not src.is_file():
+            raise SystemExit(f"VAE={vae_path}: no such file")
+        vae_name = src.name
+        description = f"your VAE {src}"
+    _link(src, base / "models" / "vae" / vae_name)
+
+    # Read the VAE's latent layout through ComfyUI itself, then let it go before the server starts.
+    comfy_env.boot()
+    pack = comfy_env.load_pack()
+    import comfy.sd
+    import comfy.utils
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(src)))
+    spec = pack.nodes.vae_info.describe(vae)
+    description += f"; ComfyUI detected: {spec.label}"
+    del vae
+    gc.collect()
+    # 256 x 384 pixels for 8x VAEs; 5 latent frames (17 pixel frames for 4x-in-time VAEs) for video
+    hw = (256 // spec.spatial_compression, 384 // spec.spatial_compression)
+    shape = (1, spec.latent_channels) + ((5,) if spec.latent_dim == 3 else ()) + hw
+    latents.save_latent(latents.random_latent(shape, seed), base / "input" / DEMO_LATENT)
+    return DemoAssets(vae_name, DEMO_LATENT, description, spec.causal, shape)

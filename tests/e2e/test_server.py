@@ -1,0 +1,82 @@
+"""End to end through a real ComfyUI server driven by API prompt JSON, as API users and the
+editor drive it."""
+import json
+
+from testkit.comfy_env import REPO
+from testkit.prompts import decode_prompt
+from testkit.server import saved_images
+
+INPUTS = ["samples", "vae", "tile_size", "overlap", "temporal_size", "temporal_overlap", "devices"]
+
+
+def test_object_info_lists_the_node_with_its_inputs(server):
+    info = server.object_info("ParallelVAEDecode")["ParallelVAEDecode"]
+    assert info["display_name"] == "Parallel Tiled VAE Decode"
+    assert info["category"] == "latent"
+    required = info["input"]["required"]
+    assert list(required) == INPUTS
+    assert [required[n][0] for n in INPUTS] == ["LATENT", "VAE", "INT", "INT", "INT", "INT", "STRING"]
+    assert {k: required["tile_size"][1][k] for k in ("default", "min", "step")} == {"default": 512, "min": 64,
+                                                                                    "step": 32}
+    assert [required[n][1]["default"] for n in INPUTS[3:]] == [64, 64, 8, "auto"]
+    assert all(required[n][1].get("tooltip") for n in INPUTS)
+    assert "never cut in time" in required["temporal_size"][1]["tooltip"]
+    assert info["output"] == ["IMAGE"]
+
+
+def test_image_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_latent):
+    put_latent("sd_batch2.latent", (2, 4, 10, 14), seed=1)
+    core = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
+    run = server.run(decode_prompt("sd", "sd_batch2.latent", core, tile_size=64, overlap=16))
+    assert run.ok, (run.error, server.log_tail())
+    ours, ref = saved_images(server, run, "4"), saved_images(server, run, "6")
+    assert ours.shape == ref.shape == (2, 80, 112, 3)
+    assert abs(ours - ref).max() <= 1  # 8-bit PNGs: at most a rounding step apart
+    assert (ours == ref).mean() > 0.999
+    progress = [m["data"] for m in run.of_type("progress") if m["data"]["node"] == "3"]
+    assert [p["value"] for p in progress] == list(range(1, 29)) and progress[-1]["max"] == 28
+    assert run.progress_texts("3")[-1] == "cpu 28/28 (in-process)"
+
+
+def test_wan_video_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_latent):
+    put_latent("wan_video.latent", (1, 16, 3, 10, 14), seed=2)
+    # VAEDecodeTiled with a temporal tile covering every frame: the causal cache is never restarted
+    core = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
+    run = server.run(decode_prompt("wan21", "wan_video.latent", core, tile_size=64, overlap=16,
+                                   temporal_size=8, temporal_overlap=4))
+    assert run.ok, (run.error, server.log_tail())
+    ours, ref = saved_images(server, run, "4"), saved_images(server, run, "6")
+    assert ours.shape == ref.shape == (9, 80, 112, 3)
+    assert abs(ours - ref).max() <= 1
+
+
+def test_bad_input_is_the_nodes_error_and_the_server_keeps_serving(server, put_latent):
+    put_latent("wan_for_sd.latent", (1, 16, 3, 8, 8), seed=3)
+    run = server.run(decode_prompt("sd", "wan_for_sd.latent"))
+    err = run.error
+    assert err is not None and err["node_id"] == "3" and err["node_type"] == "ParallelVAEDecode"
+    assert err["exception_type"].endswith("errors.InputError")
+    assert err["exception_message"].startswith("samples: got a video latent [B, C, T, H, W]")
+
+    # widget values are checked when the prompt is queued, before anything runs
+    put_latent("small.latent", (1, 4, 8, 8), seed=4)
+    bad = server.queue(decode_prompt("sd", "small.latent", devices="cuda:99"))
+    assert bad.status_code == 400
+    details = [e["details"] for e in bad.json()["node_errors"]["3"]["errors"]]
+    assert any("devices: cuda:99 is not visible (visible: cpu" in d for d in details)
+
+    good = server.run(decode_prompt("sd", "small.latent", tile_size=64, overlap=16))
+    assert good.ok, (good.error, server.log_tail())
+    assert saved_images(server, good, "4").shape == (1, 64, 64, 3)
+
+
+def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
+    templates = server.get("/api/workflow_templates").json()
+    assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api"]
+    served = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_decode.json").json()
+    known = server.get("/object_info").json()
+    assert {n["type"] for n in served["nodes"]} <= set(known)
+    api = json.loads((REPO / "example_workflows" / "parallel_vae_decode_api.json").read_text())
+    ui_node = next(n for n in served["nodes"] if n["type"] == "ParallelVAEDecode")
+    api_inputs = api["3"]["inputs"]
+    assert ui_node["widgets_values"] == [api_inputs[k] for k in INPUTS[2:]]
