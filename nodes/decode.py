@@ -7,7 +7,8 @@ from ..parallel_vae import blend, engine
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.inputs import check_latent
-from ..parallel_vae.plan import TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN, validate_settings
+from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN,
+                                 validate_settings)
 from ._api import io
 from . import lanes, vae_info
 from .progress import NodeProgress
@@ -52,9 +53,9 @@ class ParallelVAEDecode(io.ComfyNode):
                 io.Int.Input("tile_size", default=512, min=TILE_MIN, max=TILE_MAX, step=32,
                              tooltip=TOOLTIPS["tile_size"]),
                 io.Int.Input("overlap", default=64, min=0, max=TILE_MAX, step=32, tooltip=TOOLTIPS["overlap"]),
-                io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=4096, step=4,
+                io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=TEMPORAL_MAX, step=4,
                              tooltip=TOOLTIPS["temporal_size"]),
-                io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=4096, step=4,
+                io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=TEMPORAL_MAX, step=4,
                              tooltip=TOOLTIPS["temporal_overlap"]),
                 io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
             ],

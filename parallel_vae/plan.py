@@ -18,7 +18,7 @@ IMAGE, VIDEO, CAUSAL = "image", "video", "causal"
 
 # The node's limits, shared with its schema so validation and UI agree (VAEDecodeTiled's values).
 TILE_MIN, TILE_MAX = 64, 4096
-TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN = 8, 4
+TEMPORAL_MIN, TEMPORAL_MAX, TEMPORAL_OVERLAP_MIN = 8, 4096, 4
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ def validate_settings(tile_size: int, overlap: int, temporal_size: int, temporal
     if overlap >= tile_size:
         raise InputError("overlap", f"{overlap} px must be smaller than tile_size ({tile_size} px); "
                                     f"values above tile_size/4 are clamped to tile_size/4 like VAEDecodeTiled")
-    if temporal_size < TEMPORAL_MIN:
-        raise InputError("temporal_size", f"{temporal_size} frames is below the minimum of {TEMPORAL_MIN}")
+    if not TEMPORAL_MIN <= temporal_size <= TEMPORAL_MAX:
+        raise InputError("temporal_size", f"{temporal_size} frames is outside the allowed "
+                                          f"{TEMPORAL_MIN}..{TEMPORAL_MAX} frames")
     if temporal_overlap < TEMPORAL_OVERLAP_MIN:
         raise InputError("temporal_overlap",
                          f"{temporal_overlap} frames is below the minimum of {TEMPORAL_OVERLAP_MIN}")
