@@ -40,6 +40,8 @@ def main() -> int:
     core["3"] = {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0], **settings}}
     if assets.causal:  # compare with a temporal tile covering every frame: ours never cuts time
         core["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.latent_shape[2])
+        print(f"causal video VAE: VAE Decode (Tiled) runs with temporal_size={core['3']['inputs']['temporal_size']} "
+              f"so that it does not cut time either")
     core["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode_tiled"
 
     t0 = time.monotonic()
