@@ -66,7 +66,7 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     import folder_paths
 
     family, shape, settings, _ = CASES[case]
-    vae_dir = Path(os.environ.get("PVAE_CACHE", REPO / ".cache")) / "test-vaes"
+    vae_dir = random_vaes.cache_dir()
     random_vaes.ensure_vae_file(family, vae_dir)
     folder_paths.add_model_folder_path("vae", str(vae_dir), is_default=True)
     (vae,) = nodes.VAELoader().load_vae(random_vaes.vae_filename(family))

@@ -8,19 +8,17 @@ largest pixel difference between the two.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from testkit import demo_assets  # noqa: E402
+from testkit import demo_assets, prompts  # noqa: E402
 from testkit.comfy_env import REPO  # noqa: E402
 from testkit.server import ComfyServer, saved_images  # noqa: E402
 
 BASE = REPO / "demo-output" / "comfy-base"
-EXAMPLE = REPO / "example_workflows" / "parallel_vae_decode_api.json"
 
 
 def main() -> int:
@@ -32,12 +30,10 @@ def main() -> int:
     print(f"VAE: {assets.description}")
     print(f"latent: random {list(assets.latent_shape)} -> {BASE / 'input' / assets.latent_name}")
 
-    ours = json.loads(EXAMPLE.read_text())
-    ours["1"]["inputs"]["vae_name"] = assets.vae_name
-    ours["2"]["inputs"]["latent"] = assets.latent_name
-    settings = {k: ours["3"]["inputs"][k] for k in ("tile_size", "overlap", "temporal_size", "temporal_overlap")}
-    core = json.loads(json.dumps(ours))
-    core["3"] = {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0], **settings}}
+    ours = prompts.example_prompt(assets.vae_name, assets.latent_name)
+    settings = {k: ours["3"]["inputs"][k] for k in prompts.SETTINGS}
+    core = prompts.example_prompt(assets.vae_name, assets.latent_name)
+    core["3"] = prompts.vae_decode_tiled(settings)
     if assets.causal:  # compare with a temporal tile covering every frame: ours never cuts time
         core["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.latent_shape[2])
         print(f"causal video VAE: VAE Decode (Tiled) runs with temporal_size={core['3']['inputs']['temporal_size']} "

@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from testkit import demo_assets  # noqa: E402
-from testkit.comfy_env import REPO, comfy_root  # noqa: E402
+from testkit.comfy_env import REPO  # noqa: E402
+from testkit.server import comfy_command  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +26,7 @@ def main() -> None:
     demo_assets.prepare(base)
     import torch
 
-    cmd = [sys.executable, str(comfy_root() / "main.py"), "--listen", "127.0.0.1", "--port", str(args.port),
-           "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
+    cmd = comfy_command(args.port, base, cpu=not torch.cuda.is_available())
     print(f"ComfyUI with the pack: http://127.0.0.1:{args.port}  (base directory {base})", flush=True)
     os.execv(sys.executable, cmd)
 

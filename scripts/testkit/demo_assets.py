@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,7 +11,6 @@ from .server import prepare_base
 
 DEMO_VAE = "parallel_vae_demo_sd.safetensors"  # the names example_workflows/ uses
 DEMO_LATENT = "parallel_vae_demo.latent"
-CACHE = Path(os.environ.get("PVAE_CACHE", comfy_env.REPO / ".cache")).resolve()
 
 
 @dataclass
@@ -33,7 +31,7 @@ def _link(src: Path, dst: Path) -> None:
 def prepare(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> DemoAssets:
     base = prepare_base(Path(base))
     if vae_path is None:
-        src = random_vaes.ensure_vae_file("sd", CACHE / "test-vaes")
+        src = random_vaes.ensure_vae_file("sd", random_vaes.cache_dir())
         vae_name = DEMO_VAE
         description = ("an architecture-faithful SD VAE (AutoencoderKL, 83.7 M parameters) with random "
                        "weights, made by this demo: no weights were downloaded")

@@ -27,8 +27,3 @@ def read_png(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """IMAGE -> uint8 exactly as ComfyUI's SaveImage converts it."""
-    return np.clip(255.0 * images.cpu().numpy(), 0, 255).astype(np.uint8)

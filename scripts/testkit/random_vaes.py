@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,11 @@ def _calibrate(fam: Family, sd: dict, seed: int) -> None:
     bias = fam.head[: -len("weight")] + "bias"
     if bias in sd:
         sd[bias] = sd[bias] * scale
+
+
+def cache_dir() -> Path:
+    """Where built VAE files are kept across runs: $PVAE_CACHE/test-vaes, else .cache/test-vaes."""
+    return Path(os.environ.get("PVAE_CACHE", comfy_env.REPO / ".cache")).resolve() / "test-vaes"
 
 
 def vae_filename(family: str, seed: int = 0) -> str:

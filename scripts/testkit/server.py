@@ -26,6 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def comfy_command(port: int, base: Path, cpu: bool = True, extra_args: tuple = ()) -> list[str]:
+    """main.py on 127.0.0.1 with every writable path under ``base`` (the database in memory)."""
+    cmd = [sys.executable, str(comfy_root() / "main.py"), "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    return cmd + (["--cpu"] if cpu else []) + list(extra_args)
+
+
 def prepare_base(base: Path) -> Path:
     """ComfyUI's --base-directory layout with the pack linked into custom_nodes/."""
     for sub in ("custom_nodes", "models/vae", "input", "output", "user", "temp"):
@@ -49,10 +56,7 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90) -> "ComfyServer":
-        cmd = [sys.executable, str(comfy_root() / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(self.base),
-               "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes",
-               *self.extra_args]
+        cmd = comfy_command(self.port, self.base, cpu=True, extra_args=("--disable-api-nodes", *self.extra_args))
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
