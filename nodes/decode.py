@@ -10,7 +10,7 @@ from ..parallel_vae.inputs import check_latent
 from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN,
                                  validate_settings)
 from ._api import io
-from . import lanes, vae_info
+from . import lanes, vae_info, workers
 from .progress import NodeProgress
 
 log = logging.getLogger("parallel_vae")
@@ -31,9 +31,11 @@ TOOLTIPS = {
                      "tiles like VAE Decode (Tiled)). " + CAUSAL_NOTE,
     "temporal_overlap": "Video VAEs only: frames shared by neighbouring temporal tiles; must be smaller than "
                         "temporal_size. " + CAUSAL_NOTE,
-    "devices": "Where to decode: auto (every visible GPU, else the CPU), cpu, cpu:N (N CPU lanes), cuda (every "
-               "GPU), or a list such as cuda:0,cuda:1. A device that is not visible is an error. This version "
-               "decodes in-process on one named device: the VAE's own when it is named, else the first.",
+    "devices": "Where to decode: auto (every visible GPU, else the CPU), cpu, cpu:N (N CPU worker processes "
+               "sharing the cores), cuda (every GPU), or a list such as cuda:0,cuda:1. Two or more devices, or "
+               "cpu:N, decode on persistent worker processes (one per device, kept between prompts; tiles go to "
+               "whichever is free). One device (cpu, or a single GPU) decodes inside ComfyUI. A device that is "
+               "not visible is an error.",
 }
 
 
@@ -88,8 +90,15 @@ class ParallelVAEDecode(io.ComfyNode):
         settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         named = device_lists.parse(devices)
         plan = spec.plan(tuple(latent.shape), settings)
-        device = lanes.choose(named, vae)
-        lane = lanes.local_lane(vae, spec, device, plan)
+        if device_lists.uses_workers(named):
+            pool = workers.get_pool(named)
+            lane = engine.PoolLane(pool, workers.model_source(vae, spec, named),
+                                   poll=NodeProgress.poll)
+            note = f"{len(named)} worker process{'es' if len(named) > 1 else ''}"
+        else:
+            device = lanes.choose(named, vae)
+            lane = lanes.local_lane(vae, spec, device, plan)
+            note = "in-process"
         storage, out = blend.allocate_output(plan)
 
         def finish(segment, region):
@@ -98,9 +107,8 @@ class ParallelVAEDecode(io.ComfyNode):
                 region.copy_(result)
 
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        note = "in-process" if len(named) == 1 else f"in-process on {device.name} of {len(named)} named"
-        progress = NodeProgress(plan.units, node_id, [lane.name], note)
+        progress = NodeProgress(plan.units, node_id, lane.names, note)
         log.info("parallel_vae: %s, latent %s -> %d tiles x %d steps on %s", spec.label, list(latent.shape),
-                 len(plan.tiles), plan.steps, lane.name)
-        engine.decode(plan, latent, lane, out, finish=finish, on_unit=progress.unit)
+                 len(plan.tiles), plan.steps, ", ".join(lane.names))
+        lanes.last_report = engine.decode(plan, latent, lane, out, finish=finish, on_unit=progress.unit)
         return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))

@@ -16,6 +16,8 @@ from ..parallel_vae.spec import VaeSpec
 
 log = logging.getLogger("parallel_vae")
 
+last_report = None  # engine.Report of the latest decode (which lane and process decoded each tile)
+
 # A VAE rebuilt on another device than its own, per (VAE object, device); freed with the VAE.
 _copies: "weakref.WeakKeyDictionary[object, dict[str, comfy.sd.VAE]]" = weakref.WeakKeyDictionary()
 

@@ -37,10 +37,15 @@ class NodeProgress:
         _send_text(line, self.node_id)
         return line
 
-    def unit(self, lane: str, tile=None, step: int = 0) -> None:
-        # Raises InterruptProcessingException (and clears the flag) when the user pressed cancel.
+    @staticmethod
+    def poll() -> None:
+        """Raises InterruptProcessingException (and clears the flag) when the user pressed cancel."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.done[lane] += 1
+
+    def unit(self, unit) -> None:
+        """After each decoded unit (an engine.Decoded): count it for its lane."""
+        self.poll()
+        self.done[unit.lane] += 1
         self.bar.update(1)
         if time.monotonic() - self._last_text >= TEXT_INTERVAL_S or sum(self.done.values()) == self.total:
             self.text()

@@ -108,10 +108,11 @@ class Blender:
             return (0,) + tile.out_start[1:], (seg.size[0],) + tile.out_size[1:]
         return tile.out_start, tile.out_size
 
-    def add(self, tile_index: int, step: int, pixels: torch.Tensor) -> list[Segment]:
+    def add(self, tile_index: int, step: int, pixels: torch.Tensor, borrowed: bool = False) -> list[Segment]:
         """Take the decoded pixels of one tile (one step of it for causal plans).
 
-        Returns the segments this completed, in order.
+        ``borrowed`` pixels are only valid during the call (a worker's result slot): they are
+        copied if they must wait for earlier tiles. Returns the segments this completed, in order.
         """
         tile = self.plan.tiles[tile_index]
         if not 0 <= step < self.plan.steps:
@@ -129,6 +130,8 @@ class Blender:
             seg.next += 1
             if seg.next == len(seg.tiles):
                 finished.append(self._complete(seg, t.batch, step))
+        if borrowed and tile_index in seg.pending:
+            seg.pending[tile_index] = pixels.clone()
         return finished
 
     def _apply(self, seg: _SegmentState, tile: Tile, step: int, pixels: torch.Tensor) -> None:

@@ -7,11 +7,15 @@ Accepted (case-insensitive, comma-separated where it makes sense):
   cuda          every visible CUDA device
   cuda:I[,...]  the listed CUDA devices, each at most once ("cuda:0,cuda:2")
 Items may be mixed ("cuda:0,cpu"). A device that is not visible is an error listing the visible ones.
+
+One device named as ``cpu`` or a single CUDA device decodes in ComfyUI's own process (no copy of
+the VAE, ComfyUI's memory management); ``cpu:N`` (even ``cpu:1``) and two or more devices decode
+on persistent worker processes, one per device (``uses_workers``).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import InputError
@@ -24,6 +28,7 @@ class Device:
     kind: str  # "cpu" | "cuda"
     index: int  # CUDA ordinal, or the CPU lane number
     lanes: int = 1  # CPU lanes sharing the cores (the same for every lane of one cpu:N)
+    pooled: bool = field(default=False, compare=False)  # named as cpu:N: worker processes, even N=1
 
     @property
     def torch_device(self) -> str:
@@ -78,7 +83,7 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
             if not 1 <= n <= cpu_cores:
                 raise InputError("devices", f"{item!r} asks for {n} CPU lanes; this machine has {cpu_cores} "
                                             f"cores, so use cpu:1..cpu:{cpu_cores}")
-            out += [Device("cpu", i, n) for i in range(n)]
+            out += [Device("cpu", i, n, pooled=True) for i in range(n)]
         elif item == "cuda":
             if not cuda_devices:
                 raise InputError("devices", f"'cuda' was asked for but no CUDA device is visible "
@@ -96,6 +101,10 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
     if dupes:
         raise InputError("devices", f"{spec!r} names {', '.join(dupes)} more than once")
     return out
+
+
+def uses_workers(devices: list[Device]) -> bool:
+    return len(devices) > 1 or any(d.pooled for d in devices)
 
 
 def _number(text: str, item: str, spec: str) -> int:

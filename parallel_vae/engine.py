@@ -1,7 +1,14 @@
-"""plan -> schedule -> lane -> blend: the decode loop, independent of ComfyUI."""
+"""plan -> lane(s) -> blend: the decode loop, independent of ComfyUI.
+
+A lane is anything with ``results(plan, latent)`` yielding ``Decoded`` units: ``LocalLane``
+decodes in the calling thread, ``PoolLane`` on persistent worker processes (pool.py). Either way
+the blender applies tiles in plan order, so the output does not depend on the lane.
+"""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -11,10 +18,44 @@ from .errors import DecodeError
 from .plan import CAUSAL, Plan, Tile
 
 
+@dataclass
+class Decoded:
+    """The pixels of one unit: a tile, or one step of a causal tile."""
+
+    lane: str
+    tile: Tile
+    step: int
+    pixels: torch.Tensor
+    pid: int
+    borrowed: bool = False  # a view of a worker's slot, reused once the iterator advances
+
+
+@dataclass
+class Report:
+    """What happened in one decode: which lane and process decoded each unit, in arrival order."""
+
+    lanes: list[str]
+    units: list[tuple[int, int, str, int]] = field(default_factory=list)  # (tile, step, lane, pid)
+    blender: Optional[Blender] = None
+
+    def pids(self) -> set[int]:
+        return {pid for *_, pid in self.units}
+
+    def per_lane(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.lanes, 0)
+        for _, _, lane, _ in self.units:
+            counts[lane] = counts.get(lane, 0) + 1
+        return counts
+
+
 def latent_box(latent: torch.Tensor, tile: Tile) -> torch.Tensor:
     """The latent a tile decodes: ``[1, C, *tile.lat_size]`` (a view)."""
-    box = latent.narrow(0, tile.batch, 1)
-    for d, (p, n) in enumerate(zip(tile.lat_start, tile.lat_size)):
+    return box_of(latent, tile.batch, tile.lat_start, tile.lat_size)
+
+
+def box_of(latent: torch.Tensor, batch: int, start, size) -> torch.Tensor:
+    box = latent.narrow(0, batch, 1)
+    for d, (p, n) in enumerate(zip(start, size)):
         box = box.narrow(d + 2, p, n)
     return box
 
@@ -25,13 +66,14 @@ class LocalLane:
     def __init__(self, decoder, name: str):
         self.decoder = decoder
         self.name = name
+        self.names = [name]
 
-    def run(self, plan: Plan, latent: torch.Tensor,
-            order: Iterable[tuple[Tile, int]]) -> Iterator[tuple[Tile, int, torch.Tensor]]:
+    def results(self, plan: Plan, latent: torch.Tensor) -> Iterator[Decoded]:
+        pid = os.getpid()
         streams: dict[int, Iterator[torch.Tensor]] = {}  # causal tiles in progress, by tile index
-        for tile, step in order:
+        for tile, step in schedule.in_process_order(plan):
             if plan.kind != CAUSAL:
-                yield tile, step, self.decoder.decode(latent_box(latent, tile))
+                yield Decoded(self.name, tile, step, self.decoder.decode(latent_box(latent, tile)), pid)
                 continue
             if step == 0:
                 streams[tile.index] = self.decoder.steps(latent_box(latent, tile), plan.step_frames)
@@ -42,12 +84,25 @@ class LocalLane:
                                   f"on tile {tile.index}") from None
             if step == plan.steps - 1:
                 del streams[tile.index]  # frees the tile's causal cache
-            yield tile, step, pixels
+            yield Decoded(self.name, tile, step, pixels, pid)
 
 
-def decode(plan: Plan, latent: torch.Tensor, lane: LocalLane, out: torch.Tensor,
+class PoolLane:
+    """Decodes on a WorkerPool's processes; ``poll`` runs while waiting (the interrupt check)."""
+
+    def __init__(self, pool, source, poll: Callable[[], None] = lambda: None):
+        self.pool = pool
+        self.source = source
+        self.poll = poll
+        self.names = pool.names
+
+    def results(self, plan: Plan, latent: torch.Tensor) -> Iterator[Decoded]:
+        return self.pool.run(plan, latent, self.source, self.poll)
+
+
+def decode(plan: Plan, latent: torch.Tensor, lane, out: torch.Tensor,
            finish: Optional[Callable[[Segment, torch.Tensor], None]] = None,
-           on_unit: Optional[Callable[[str, Tile, int], None]] = None) -> Blender:
+           on_unit: Optional[Callable[[Decoded], None]] = None) -> Report:
     """Decode every unit of ``plan`` on ``lane`` and blend into ``out`` (``[B, C, *axes]``).
 
     ``finish`` post-processes each finished segment in place; ``on_unit`` runs after each unit
@@ -56,12 +111,20 @@ def decode(plan: Plan, latent: torch.Tensor, lane: LocalLane, out: torch.Tensor,
     if tuple(latent.shape) != plan.latent_shape:
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match the plan's {plan.latent_shape}")
     blender = Blender(plan, out, finish)
+    report = Report(list(lane.names), blender=blender)
     with torch.inference_mode():
-        for tile, step, pixels in lane.run(plan, latent, schedule.in_process_order(plan)):
-            blender.add(tile.index, step, pixels)
-            del pixels
-            if on_unit is not None:
-                on_unit(lane.name, tile, step)
+        results = lane.results(plan, latent)
+        try:
+            for unit in results:
+                blender.add(unit.tile.index, unit.step, unit.pixels, borrowed=unit.borrowed)
+                report.units.append((unit.tile.index, unit.step, unit.lane, unit.pid))
+                unit.pixels = None
+                if on_unit is not None:
+                    on_unit(unit)
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # cancels the job in the workers when we stop early
     if not blender.complete:
         raise DecodeError("decoding ended before every tile was blended")
-    return blender
+    return report

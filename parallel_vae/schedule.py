@@ -1,15 +1,20 @@
-"""Which unit of work runs when.
+"""Which unit of work runs when, and where.
 
 A unit is (tile, step): a whole tile for image and generic video plans (step 0), one latent
-frame of one spatial tile for causal video. One in-process lane walks the plan tile by tile, and
-a causal tile through all of its frames before the next tile starts: only one causal cache is
-alive at a time (the device-memory profile of ComfyUI's own tiled decode), and every segment
-still receives its tiles in plan order, so nothing waits in the reorder buffer. The price is that
-each causal step's blending buffer stays open until the last tile has reached it.
+frame of one spatial tile for causal video.
+
+In-process, one lane walks the plan tile by tile, and a causal tile through all of its frames
+before the next tile starts: only one causal cache is alive at a time (the memory profile of
+ComfyUI's own tiled decode), and every segment receives its tiles in plan order.
+
+Across workers, scheduling is pull-based: an idle worker takes the largest tile still waiting, so
+a slower device simply takes fewer tiles. A causal tile is a sticky lane: all of its frames are
+decoded by one worker, where its causal cache lives.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections import Counter, defaultdict, deque
+from typing import Iterator, Optional
 
 from .plan import Plan, Tile
 
@@ -18,3 +23,42 @@ def in_process_order(plan: Plan) -> Iterator[tuple[Tile, int]]:
     for tile in plan.tiles:
         for step in range(plan.steps):
             yield tile, step
+
+
+def largest_first(plan: Plan) -> list[Tile]:
+    """Tiles by decreasing latent volume, plan order among equals (the big ones must not come last)."""
+    return sorted(plan.tiles, key=lambda t: (-t.volume, t.index))
+
+
+class TileQueue:
+    """Tiles waiting for a worker, with bounded retries and per-tile excluded lanes."""
+
+    def __init__(self, tiles: list[Tile], max_attempts: int = 3):
+        self.waiting: deque[Tile] = deque(tiles)
+        self.max_attempts = max_attempts
+        self.attempts: Counter[int] = Counter()
+        self.excluded: defaultdict[int, set[str]] = defaultdict(set)
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def take(self, lane: str) -> Optional[Tile]:
+        for i, tile in enumerate(self.waiting):
+            if lane not in self.excluded[tile.index]:
+                del self.waiting[i]
+                return tile
+        return None
+
+    def requeue(self, tile: Tile, lane: Optional[str] = None, exclude: bool = False) -> bool:
+        """Put a tile back at the front; False when it has used up its attempts."""
+        self.attempts[tile.index] += 1
+        if self.attempts[tile.index] >= self.max_attempts:
+            return False
+        if exclude and lane is not None:
+            self.excluded[tile.index].add(lane)
+        self.waiting.appendleft(tile)
+        return True
+
+    def unrunnable(self, lanes: list[str]) -> list[Tile]:
+        """Waiting tiles that every one of ``lanes`` is excluded from."""
+        return [t for t in self.waiting if lanes and all(l in self.excluded[t.index] for l in lanes)]

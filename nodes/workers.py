@@ -1,0 +1,121 @@
+"""ComfyUI's side of the worker pool: which workers to start, and how they rebuild ComfyUI's VAE.
+
+Workers build the VAE with ComfyUI's own loader (``comfy.sd.VAE(sd=...)``, the path VAESave's
+round trip relies on) from weights the pool places in shared memory once per VAE. The engine
+never imports ComfyUI: these recipes name the loader, and the worker imports it by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import weakref
+
+import torch
+
+import comfy.sd
+import comfy.model_management as mm
+from ..parallel_vae.devices import Device
+from ..parallel_vae.pool import ModelSource, WorkerPool, WorkerSpec
+from ..parallel_vae.spec import VaeSpec
+
+log = logging.getLogger("parallel_vae")
+
+COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.sd.__file__)))
+
+_fingerprints: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def fingerprint(vae) -> str:
+    """A content hash of the VAE's weights (class, keys, dtypes, shapes, bytes), cached per object.
+
+    Two VAE objects with the same weights share workers' copies; changed weights never do.
+    """
+    fp = _fingerprints.get(vae)
+    if fp is None:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(type(vae.first_stage_model).__qualname__.encode())
+        for key, t in sorted(vae.get_sd().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        fp = _fingerprints[vae] = h.hexdigest()
+    return fp
+
+
+def _worker_dtype(vae, spec: WorkerSpec, parent_device: str) -> torch.dtype:
+    """The VAE's own dtype where the worker's device type matches it, else ComfyUI's choice there."""
+    target = torch.device(parent_device)
+    if torch.device(vae.device).type == target.type:
+        return vae.vae_dtype
+    return mm.vae_dtype(target, vae.working_dtypes)
+
+
+def model_source(vae, spec: VaeSpec, devices: list[Device]) -> ModelSource:
+    parent_device = {d.name: d.torch_device for d in devices}
+    fp = fingerprint(vae)
+
+    def weights():
+        return {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
+
+    def recipe(worker: WorkerSpec) -> dict:
+        return {"factory": "comfy.sd:VAE", "weights_arg": "sd",
+                "kwargs": {"device": torch.device(worker.device),
+                           "dtype": _worker_dtype(vae, worker, parent_device[worker.name])},
+                "module_attr": "first_stage_model", "dtype_attr": "vae_dtype", "family": spec.family}
+
+    return ModelSource(fp, weights, recipe)
+
+
+def _cuda_ordinals() -> list[str]:
+    """Physical ids behind this process's cuda:0, cuda:1, ... (respects CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [v.strip() for v in visible.split(",") if v.strip()]
+
+
+def worker_specs(devices: list[Device]) -> list[WorkerSpec]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu_workers = sum(d.kind == "cpu" for d in devices)
+    specs = []
+    for d in devices:
+        if d.kind == "cuda":
+            ordinals = _cuda_ordinals()
+            physical = ordinals[d.index] if d.index < len(ordinals) else str(d.index)
+            specs.append(WorkerSpec(d.name, "cuda:0", threads=1, env=(("CUDA_VISIBLE_DEVICES", physical),)))
+        else:
+            specs.append(WorkerSpec(d.name, "cpu", threads=max(1, cores // cpu_workers),
+                                    env=(("CUDA_VISIBLE_DEVICES", ""),),
+                                    setup=(("comfy.cli_args", "args.cpu", True),)))
+    return specs
+
+
+def get_pool(devices: list[Device]) -> WorkerPool:
+    """The process-wide pool for these devices: reused while the device list is unchanged."""
+    global _pool
+    specs = worker_specs(devices)
+    with _pool_lock:
+        if _pool is not None and _pool.specs != specs:
+            log.info("parallel_vae: devices changed; stopping workers for %s", ", ".join(_pool.names))
+            _pool.shutdown()
+            _pool = None
+        if _pool is None:
+            _pool = WorkerPool(specs, python_path=[COMFY_ROOT], imports=["comfy.sd"])
+        return _pool
+
+
+def current_pool() -> WorkerPool | None:
+    return _pool
+
+
+def shutdown_pool() -> None:
+    """Stop the workers now (tests; they also stop when ComfyUI exits)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown()
+            _pool = None
