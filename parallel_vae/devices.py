@@ -3,7 +3,7 @@
 Accepted (case-insensitive, comma-separated where it makes sense):
   auto          every visible CUDA device; the CPU when there is none
   cpu           one CPU lane using all of torch's threads
-  cpu:N         N CPU lanes sharing the cores (N >= 1, at most the number of cores)
+  cpu:N         N CPU worker processes sharing the cores (1 <= N <= max(4, 2 x cores))
   cuda          every visible CUDA device
   cuda:I[,...]  the listed CUDA devices, each at most once ("cuda:0,cuda:2")
 Items may be mixed ("cuda:0,cpu"). A device that is not visible is an error listing the visible ones.
@@ -80,9 +80,11 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
             out.append(Device("cpu", 0))
         elif item.startswith("cpu:"):
             n = _number(item[4:], item, spec)
-            if not 1 <= n <= cpu_cores:
+            limit = cpu_lane_limit(cpu_cores)
+            if not 1 <= n <= limit:
                 raise InputError("devices", f"{item!r} asks for {n} CPU lanes; this machine has {cpu_cores} "
-                                            f"cores, so use cpu:1..cpu:{cpu_cores}")
+                                            f"cores, so use cpu:1..cpu:{limit} (lanes beyond the cores "
+                                            f"share them)")
             out += [Device("cpu", i, n, pooled=True) for i in range(n)]
         elif item == "cuda":
             if not cuda_devices:
@@ -101,6 +103,11 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
     if dupes:
         raise InputError("devices", f"{spec!r} names {', '.join(dupes)} more than once")
     return out
+
+
+def cpu_lane_limit(cpu_cores: int) -> int:
+    """More lanes than cores only share the cores (one torch thread each); twice is plenty."""
+    return max(4, 2 * cpu_cores)
 
 
 def uses_workers(devices: list[Device]) -> bool:

@@ -410,6 +410,11 @@ def _prod(xs) -> int:
     return n
 
 
+def _oom_error(tile: Tile, where: str) -> DecodeError:
+    return DecodeError(f"tile {tile.index} ran out of memory on every device that tried it ({where}); "
+                       f"use a smaller tile_size")
+
+
 class _Job:
     """One decode on the pool: the pull loop, fault handling and cleanup."""
 
@@ -517,17 +522,18 @@ class _Job:
         return None
 
     def _out_of_memory(self, h: _Handle, tile: Tile, text: str) -> None:
+        """Retry the tile on another device; with none left, once more where it failed."""
         self.oom[(tile.index, h.name)] += 1
         others = [o for o in self.pool.handles if o is not h and o.state != "dead"
                   and o.name not in self.queue.excluded[tile.index]]
-        exclude = bool(others) or self.oom[(tile.index, h.name)] >= 2
+        if not others and self.oom[(tile.index, h.name)] >= 2:
+            raise _oom_error(tile, f"{h.name}: {text}")
         where = "on another device" if others else "once more after freeing the cache"
         log.warning("parallel_vae: %s ran out of memory on tile %d; retrying %s", h.name, tile.index, where)
         self.pool.stats.events.append((time.time(), f"{h.name} out of memory on tile {tile.index}"))
         self.pool.stats.requeued += 1
-        if not self.queue.requeue(tile, h.name, exclude=exclude):
-            raise DecodeError(f"tile {tile.index} ran out of memory on every device that tried it "
-                              f"(last: {h.name}: {text}); use a smaller tile_size")
+        if not self.queue.requeue(tile, h.name, exclude=bool(others)):
+            raise _oom_error(tile, f"{h.name}: {text}")
 
     def _lost(self, h: _Handle) -> None:
         """A worker died: requeue its tiles of this job (a causal lane restarts from its first frame)."""
@@ -552,5 +558,4 @@ class _Job:
         live = [h.name for h in pool.handles if h.state != "dead"]
         stuck = self.queue.unrunnable(live)
         if stuck and not any(h.tasks for h in pool.handles if h.state == "up"):
-            raise DecodeError(f"tile {stuck[0].index} cannot run on any remaining device "
-                              f"({', '.join(live)} ran out of memory on it); use a smaller tile_size")
+            raise _oom_error(stuck[0], ", ".join(live))

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from multiprocessing.connection import Connection
 
 MAX_CACHED_VAES = 2  # VAEs a worker keeps built (least recently used goes first)
-FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"  # test hook: "start", or "oom:<tile>:<worker name>"
+FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"  # test hook: "start", or "oom:<tile or *>:<worker name>"
 
 
 def _watch_parent(death_fd: int) -> None:
@@ -162,16 +162,14 @@ class Worker:
 
     # -- decoding ------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:
-        """Bookkeeping messages that may arrive at any time (also while a tile is decoding)."""
+        """Messages read while a tile is decoding: bookkeeping now, the rest later in order."""
         kind = msg[0]
         if kind == "free":
             self.free_slots.append(msg[1])
         elif kind == "cancel":
             self.cancelled.add(msg[1])
-        elif kind == "task":
+        else:  # tasks, loads, jobs: in order, once the current task is over
             self.backlog.append(msg)
-        else:
-            raise RuntimeError(f"unexpected message {kind!r} during a task")
 
     def _check_cancel(self, job_id: int) -> None:
         while self.conn.poll(0):
@@ -202,7 +200,7 @@ class Worker:
             batch, start, size = plan["tiles"][tile_index]
             if self.fault.startswith("oom:"):
                 _, t, who = self.fault.split(":", 2)
-                if int(t) == tile_index and who == self.name:
+                if t in ("*", str(tile_index)) and who == self.name:
                     raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated out of memory on tile {t}")
             box = box_of(latent, batch, start, size)
             steps = (decoder.steps(box, plan["step_frames"]) if plan["causal"]

@@ -36,7 +36,7 @@ def test_cpu_lanes_know_their_share_and_torch_device():
     ("cuda:2", 2, "cuda:2 is not visible (visible: cpu, cuda:0, cuda:1)"),
     ("cuda", 0, "no CUDA device is visible (visible: cpu)"),
     ("gpu:0", 1, "'gpu:0' is not a device; use auto, cpu, cpu:N, cuda"),
-    ("cpu:0", 0, "use cpu:1..cpu:4"),
+    ("cpu:0", 0, "use cpu:1..cpu:8"),
     ("cpu:9", 0, "this machine has 4 cores"),
     ("cpu:two", 0, "needs a whole number"),
     ("cuda:0,cuda:0", 1, "names cuda:0 more than once"),

@@ -1,0 +1,257 @@
+"""The worker pool on a small real decoder, without ComfyUI: processes, shared memory, faults,
+cancel and shutdown. (tests/comfy/test_workers.py runs the same pool on ComfyUI's VAEs.)"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from parallel_vae import engine, shm
+from parallel_vae.blend import allocate_output
+from parallel_vae.errors import DecodeError
+from parallel_vae.models import GenericDecoder
+from parallel_vae.plan import AxisScale, plan_image, settings_from_pixels
+from parallel_vae.pool import ModelSource, WorkerPool, WorkerSpec
+from parallel_vae.worker import FAULT_ENV
+from testkit import toy_vae
+from testkit.comfy_env import REPO
+
+SCRIPTS = str(REPO / "scripts")
+
+
+def source(delay: float = 0.0, seed: int = 0) -> ModelSource:
+    def recipe(spec):
+        return {"factory": "testkit.toy_vae:build", "weights_arg": "sd", "kwargs": {"delay": delay},
+                "module_attr": None, "dtype_attr": None, "family": "image"}
+    return ModelSource(f"toy-{seed}-{delay}", lambda: toy_vae.weights(seed), recipe)
+
+
+def make_pool(n: int, **kw) -> WorkerPool:
+    specs = [WorkerSpec(f"cpu[{i}]", "cpu", threads=1) for i in range(n)]
+    return WorkerPool(specs, python_path=[SCRIPTS], **kw)
+
+
+def toy_plan(shape=(2, 4, 20, 24), tile=64, overlap=16):
+    settings = settings_from_pixels(tile, overlap, 64, 8, toy_vae.FACTOR, None)
+    return plan_image(shape, settings, AxisScale(toy_vae.FACTOR), 3)
+
+
+def latent(shape=(2, 4, 20, 24), seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def local_reference(plan, z, seed=0):
+    model = toy_vae.build(toy_vae.weights(seed))
+    _, out = allocate_output(plan)
+    engine.decode(plan, z, engine.LocalLane(GenericDecoder(model, torch.float32, "cpu"), "cpu"), out)
+    return out
+
+
+def pool_decode(pool, plan, z, src=None, on_unit=None, poll=lambda: None):
+    _, out = allocate_output(plan)
+    report = engine.decode(plan, z, engine.PoolLane(pool, src or source(), poll), out, on_unit=on_unit)
+    return out, report
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) is not alive
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def wait_gone(pids, timeout=5.0) -> float:
+    start = time.monotonic()
+    while any(alive(p) for p in pids):
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"worker processes {[p for p in pids if alive(p)]} outlived {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = make_pool(2)
+    yield pool
+    pool.shutdown()
+
+
+def test_tiles_run_in_the_workers_and_equal_an_in_process_decode(pool2):
+    plan, z = toy_plan(), latent()
+    out, report = pool_decode(pool2, plan, z)
+    assert torch.equal(out, local_reference(plan, z))
+    pids = set(pool2.pids().values())
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert report.pids() == pids, "both workers took tiles"
+    assert sorted((t, s) for t, s, _, _ in report.units) == [(t.index, 0) for t in plan.tiles]
+
+
+def test_a_second_job_reuses_the_workers_and_sends_no_weights(pool2):
+    plan, z = toy_plan(), latent(seed=2)
+    pool_decode(pool2, plan, z)
+    pids, sent, loads = pool2.pids(), pool2.stats.weights_bytes, pool2.stats.loads
+    out, report = pool_decode(pool2, plan, z)
+    assert pool2.pids() == pids and report.pids() == set(pids.values())
+    assert pool2.stats.weights_bytes == sent and pool2.stats.loads == loads
+    assert torch.equal(out, local_reference(plan, z))
+
+
+def test_a_different_model_replaces_it_and_shared_memory_is_released(pool2):
+    plan, z = toy_plan(), latent(seed=3)
+    sent = pool2.stats.weights_bytes
+    out, _ = pool_decode(pool2, plan, z, source(seed=5))
+    assert pool2.stats.weights_bytes > sent
+    assert torch.equal(out, local_reference(plan, z, seed=5))
+    mine = [n for n in os.listdir("/dev/shm") if n.startswith(f"pvae_{os.getpid()}_") and "_slots_" not in n]
+    assert mine == [], "weights and latent blocks are unlinked once the job is over"
+
+
+def test_largest_tiles_are_handed_out_first(pool2):
+    plan, z = toy_plan((1, 4, 21, 27), tile=96, overlap=32), latent((1, 4, 21, 27))
+    _, report = pool_decode(pool2, plan, z)
+    volumes = [plan.tiles[t].volume for t, *_ in report.units]
+    assert volumes[:2] == sorted(volumes, reverse=True)[:2]  # the two first handed out are the largest
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_unchanged(pool2):
+    plan, z = toy_plan(), latent(seed=4)
+    slow = source(delay=0.05)
+    pool2.warm(slow)
+    victim = pool2.pids()["cpu[1]"]
+    killed = []
+
+    def on_unit(unit):
+        if not killed and unit.lane == "cpu[0]":
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    out, report = pool_decode(pool2, plan, z, slow, on_unit)
+    assert killed and torch.equal(out, local_reference(plan, z))
+    assert any("died" in text and str(victim) in text for _, text in pool2.stats.events)
+    ready = pool2.wait_ready(slow)
+    assert len(ready) == 2 and victim not in ready.values(), "the pool is back to full size"
+
+
+def test_interrupt_returns_quickly_drops_queued_tiles_and_the_next_job_succeeds(pool2):
+    plan, z = toy_plan((1, 4, 40, 40), tile=64, overlap=16), latent((1, 4, 40, 40))
+    slow = source(delay=0.3)
+    pool2.warm(slow)
+    asked = []
+
+    def poll():
+        if len(asked) == 1:
+            raise KeyboardInterrupt("interrupted")
+
+    def on_unit(unit):
+        if not asked:
+            asked.append(time.monotonic())
+
+    with pytest.raises(KeyboardInterrupt):
+        pool_decode(pool2, plan, z, slow, on_unit, poll)
+    assert time.monotonic() - asked[0] < 2.0
+    out, report = pool_decode(pool2, toy_plan(), latent(seed=6))
+    assert torch.equal(out, local_reference(toy_plan(), latent(seed=6)))
+    assert len(report.units) == len(toy_plan().tiles), "late results of the cancelled job were dropped"
+
+
+def test_out_of_memory_on_one_worker_retries_the_tile_on_another(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "oom:*:cpu[0]")
+    pool = make_pool(2)
+    try:
+        plan, z = toy_plan(), latent(seed=7)
+        out, report = pool_decode(pool, plan, z)
+        assert torch.equal(out, local_reference(plan, z))
+        assert report.per_lane()["cpu[0]"] == 0 and pool.stats.requeued >= 1
+    finally:
+        pool.shutdown()
+
+
+def test_out_of_memory_everywhere_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "oom:*:cpu[0]")
+    pool = make_pool(1)
+    try:
+        with pytest.raises(DecodeError, match="ran out of memory on every device.*smaller tile_size"):
+            pool_decode(pool, toy_plan(), latent())
+    finally:
+        pool.shutdown()
+
+
+def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "start")
+    pool = make_pool(2)
+    try:
+        with pytest.raises(DecodeError, match=r"cpu\[0\]: could not start: RuntimeError: .*fails on start"):
+            pool_decode(pool, toy_plan(), latent())
+    finally:
+        pool.shutdown()
+
+
+def test_an_unknown_device_is_a_clear_error():
+    pool = WorkerPool([WorkerSpec("npu:0", "npu:0")], python_path=[SCRIPTS])
+    try:
+        with pytest.raises(DecodeError, match=r"npu:0: could not start: .*npu"):
+            pool.warm(source())
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_stops_every_worker(pool2):
+    pool = make_pool(2)
+    pool.warm(source())
+    pids = list(pool.pids().values())
+    pool.shutdown()
+    assert wait_gone(pids, 5.0) < 5.0
+
+
+PARENT = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = [{repo!r}, {scripts!r}]
+    from tests.unit.test_pool import make_pool, source
+    pool = make_pool(2)
+    print(" ".join(str(p) for p in pool.warm(source(delay=5.0)).values()), flush=True)
+    {work}
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_workers_exit_within_5_s_when_their_parent_is_killed(busy):
+    work = ("import threading, torch; from tests.unit.test_pool import pool_decode, toy_plan, latent; "
+            "threading.Thread(target=pool_decode, args=(pool, toy_plan(), latent(), source(delay=5.0)), "
+            "daemon=True).start(); time.sleep(1)") if busy else ""
+    code = PARENT.format(repo=str(REPO), scripts=SCRIPTS, work=work)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1.5 if busy else 0.2)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        assert wait_gone(pids, 5.0) < 5.0
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_shared_memory_views_and_blocks():
+    block, manifest = shm.pack({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)})
+    try:
+        attached = shm.Attached(block.name, block.size)
+        got = shm.unpack(attached.buf, manifest)
+        assert torch.equal(got["a"], torch.arange(6.0).view(2, 3)) and got["b"].dtype == torch.bfloat16
+        got["a"][0, 0] = 42.0  # writable, and the same memory as the parent's
+        assert shm.unpack(block.buf, manifest)["a"][0, 0] == 42.0
+        del got
+        attached.close()
+    finally:
+        shm.release(block)
+    assert not os.path.exists(f"/dev/shm/{block.name}")
