@@ -1,0 +1,149 @@
+"""ParallelVAEDecode on worker processes (cpu:N) with ComfyUI's real VAEs: equality with
+VAEDecodeTiled for any number of workers, persistence across prompts, faults and interrupt."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from testkit.compare import TOL, latent, max_diff
+
+
+@pytest.fixture(scope="module")
+def workers(pack):
+    yield pack.nodes.workers
+    pack.nodes.workers.shutdown_pool()
+
+
+@pytest.fixture(scope="module")
+def last_report(pack):
+    return lambda: pack.nodes.lanes.last_report
+
+
+@pytest.mark.parametrize("devices", ["cpu:1", "cpu:2", "cpu:3"])
+def test_sd_and_wan_equal_vae_decode_tiled_on_any_number_of_workers(load_vae, decode, core_tiled, workers,
+                                                                    last_report, devices):
+    n = int(devices.split(":")[1])
+    sd, z = load_vae("sd"), latent((2, 4, 10, 14), 11)
+    assert max_diff(decode(z, sd, 64, 16, devices=devices), core_tiled(z, sd, 64, 16)) <= TOL
+    pids = set(workers.current_pool().pids().values())
+    assert len(pids) == n and os.getpid() not in pids
+    assert last_report().pids() == pids, "every worker decoded tiles, none ran in ComfyUI's process"
+
+    wan, v = load_vae("wan21"), latent((1, 16, 3, 10, 14), 12)
+    ours = decode(v, wan, 64, 16, 8, 4, devices=devices)  # causal: time is never cut
+    assert max_diff(ours, core_tiled(v, wan, 64, 16, 64, 8)) <= TOL
+    lanes_per_tile = {}
+    for tile, step, lane, pid in last_report().units:
+        lanes_per_tile.setdefault(tile, set()).add(pid)
+    assert all(len(p) == 1 for p in lanes_per_tile.values()), "a causal tile stays in one worker (sticky)"
+
+
+def test_second_prompt_uses_the_same_workers_and_sends_no_weights(load_vae, decode, workers, last_report):
+    vae = load_vae("sd")
+    decode(latent((1, 4, 10, 10), 13), vae, 64, 16, devices="cpu:2")
+    pool = workers.current_pool()
+    pids, sent, loads = pool.pids(), pool.stats.weights_bytes, pool.stats.loads
+    assert sent > 0 and loads >= 2
+    decode(latent((1, 4, 12, 10), 14), vae, 64, 16, devices="cpu:2")
+    assert workers.current_pool() is pool and pool.pids() == pids
+    assert last_report().pids() == set(pids.values())
+    assert (pool.stats.weights_bytes, pool.stats.loads) == (sent, loads), "no weights the second time"
+
+
+def test_a_different_vae_is_shipped_once_and_both_stay_cached(load_vae, decode, core_tiled, workers):
+    sd, flux = load_vae("sd"), load_vae("flux")
+    z4, z16 = latent((1, 4, 10, 10), 15), latent((1, 16, 8, 8), 16)
+    decode(z4, sd, 64, 16, devices="cpu:2")
+    pool = workers.current_pool()
+    assert max_diff(decode(z16, flux, 64, 16, devices="cpu:2"), core_tiled(z16, flux, 64, 16)) <= TOL
+    sent = pool.stats.weights_bytes
+    assert max_diff(decode(z4, sd, 64, 16, devices="cpu:2"), core_tiled(z4, sd, 64, 16)) <= TOL
+    assert pool.stats.weights_bytes == sent, "two VAEs fit in each worker's cache"
+
+
+@pytest.mark.parametrize("family, shape", [("sd", (1, 4, 16, 16)), ("wan21", (1, 16, 3, 12, 12))])
+def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_vae, decode, core_tiled, workers,
+                                                                           family, shape):
+    vae, z = load_vae(family), latent(shape, 17)
+    decode(latent(shape, 18), vae, 64, 16, devices="cpu:2")  # workers up, VAE loaded
+    pool = workers.current_pool()
+    victim = pool.pids()["cpu[1]"]
+    restarts = pool.stats.restarts
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            h = next(h for h in pool.handles if h.name == "cpu[1]")
+            if h.tasks:
+                os.kill(victim, signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    ours = decode(z, vae, 64, 16, devices="cpu:2")
+    killer.join()
+    assert pool.stats.restarts == restarts + 1
+    assert max_diff(ours, core_tiled(z, vae, 64, 16, 64, 8)) <= TOL
+    source = workers.model_source(vae, pack_spec(vae), pack_devices("cpu:2"))
+    ready = pool.wait_ready(source)
+    assert len(ready) == 2 and victim not in ready.values()
+
+
+def pack_spec(vae):
+    import parallel_tiled_vae.nodes.vae_info as vae_info
+
+    return vae_info.describe(vae)
+
+
+def pack_devices(text):
+    from parallel_tiled_vae.parallel_vae.devices import parse
+
+    return parse(text)
+
+
+def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(comfy, load_vae, decode,
+                                                                              core_tiled, workers):
+    import comfy.model_management as mm
+
+    vae = load_vae("sd")
+    decode(latent((1, 4, 8, 8), 19), vae, 64, 16, devices="cpu:2")  # warm
+    z = latent((1, 4, 48, 48), 20)  # ~100 tiles: tens of seconds on two CPU workers
+    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(mm.InterruptProcessingException):
+        decode(z, vae, 64, 16, devices="cpu:2")
+    returned = time.monotonic() - start
+    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
+    assert not mm.processing_interrupted()
+    small = latent((1, 4, 10, 10), 21)
+    assert max_diff(decode(small, vae, 64, 16, devices="cpu:2"), core_tiled(small, vae, 64, 16)) <= TOL
+
+
+def test_a_worker_that_crashes_on_start_is_a_clear_node_error(load_vae, decode, workers, monkeypatch):
+    from parallel_tiled_vae.parallel_vae.errors import DecodeError
+    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
+
+    workers.shutdown_pool()
+    monkeypatch.setenv(FAULT_ENV, "start")
+    with pytest.raises(DecodeError, match=r"no decode worker could run \(cpu\[0\]: could not start: .*fails on start"):
+        decode(latent((1, 4, 8, 8), 22), load_vae("sd"), 64, 16, devices="cpu:2")
+    workers.shutdown_pool()
+    monkeypatch.delenv(FAULT_ENV)
+    decode(latent((1, 4, 8, 8), 22), load_vae("sd"), 64, 16, devices="cpu:2")
+
+
+def test_changing_the_device_list_replaces_the_workers(load_vae, decode, workers):
+    vae = load_vae("sd")
+    decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:2")
+    old = list(workers.current_pool().pids().values())
+    decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:1")
+    assert len(workers.current_pool().pids()) == 1
+    for pid in old:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -1,0 +1,95 @@
+"""Worker processes behind a real ComfyUI server: tiles on every worker, progress per device,
+no worker outliving ComfyUI however it stops, and a 50-prompt soak."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from testkit.prompts import decode_prompt
+from testkit.server import saved_images
+
+
+def workers_of(pid: int) -> list[int]:
+    """Worker processes whose parent is ``pid`` (found the way an operator would, by command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/status") as f:
+                ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+        except (OSError, StopIteration):
+            continue
+        if "parallel_vae.worker" in cmd and ppid == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_tiles_spread_over_workers_with_progress_per_device(server, put_latent):
+    put_latent("sd_workers.latent", (2, 4, 10, 14), seed=31)
+    core = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
+    run = server.run(decode_prompt("sd", "sd_workers.latent", core, tile_size=64, overlap=16, devices="cpu:2"))
+    assert run.ok, (run.error, server.log_tail())
+    ours, ref = saved_images(server, run, "4"), saved_images(server, run, "6")
+    assert ours.shape == ref.shape and abs(ours - ref).max() <= 1
+    last = run.progress_texts("3")[-1]
+    counts = dict(part.rsplit(" ", 1) for part in last.split(" (")[0].split(", "))
+    assert set(counts) == {"cpu[0]", "cpu[1]"}, last
+    done = [int(c.split("/")[0]) for c in counts.values()]
+    assert sum(done) == 28 and all(d > 0 for d in done), last
+    assert len(workers_of(server.proc.pid)) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_outlives_comfyui(own_server, put_latent_to, sig):
+    server = own_server.start()
+    put_latent_to(server, "sd_small.latent", (1, 4, 8, 8), seed=32)
+    run = server.run(decode_prompt("sd", "sd_small.latent", tile_size=64, overlap=16, devices="cpu:2"))
+    assert run.ok, (run.error, server.log_tail())
+    pids = workers_of(server.proc.pid)
+    assert len(pids) == 2
+    os.kill(server.proc.pid, sig)
+    server.proc.wait(30)
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if alive(p)], f"workers left behind after {sig.name}"
+
+
+def test_soak_50_prompts_constant_workers_and_server_memory(server, put_latent):
+    put_latent("soak.latent", (1, 4, 12, 12), seed=33)
+    prompt = decode_prompt("sd", "soak.latent", tile_size=64, overlap=16, devices="cpu:2")
+    prompt["7"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["2", 0], "multiplier": 1.0}}
+    prompt["3"]["inputs"]["samples"] = ["7", 0]
+    prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    pid = server.proc.pid
+    rss, pids = [], []
+    for i in range(50):
+        prompt["7"]["inputs"]["multiplier"] = 1.0 + i / 100  # a new input each time: nothing is cached
+        run = server.run(prompt)
+        assert run.ok, (i, run.error, server.log_tail())
+        pids.append(tuple(workers_of(pid)))
+        rss.append(rss_kib(pid))
+    assert len(set(pids)) == 1 and len(pids[0]) == 2, "the same two workers served every prompt"
+    growth = rss[-1] / rss[9] - 1  # after warm-up
+    print(f"server RSS after prompt 10: {rss[9] / 1024:.0f} MiB, after 50: {rss[-1] / 1024:.0f} MiB "
+          f"({growth:+.2%})")
+    assert growth < 0.05
