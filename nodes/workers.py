@@ -78,9 +78,13 @@ def _cuda_ordinals() -> list[str]:
     return [v.strip() for v in visible.split(",") if v.strip()]
 
 
+THREADS_ENV = "PARALLEL_VAE_CPU_THREADS"  # torch threads per CPU worker (default: cores / CPU workers)
+
+
 def worker_specs(devices: list[Device]) -> list[WorkerSpec]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cpu_workers = sum(d.kind == "cpu" for d in devices)
+    cpu_threads = int(os.environ.get(THREADS_ENV) or 0) or max(1, cores // max(1, cpu_workers))
     specs = []
     for d in devices:
         if d.kind == "cuda":
@@ -88,7 +92,7 @@ def worker_specs(devices: list[Device]) -> list[WorkerSpec]:
             physical = ordinals[d.index] if d.index < len(ordinals) else str(d.index)
             specs.append(WorkerSpec(d.name, "cuda:0", threads=1, env=(("CUDA_VISIBLE_DEVICES", physical),)))
         else:
-            specs.append(WorkerSpec(d.name, "cpu", threads=max(1, cores // cpu_workers),
+            specs.append(WorkerSpec(d.name, "cpu", threads=cpu_threads,
                                     env=(("CUDA_VISIBLE_DEVICES", ""),),
                                     setup=(("comfy.cli_args", "args.cpu", True),)))
     return specs

@@ -7,6 +7,7 @@ the blender applies tiles in plan order, so the output does not depend on the la
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -37,6 +38,7 @@ class Report:
     lanes: list[str]
     units: list[tuple[int, int, str, int]] = field(default_factory=list)  # (tile, step, lane, pid)
     blender: Optional[Blender] = None
+    first_unit_at: Optional[float] = None  # time.monotonic() when the first unit was blended
 
     def pids(self) -> set[int]:
         return {pid for *_, pid in self.units}
@@ -118,6 +120,8 @@ def decode(plan: Plan, latent: torch.Tensor, lane, out: torch.Tensor,
             for unit in results:
                 blender.add(unit.tile.index, unit.step, unit.pixels, borrowed=unit.borrowed)
                 report.units.append((unit.tile.index, unit.step, unit.lane, unit.pid))
+                if report.first_unit_at is None:
+                    report.first_unit_at = time.monotonic()
                 unit.pixels = None
                 if on_unit is not None:
                     on_unit(unit)

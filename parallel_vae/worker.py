@@ -65,6 +65,19 @@ def _apply_setup(setup) -> None:
         setattr(obj, last, value)
 
 
+def _share_weights(module, weights) -> bool:
+    """On the CPU, make the module use the shared block itself instead of its own copy: CPU
+    workers then hold one copy of the weights between them (and share it in the CPU caches).
+    Only when every key, shape and dtype matches; the weights are never written."""
+    own = module.state_dict()
+    if own.keys() != weights.keys():
+        return False
+    if any(own[k].shape != w.shape or own[k].dtype != w.dtype for k, w in weights.items()):
+        return False
+    module.load_state_dict(weights, assign=True)
+    return True
+
+
 class Cancelled(Exception):
     pass
 
@@ -72,7 +85,7 @@ class Cancelled(Exception):
 class Worker:
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.cache: "OrderedDict[str, tuple[object, object]]" = OrderedDict()  # fp -> (built, decoder)
+        self.cache: "OrderedDict[str, tuple]" = OrderedDict()  # fp -> (built, decoder, shared block)
         self.name = "?"
         self.device = None
         self.arena = None
@@ -114,17 +127,22 @@ class Worker:
             gc.collect()
             self._empty_cache()
         block = shm.Attached(block_name, nbytes)
+        shared = False
         try:
             weights = shm.unpack(block.buf, manifest)
             built = _resolve(recipe["factory"])(**{recipe["weights_arg"]: weights}, **recipe.get("kwargs", {}))
+            module = getattr(built, recipe["module_attr"]) if recipe.get("module_attr") else built
+            dtype = (getattr(built, recipe["dtype_attr"]) if recipe.get("dtype_attr")
+                     else next(module.parameters()).dtype)
+            if self.device.type == "cpu":
+                shared = _share_weights(module, weights)
             del weights
         finally:
-            block.close()  # the factory copied the weights into its own parameters
-        module = getattr(built, recipe["module_attr"]) if recipe.get("module_attr") else built
-        dtype = getattr(built, recipe["dtype_attr"]) if recipe.get("dtype_attr") else next(module.parameters()).dtype
+            if not shared:
+                block.close()  # the factory copied the weights into its own parameters
         module.to(self.device)
         decoder = make_decoder(recipe["family"], module, dtype, self.device, output_device=self.device)
-        self.cache[fingerprint] = (built, decoder)
+        self.cache[fingerprint] = (built, decoder, block if shared else None)
         return time.perf_counter() - start
 
     def _empty_cache(self) -> None:

@@ -81,6 +81,7 @@ def wait_gone(pids, timeout=5.0) -> float:
 @pytest.fixture(scope="module")
 def pool2():
     pool = make_pool(2)
+    pool.warm(source())  # both up: a job starts on whichever workers are ready
     yield pool
     pool.shutdown()
 
@@ -167,6 +168,7 @@ def test_out_of_memory_on_one_worker_retries_the_tile_on_another(monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "oom:*:cpu[0]")
     pool = make_pool(2)
     try:
+        pool.warm(source())
         plan, z = toy_plan(), latent(seed=7)
         out, report = pool_decode(pool, plan, z)
         assert torch.equal(out, local_reference(plan, z))

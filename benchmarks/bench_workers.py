@@ -1,0 +1,173 @@
+"""Worker pool against ComfyUI's VAEDecodeTiled on the same latent, in one run.
+
+Each method runs in its own fresh process on the same random latent and random-weight VAE in
+ComfyUI's real layout. Printed per method: seconds (best of N after a warm-up run that also
+starts the workers), peak RSS of ComfyUI's process and of ComfyUI plus its workers, max abs
+difference against VAEDecodeTiled; then the ratios the worker issue asks for:
+
+  scaling      cpu:2 workers (1 torch thread each) vs cpu:1 (1 thread)          target >= 1.85x
+  vs ComfyUI   cpu:2 workers vs VAEDecodeTiled with torch on every core         target >= 1.0x
+  one lane     cpu:1 worker vs VAEDecodeTiled on the same thread count          overhead <= 3%
+  warm prompt  node start -> first tile blended, and weights bytes sent (0)
+
+    .venv/bin/python benchmarks/bench_workers.py [--case sd|wan|all] [--repeat N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
+
+from bench_decode import RssSampler, machine  # noqa: E402
+
+CORES = len(os.sched_getaffinity(0))
+CASES = {
+    # name: VAE family, latent shape, (tile_size, overlap, temporal_size, temporal_overlap), note
+    "sd": ("sd", (1, 4, 48, 48), (192, 32, 64, 8), "SD VAE (full size), 384x384 image"),
+    "wan": ("wan21_full", (1, 16, 3, 24, 24), (128, 32, 64, 8), "Wan 2.1 VAE (real width), 9 frames 192x192"),
+}
+# label: (node, devices, torch threads in ComfyUI's process, torch threads per worker)
+METHODS = {
+    f"VAEDecodeTiled, {CORES} threads": ("VAEDecodeTiled", None, CORES, None),
+    "VAEDecodeTiled, 1 thread": ("VAEDecodeTiled", None, 1, None),
+    f"ours in-process (cpu), {CORES} threads": ("ParallelVAEDecode", "cpu", CORES, None),
+    f"ours cpu:1, 1 worker x {CORES} threads": ("ParallelVAEDecode", "cpu:1", 1, CORES),
+    "ours cpu:1, 1 worker x 1 thread": ("ParallelVAEDecode", "cpu:1", 1, 1),
+    f"ours cpu:{CORES}, {CORES} workers x 1 thread": ("ParallelVAEDecode", f"cpu:{CORES}", 1, 1),
+}
+REFERENCE = f"VAEDecodeTiled, {CORES} threads"
+
+
+def worker_peak_kib(pool) -> int:
+    total = 0
+    for pid in (pool.pids() if pool else {}).values():
+        with open(f"/proc/{pid}/status") as f:
+            total += int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    return total
+
+
+def child(case: str, label: str, out: Path, repeat: int) -> None:
+    node, devices, threads, worker_threads = METHODS[label]
+    if worker_threads:
+        os.environ["PARALLEL_VAE_CPU_THREADS"] = str(worker_threads)
+    import gc
+    import resource
+
+    import torch
+    from testkit import comfy_env, latents, random_vaes
+
+    torch.set_num_threads(threads)
+    nodes = comfy_env.boot()
+    import folder_paths
+
+    family, shape, settings, _ = CASES[case]
+    vae_dir = random_vaes.cache_dir()
+    random_vaes.ensure_vae_file(family, vae_dir)
+    folder_paths.add_model_folder_path("vae", str(vae_dir), is_default=True)
+    (vae,) = nodes.VAELoader().load_vae(random_vaes.vae_filename(family))
+    z = latents.random_latent(shape, seed=1234)
+    pack = None
+    if node == "ParallelVAEDecode":
+        pack = comfy_env.load_pack()
+        decode_node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
+        run = lambda: decode_node.execute({"samples": z}, vae, *settings, devices).result[0]  # noqa: E731
+    else:
+        run = lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *settings)[0]  # noqa: E731
+    times, first_unit, sent = [], [], []
+    sampler = RssSampler()
+    sampler.start()
+    with torch.inference_mode():
+        for i in range(repeat + 1):  # run 0 is the warm-up (and starts the workers): not counted
+            gc.collect()
+            pool = pack.nodes.workers.current_pool() if pack else None
+            before = pool.stats.weights_bytes if pool else 0
+            t = time.perf_counter()
+            start = time.monotonic()
+            images = run()
+            if i:
+                times.append(time.perf_counter() - t)
+                report = pack.nodes.lanes.last_report if pack else None
+                if report is not None:
+                    first_unit.append(report.first_unit_at - start)
+                pool = pack.nodes.workers.current_pool() if pack else None
+                sent.append((pool.stats.weights_bytes - before) if pool else 0)
+            if i < repeat:
+                del images
+    sampler.stop.set()
+    sampler.join()
+    pool = pack.nodes.workers.current_pool() if pack else None
+    workers_kib = worker_peak_kib(pool)
+    torch.save(images.float().contiguous(), out)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": min(times), "peak_rss_mb": peak_kib / 1024,
+                      "total_rss_mb": (peak_kib + workers_kib) / 1024,
+                      "first_unit_s": min(first_unit) if first_unit else None,
+                      "weights_sent": max(sent) if sent else 0}))
+    if pack:
+        pack.nodes.workers.shutdown_pool()
+
+
+def parent(cases: list[str], repeat: int) -> None:
+    import torch
+
+    print(f"machine: {machine()}")
+    for case in cases:
+        family, shape, settings, note = CASES[case]
+        print(f"\n### {note}\nlatent {list(shape)}, tile_size/overlap/temporal_size/temporal_overlap = "
+              f"{'/'.join(map(str, settings))}; seconds: best of {repeat} after a warm-up run\n")
+        rows, outputs = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for label in METHODS:
+                out = Path(tmp) / f"{len(rows)}.pt"
+                r = subprocess.run([sys.executable, __file__, "--child", case, label, str(out), "--repeat",
+                                    str(repeat)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(f"{label} failed:\n{r.stderr[-4000:]}")
+                rows[label] = json.loads(r.stdout.strip().splitlines()[-1])
+                outputs[label] = torch.load(out)
+                print(f"  ran {label}: {rows[label]['seconds']:.2f} s", file=sys.stderr, flush=True)
+        ref = rows[REFERENCE]
+        print("| method | seconds | time vs VAEDecodeTiled | peak RSS, ComfyUI (MiB) | peak RSS, ComfyUI + workers "
+              "(MiB) | max abs diff vs VAEDecodeTiled | warm: node start -> first tile (s) | weights sent, warm |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, s in rows.items():
+            diff = float((outputs[label] - outputs[REFERENCE]).abs().max())
+            fu = "" if s["first_unit_s"] is None else f"{s['first_unit_s']:.3f}"
+            sent = "" if METHODS[label][1] is None else f"{s['weights_sent']} B"
+            print(f"| {label} | {s['seconds']:.2f} | {s['seconds'] / ref['seconds']:.3f}x | {s['peak_rss_mb']:.0f} | "
+                  f"{s['total_rss_mb']:.0f} | {diff:.2e} | {fu} | {sent} |")
+        sec = {label: s["seconds"] for label, s in rows.items()}
+        many = f"ours cpu:{CORES}, {CORES} workers x 1 thread"
+        print(f"\n- scaling, cpu:{CORES} vs cpu:1 (1 thread each): "
+              f"{sec['ours cpu:1, 1 worker x 1 thread'] / sec[many]:.2f}x (target >= 1.85x)")
+        print(f"- cpu:{CORES} workers vs VAEDecodeTiled on {CORES} threads: {sec[REFERENCE] / sec[many]:.2f}x faster "
+              f"(target >= 1.0x)")
+        one = f"ours cpu:1, 1 worker x {CORES} threads"
+        print(f"- one worker lane vs VAEDecodeTiled, {CORES} threads each: {sec[one] / sec[REFERENCE] - 1:+.1%} "
+              f"(target overhead <= 3%)")
+        print(f"- in-process lane vs VAEDecodeTiled: "
+              f"{sec[f'ours in-process (cpu), {CORES} threads'] / sec[REFERENCE] - 1:+.1%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--child", nargs=3, metavar=("CASE", "METHOD", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], Path(args.child[2]), args.repeat)
+    else:
+        parent(list(CASES) if args.case == "all" else [args.case], args.repeat)
+
+
+if __name__ == "__main__":
+    main()
