@@ -2,7 +2,7 @@
 # make demo   set up, decode the example workflow on a headless ComfyUI, compare with VAEDecodeTiled
 #             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
 # make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser
-# make bench  set up, run the benchmark against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
+# make bench  set up, run the benchmarks against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
 SHELL := /bin/bash
 VPY := .venv/bin/python
 PORT ?= 8188
@@ -33,6 +33,7 @@ run: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_decode.py
+	$(VPY) benchmarks/bench_workers.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

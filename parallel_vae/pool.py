@@ -158,15 +158,14 @@ class WorkerPool:
 
     _job_ids = itertools.count(1)
 
-    def __init__(self, specs: Sequence[WorkerSpec], python_path: Sequence[str] = (), setup: Sequence = (),
-                 imports: Sequence[str] = (), max_restarts: Optional[int] = None):
+    def __init__(self, specs: Sequence[WorkerSpec], python_path: Sequence[str] = (), imports: Sequence[str] = (),
+                 max_restarts: Optional[int] = None):
         if not specs:
             raise ValueError("a pool needs at least one worker")
         self.specs = list(specs)
         # The caller's paths first: the pack root also holds the ComfyUI glue package "nodes",
         # which must not shadow ComfyUI's own nodes module in a worker.
         self.python_path = [*python_path, PACKAGE_ROOT]
-        self.setup = list(setup)
         self.imports = list(imports)
         self.max_restarts = max_restarts if max_restarts is not None else 2 * len(specs) + 2
         self.handles = [_Handle(s) for s in self.specs]
@@ -213,7 +212,7 @@ class WorkerPool:
         threading.Thread(target=_read_stderr, args=(h.proc.stderr, h.stderr, h.name), daemon=True,
                          name=f"pvae-stderr-{h.name}").start()
         config = {"name": h.name, "device": h.spec.device, "threads": h.spec.threads,
-                  "setup": self.setup + list(h.spec.setup), "imports": self.imports}
+                  "setup": list(h.spec.setup), "imports": self.imports}
         h.send("init", config)
 
     def _died(self, h: _Handle, cause: str = "") -> None:
