@@ -209,8 +209,9 @@ class Worker:
         from . import shm
         from .engine import box_of
 
-        if self.job is None or self.job[0] != job_id:
-            return  # a task of a job that is gone
+        if self.job is None or self.job[0] != job_id:  # its job ended before the job message arrived
+            self.conn.send(("failed", job_id, tile_index, "cancelled", "its job is gone"))
+            return
         _, fingerprint, plan, latent, _ = self.job
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
@@ -234,7 +235,7 @@ class Worker:
         except Cancelled:
             self.conn.send(("failed", job_id, tile_index, "cancelled", "cancelled"))
         except torch.OutOfMemoryError as e:
-            steps = None
+            steps = None  # drop the generator (and a causal tile's cache) before emptying the cache
             gc.collect()
             self._empty_cache()
             self.conn.send(("failed", job_id, tile_index, "oom", f"out of memory: {e}".strip()))
