@@ -257,3 +257,19 @@ def test_shared_memory_views_and_blocks():
     finally:
         shm.release(block)
     assert not os.path.exists(f"/dev/shm/{block.name}")
+
+
+def test_a_task_whose_job_is_gone_is_answered_so_the_worker_stays_usable(pool2):
+    """A job cancelled before a worker read its job message: the worker must still answer the
+    task, or the pool would count it in flight forever and never give that worker another tile."""
+    h = pool2.handles[0]
+    h.tasks.append((10**9, 0))
+    h.send("task", 10**9, 0)
+    deadline = time.monotonic() + 10
+    answered = []
+    while not answered and time.monotonic() < deadline:
+        answered = [m for w, m in pool2._receive(0.05) if w is h and m and m[:3] == ("failed", 10**9, 0)]
+    assert answered and answered[0][3] == "cancelled"
+    h.tasks.remove((10**9, 0))
+    out, report = pool_decode(pool2, toy_plan(), latent(seed=8))
+    assert torch.equal(out, local_reference(toy_plan(), latent(seed=8)))
