@@ -46,7 +46,7 @@ def fingerprint(vae) -> str:
     return fp
 
 
-def _worker_dtype(vae, spec: WorkerSpec, parent_device: str) -> torch.dtype:
+def _worker_dtype(vae, parent_device: str) -> torch.dtype:
     """The VAE's own dtype where the worker's device type matches it, else ComfyUI's choice there."""
     target = torch.device(parent_device)
     if torch.device(vae.device).type == target.type:
@@ -64,7 +64,7 @@ def model_source(vae, spec: VaeSpec, devices: list[Device]) -> ModelSource:
     def recipe(worker: WorkerSpec) -> dict:
         return {"factory": "comfy.sd:VAE", "weights_arg": "sd",
                 "kwargs": {"device": torch.device(worker.device),
-                           "dtype": _worker_dtype(vae, worker, parent_device[worker.name])},
+                           "dtype": _worker_dtype(vae, parent_device[worker.name])},
                 "module_attr": "first_stage_model", "dtype_attr": "vae_dtype", "family": spec.family}
 
     return ModelSource(fp, weights, recipe)

@@ -37,7 +37,6 @@ class Report:
 
     lanes: list[str]
     units: list[tuple[int, int, str, int]] = field(default_factory=list)  # (tile, step, lane, pid)
-    blender: Optional[Blender] = None
     first_unit_at: Optional[float] = None  # time.monotonic() when the first unit was blended
 
     def pids(self) -> set[int]:
@@ -113,7 +112,7 @@ def decode(plan: Plan, latent: torch.Tensor, lane, out: torch.Tensor,
     if tuple(latent.shape) != plan.latent_shape:
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match the plan's {plan.latent_shape}")
     blender = Blender(plan, out, finish)
-    report = Report(list(lane.names), blender=blender)
+    report = Report(list(lane.names))
     with torch.inference_mode():
         results = lane.results(plan, latent)
         try:

@@ -97,6 +97,10 @@ class _Handle:
     def name(self) -> str:
         return self.spec.name
 
+    def task_over(self, job_id: int, index: int) -> None:
+        """The worker answered ("done" or "failed") for this task: it is no longer in flight."""
+        self.tasks = [t for t in self.tasks if t != (job_id, index)]
+
     def send(self, *msg) -> bool:
         if self.conn is None:
             return False
@@ -357,7 +361,7 @@ class WorkerPool:
         if kind == "result":
             h.send("free", msg[4])
         elif kind in ("done", "failed"):
-            h.tasks = [t for t in h.tasks if t != (msg[1], msg[2])]
+            h.task_over(msg[1], msg[2])
 
     def wait_ready(self, source: ModelSource, timeout: float = START_TIMEOUT_S) -> dict[str, int]:
         """Restart any dead worker and wait until all hold ``source`` (tests: pool back to full size)."""
@@ -500,7 +504,7 @@ class _Job:
             return Decoded(h.name, self.plan.tiles[index], step, pixels, h.pid, borrowed=True)
         if kind == "done":
             _, job_id, index = msg
-            h.tasks = [t for t in h.tasks if t != (job_id, index)]
+            h.task_over(job_id, index)
             if job_id == self.id:
                 if all((index, s) in self.delivered for s in range(self.plan.steps)):
                     self.done_tiles.add(index)
@@ -509,7 +513,7 @@ class _Job:
             return None
         if kind == "failed":
             _, job_id, index, why, text = msg
-            h.tasks = [t for t in h.tasks if t != (job_id, index)]
+            h.task_over(job_id, index)
             if job_id != self.id or why == "cancelled":
                 return None
             tile = self.plan.tiles[index]
