@@ -62,14 +62,8 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     import torch
     from testkit import comfy_env, latents, random_vaes
 
-    nodes = comfy_env.boot()
-    import folder_paths
-
     family, shape, settings, _ = CASES[case]
-    vae_dir = random_vaes.cache_dir()
-    random_vaes.ensure_vae_file(family, vae_dir)
-    folder_paths.add_model_folder_path("vae", str(vae_dir), is_default=True)
-    (vae,) = nodes.VAELoader().load_vae(random_vaes.vae_filename(family))
+    nodes, vae = random_vaes.load_in_process(family)
     z = latents.random_latent(shape, seed=1234)
     _, node, overrides = next(m for m in METHODS[case] if m[0] == label)
     tile, overlap, tsize, toverlap = {**dict(zip(("tile_size", "overlap", "temporal_size", "temporal_overlap"),

@@ -31,12 +31,7 @@ def main() -> None:
     from testkit import comfy_env, latents, random_vaes
 
     torch.set_num_threads(CORES)
-    nodes = comfy_env.boot()
-    import folder_paths
-
-    folder_paths.add_model_folder_path("vae", str(random_vaes.cache_dir()), is_default=True)
-    random_vaes.ensure_vae_file("sd", random_vaes.cache_dir())
-    (vae,) = nodes.VAELoader().load_vae(random_vaes.vae_filename("sd"))
+    nodes, vae = random_vaes.load_in_process("sd")
     pack = comfy_env.load_pack()
     node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
     z = latents.random_latent(SHAPE, seed=1234)

@@ -149,3 +149,16 @@ def ensure_vae_file(family: str, directory: Path, seed: int = 0) -> Path:
                                     metadata={"pvae_random_vae": family, "seed": str(seed)})
         tmp.rename(path)
     return path
+
+
+def load_in_process(family: str):
+    """Boot ComfyUI in this process and load the cached random VAE of ``family`` through the real
+    VAELoader: (ComfyUI's nodes module, the VAE). For benchmarks and scripts."""
+    nodes = comfy_env.boot()
+    import folder_paths
+
+    directory = cache_dir()
+    ensure_vae_file(family, directory)
+    folder_paths.add_model_folder_path("vae", str(directory), is_default=True)
+    (vae,) = nodes.VAELoader().load_vae(vae_filename(family))
+    return nodes, vae
