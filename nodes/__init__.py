@@ -1,8 +1,11 @@
 """ComfyUI glue: the only code in the pack that imports ``comfy``."""
 from ._api import ComfyExtension, io
 from .decode import ParallelVAEDecode
+from .save_video import ParallelVAESaveVideo
+from .stream import ParallelVAEDecodeStream, ParallelVAEStreamToImages
 
-NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode]
+NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEDecodeStream, ParallelVAESaveVideo,
+                                   ParallelVAEStreamToImages]
 
 
 class ParallelVAEExtension(ComfyExtension):
@@ -10,4 +13,5 @@ class ParallelVAEExtension(ComfyExtension):
         return list(NODES)
 
 
-__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEExtension"]
+__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEDecodeStream", "ParallelVAEExtension",
+           "ParallelVAESaveVideo", "ParallelVAEStreamToImages"]

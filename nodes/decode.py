@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from ..parallel_vae import blend, engine
 from ..parallel_vae import devices as device_lists
@@ -39,6 +41,20 @@ TOOLTIPS = {
 }
 
 
+def decode_inputs() -> list:
+    return [
+        io.Latent.Input("samples", tooltip=TOOLTIPS["samples"]),
+        io.Vae.Input("vae", tooltip=TOOLTIPS["vae"]),
+        io.Int.Input("tile_size", default=512, min=TILE_MIN, max=TILE_MAX, step=32, tooltip=TOOLTIPS["tile_size"]),
+        io.Int.Input("overlap", default=64, min=0, max=TILE_MAX, step=32, tooltip=TOOLTIPS["overlap"]),
+        io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=TEMPORAL_MAX, step=4,
+                     tooltip=TOOLTIPS["temporal_size"]),
+        io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=TEMPORAL_MAX, step=4,
+                     tooltip=TOOLTIPS["temporal_overlap"]),
+        io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
+    ]
+
+
 class ParallelVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -49,18 +65,7 @@ class ParallelVAEDecode(io.ComfyNode):
             description="Decodes latents in tiles with the same result as VAE Decode (Tiled), on the devices you "
                         "name. Causal video VAEs (Wan, TAEHV) are never cut in time, so their videos do not "
                         "flicker at tile edges.",
-            inputs=[
-                io.Latent.Input("samples", tooltip=TOOLTIPS["samples"]),
-                io.Vae.Input("vae", tooltip=TOOLTIPS["vae"]),
-                io.Int.Input("tile_size", default=512, min=TILE_MIN, max=TILE_MAX, step=32,
-                             tooltip=TOOLTIPS["tile_size"]),
-                io.Int.Input("overlap", default=64, min=0, max=TILE_MAX, step=32, tooltip=TOOLTIPS["overlap"]),
-                io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=TEMPORAL_MAX, step=4,
-                             tooltip=TOOLTIPS["temporal_size"]),
-                io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=TEMPORAL_MAX, step=4,
-                             tooltip=TOOLTIPS["temporal_overlap"]),
-                io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
-            ],
+            inputs=decode_inputs(),
             outputs=[io.Image.Output(tooltip="The decoded images; a video's frames come as one image batch.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -83,32 +88,61 @@ class ParallelVAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices) -> io.NodeOutput:
+        job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
+                                cls.hidden.unique_id if cls.hidden is not None else None)
+        lane, progress = job.start(NodeProgress.poll)
+        storage, out = blend.allocate_output(job.plan)
+
+        def finish(segment, region):
+            job.finish(segment, region)
+            progress.frames(to_frames(region))
+
+        lanes.last_report = engine.decode(job.plan, job.latent, lane, out, finish=finish, on_unit=progress.unit)
+        progress.finish()
+        return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
+
+
+def to_frames(region):
+    """A finished region ``[1, C, F, H, W]`` or ``[1, C, H, W]`` as IMAGE frames ``[n, H, W, C]`` (a view)."""
+    return region[0].movedim(0, -1) if region.dim() == 5 else region.movedim(1, -1)
+
+
+@dataclass
+class DecodeJob:
+    """Everything a decode needs, checked: shared by the decode node and the stream node."""
+
+    vae: object
+    spec: object
+    latent: object
+    plan: object
+    devices: list
+    node_id: object
+
+    @classmethod
+    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id):
         spec = vae_info.describe(vae)
         if not isinstance(samples, dict) or "samples" not in samples:
             raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
         latent = check_latent(samples["samples"], spec)
         settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         named = device_lists.parse(devices)
-        plan = spec.plan(tuple(latent.shape), settings)
-        if device_lists.uses_workers(named):
-            pool = workers.get_pool(named)
-            lane = engine.PoolLane(pool, workers.model_source(vae, spec, named),
-                                   poll=NodeProgress.poll)
-            note = f"{len(named)} worker process{'es' if len(named) > 1 else ''}"
+        return cls(vae, spec, latent, spec.plan(tuple(latent.shape), settings), named, node_id)
+
+    def start(self, poll: Callable[[], None]):
+        """The lane to decode on (workers wait with ``poll``) and the node's progress reporter."""
+        if device_lists.uses_workers(self.devices):
+            pool = workers.get_pool(self.devices)
+            lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
+            note = f"{len(self.devices)} worker process{'es' if len(self.devices) > 1 else ''}"
         else:
-            device = lanes.choose(named, vae)
-            lane = lanes.local_lane(vae, spec, device, plan)
+            lane = lanes.local_lane(self.vae, self.spec, lanes.choose(self.devices, self.vae), self.plan)
             note = "in-process"
-        storage, out = blend.allocate_output(plan)
+        log.info("parallel_vae: %s, latent %s -> %d tiles x %d steps on %s", self.spec.label,
+                 list(self.latent.shape), len(self.plan.tiles), self.plan.steps, ", ".join(lane.names))
+        return lane, NodeProgress(self.plan, self.node_id, lane.names, note)
 
-        def finish(segment, region):
-            result = vae.process_output(region)
-            if result is not region:
-                region.copy_(result)
-
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        progress = NodeProgress(plan.units, node_id, lane.names, note)
-        log.info("parallel_vae: %s, latent %s -> %d tiles x %d steps on %s", spec.label, list(latent.shape),
-                 len(plan.tiles), plan.steps, ", ".join(lane.names))
-        lanes.last_report = engine.decode(plan, latent, lane, out, finish=finish, on_unit=progress.unit)
-        return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
+    def finish(self, segment, region) -> None:
+        """ComfyUI's post-processing of decoded pixels (to 0..1), in place."""
+        result = self.vae.process_output(region)
+        if result is not region:
+            region.copy_(result)

@@ -1,11 +1,14 @@
 """ComfyUI progress for one decode: the bar advances per unit of work, a text line counts per lane,
-and every unit is a point where ComfyUI's interrupt button stops the decode."""
+every unit is a point where ComfyUI's interrupt button stops the decode, and the browser gets
+previews and tile-map events (live.py)."""
 from __future__ import annotations
 
 import time
 
 import comfy.model_management
 import comfy.utils
+from ..parallel_vae.plan import Plan
+from .live import LiveView
 
 TEXT_INTERVAL_S = 0.25  # progress text is a websocket message per update: keep it to a few per second
 
@@ -21,12 +24,13 @@ def _send_text(text: str, node_id) -> None:
 
 
 class NodeProgress:
-    def __init__(self, total: int, node_id, lanes: list[str], note: str = ""):
-        self.total = total
+    def __init__(self, plan: Plan, node_id, lanes: list[str], note: str = ""):
+        self.total = plan.units
         self.node_id = node_id
         self.done = dict.fromkeys(lanes, 0)
         self.note = note
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.live = LiveView(plan, node_id, lanes)
         self._last_text = 0.0
         self.text()
 
@@ -47,5 +51,13 @@ class NodeProgress:
         self.poll()
         self.done[unit.lane] += 1
         self.bar.update(1)
+        self.live.unit(unit)
         if time.monotonic() - self._last_text >= TEXT_INTERVAL_S or sum(self.done.values()) == self.total:
             self.text()
+
+    def frames(self, frames) -> None:
+        """Finished frames ``[n, H, W, C]`` (post-processed): a preview for the browser, rate-limited."""
+        self.live.frames_ready(frames, self.bar, sum(self.done.values()))
+
+    def finish(self) -> None:
+        self.live.finish()

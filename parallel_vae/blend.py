@@ -57,7 +57,7 @@ class Segment:
 
 
 class _SegmentState:
-    __slots__ = ("tiles", "position", "next", "pending", "acc", "div", "origin", "size")
+    __slots__ = ("tiles", "position", "next", "pending", "acc", "div", "origin", "size", "own")
 
     def __init__(self, tiles, origin, size):
         self.tiles = tiles
@@ -67,6 +67,7 @@ class _SegmentState:
         self.acc = self.div = None
         self.origin = origin
         self.size = size
+        self.own: Optional[torch.Tensor] = None  # the segment's output when the blender has no canvas
 
 
 class Blender:
@@ -74,17 +75,23 @@ class Blender:
 
     ``finish(segment, region)`` is called once per finished segment with the view of ``out`` it
     covers, in the order segments finish; it may post-process the region in place.
+
+    With ``out=None`` there is no canvas for the whole output (streaming): each segment gets a
+    tensor of its own, handed over by ``take(segment)`` once finished, so memory follows the
+    segments in flight instead of the length of the video.
     """
 
-    def __init__(self, plan: Plan, out: torch.Tensor,
+    def __init__(self, plan: Plan, out: Optional[torch.Tensor],
                  finish: Optional[Callable[[Segment, torch.Tensor], None]] = None):
-        if tuple(out.shape) != plan.out_shape:
+        if out is not None and tuple(out.shape) != plan.out_shape:
             raise ValueError(f"output shape {tuple(out.shape)} does not match the plan's {plan.out_shape}")
         self.plan = plan
         self.out = out
+        self.device = out.device if out is not None else torch.device("cpu")
         self.finish = finish
         self._segments: dict[tuple[int, int], _SegmentState] = {}
         self._finished: set[tuple[int, int]] = set()
+        self._taken: dict[tuple[int, int], torch.Tensor] = {}  # finished own-storage segments
         self.done: list[Segment] = []
 
     def _segment(self, batch: int, step: int) -> _SegmentState:
@@ -140,16 +147,16 @@ class Blender:
         if tuple(pixels.shape) != expected:
             raise DecodeError(f"the VAE returned pixels of shape {tuple(pixels.shape)} for tile {tile.index}"
                               f"{f' step {step}' if self.plan.kind == CAUSAL else ''}; expected {expected}")
-        pixels = pixels.to(dtype=torch.float32, device=self.out.device)
+        pixels = pixels.to(dtype=torch.float32, device=self.device)
         last_of_pass = (seg.next + 1 == len(seg.tiles)
                         or seg.tiles[seg.next + 1].pass_index != tile.pass_index)
         if tile.whole:
             result = pixels
         else:
             if seg.acc is None:
-                seg.acc = torch.zeros((1, self.plan.out_shape[1]) + seg.size, device=self.out.device)
-                seg.div = torch.zeros((1, 1) + seg.size, device=self.out.device)
-            mask = feather_mask(size, tile.feather).to(self.out.device)
+                seg.acc = torch.zeros((1, self.plan.out_shape[1]) + seg.size, device=self.device)
+                seg.div = torch.zeros((1, 1) + seg.size, device=self.device)
+            mask = feather_mask(size, tile.feather).to(self.device)
             acc, div = seg.acc, seg.div
             for d, (p, n) in enumerate(zip(start, size)):
                 acc = acc.narrow(d + 2, p, n)
@@ -168,6 +175,10 @@ class Blender:
                 region.add_(result)
 
     def _out_region(self, batch: int, seg: _SegmentState) -> torch.Tensor:
+        if self.out is None:
+            if seg.own is None:
+                seg.own = torch.empty((1, self.plan.out_shape[1]) + seg.size, dtype=torch.float32)
+            return seg.own
         region = self.out.narrow(0, batch, 1)
         for d, (p, n) in enumerate(zip(seg.origin, seg.size)):
             region = region.narrow(d + 2, p, n)
@@ -185,8 +196,14 @@ class Blender:
         self._finished.add((batch, step))
         if self.finish is not None:
             self.finish(segment, region)
+        if self.out is None:
+            self._taken[(batch, step)] = region
         self.done.append(segment)
         return segment
+
+    def take(self, segment: Segment) -> torch.Tensor:
+        """A finished segment's pixels ``[1, C, *size]`` when there is no canvas (handed over once)."""
+        return self._taken.pop((segment.batch, segment.step))
 
     @property
     def complete(self) -> bool:

@@ -69,10 +69,10 @@ class LocalLane:
         self.name = name
         self.names = [name]
 
-    def results(self, plan: Plan, latent: torch.Tensor) -> Iterator[Decoded]:
+    def results(self, plan: Plan, latent: torch.Tensor, order: str = "tile") -> Iterator[Decoded]:
         pid = os.getpid()
         streams: dict[int, Iterator[torch.Tensor]] = {}  # causal tiles in progress, by tile index
-        for tile, step in schedule.in_process_order(plan):
+        for tile, step in schedule.in_process_order(plan, order):
             if plan.kind != CAUSAL:
                 yield Decoded(self.name, tile, step, self.decoder.decode(latent_box(latent, tile)), pid)
                 continue
@@ -97,37 +97,65 @@ class PoolLane:
         self.poll = poll
         self.names = pool.names
 
-    def results(self, plan: Plan, latent: torch.Tensor) -> Iterator[Decoded]:
-        return self.pool.run(plan, latent, self.source, self.poll)
+    def results(self, plan: Plan, latent: torch.Tensor, order: str = "tile") -> Iterator[Decoded]:
+        return self.pool.run(plan, latent, self.source, self.poll, order=order)
 
 
-def decode(plan: Plan, latent: torch.Tensor, lane, out: torch.Tensor,
-           finish: Optional[Callable[[Segment, torch.Tensor], None]] = None,
-           on_unit: Optional[Callable[[Decoded], None]] = None) -> Report:
-    """Decode every unit of ``plan`` on ``lane`` and blend into ``out`` (``[B, C, *axes]``).
-
-    ``finish`` post-processes each finished segment in place; ``on_unit`` runs after each unit
-    (progress, and the place where an interrupt may raise).
-    """
+def _blend_all(plan: Plan, latent: torch.Tensor, lane, blender: Blender, report: Report, order: str,
+               on_unit: Optional[Callable[[Decoded], None]]) -> Iterator[list[Segment]]:
+    """Blend every unit of ``plan`` decoded on ``lane``; yields the segments each unit finished."""
     if tuple(latent.shape) != plan.latent_shape:
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match the plan's {plan.latent_shape}")
-    blender = Blender(plan, out, finish)
-    report = Report(list(lane.names))
     with torch.inference_mode():
-        results = lane.results(plan, latent)
+        results = lane.results(plan, latent, order)
         try:
             for unit in results:
-                blender.add(unit.tile.index, unit.step, unit.pixels, borrowed=unit.borrowed)
+                finished = blender.add(unit.tile.index, unit.step, unit.pixels, borrowed=unit.borrowed)
                 report.units.append((unit.tile.index, unit.step, unit.lane, unit.pid))
                 if report.first_unit_at is None:
                     report.first_unit_at = time.monotonic()
                 unit.pixels = None
                 if on_unit is not None:
                     on_unit(unit)
+                if finished:
+                    yield finished
         finally:
             close = getattr(results, "close", None)
             if close is not None:
                 close()  # cancels the job in the workers when we stop early
     if not blender.complete:
         raise DecodeError("decoding ended before every tile was blended")
+
+
+def decode(plan: Plan, latent: torch.Tensor, lane, out: torch.Tensor,
+           finish: Optional[Callable[[Segment, torch.Tensor], None]] = None,
+           on_unit: Optional[Callable[[Decoded], None]] = None, order: str = "tile") -> Report:
+    """Decode every unit of ``plan`` on ``lane`` and blend into ``out`` (``[B, C, *axes]``).
+
+    ``finish`` post-processes each finished segment in place; ``on_unit`` runs after each unit
+    (progress, and the place where an interrupt may raise).
+    """
+    report = Report(list(lane.names))
+    for _ in _blend_all(plan, latent, lane, Blender(plan, out, finish), report, order, on_unit):
+        pass
     return report
+
+
+def segments(plan: Plan, latent: torch.Tensor, lane, report: Report,
+             finish: Optional[Callable[[Segment, torch.Tensor], None]] = None,
+             on_unit: Optional[Callable[[Decoded], None]] = None,
+             order: str = "frame") -> Iterator[tuple[Segment, torch.Tensor]]:
+    """Decode ``plan`` without a canvas for the whole output: yields each finished segment with
+    its own pixels ``[1, C, *size]`` as soon as its last tile is blended (in finishing order)."""
+    blender = Blender(plan, None, finish)
+    for finished in _blend_all(plan, latent, lane, blender, report, order, on_unit):
+        for segment in finished:
+            yield segment, blender.take(segment)
+
+
+def frame_range(plan: Plan, segment: Segment) -> tuple[int, int]:
+    """The frames a segment covers in the flattened output (ComfyUI's IMAGE batch index)."""
+    if segment.frames is None:
+        return segment.batch, segment.batch + 1
+    per_batch = plan.out_shape[2]
+    return segment.batch * per_batch + segment.frames[0], segment.batch * per_batch + segment.frames[1]

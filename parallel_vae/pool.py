@@ -27,8 +27,8 @@ import torch
 from . import shm
 from .engine import Decoded
 from .errors import DecodeError
-from .plan import CAUSAL, Plan, Tile
-from .schedule import TileQueue, largest_first
+from .plan import CAUSAL, Plan
+from .schedule import Group, TileQueue, largest_first, lane_groups
 from .worker import MAX_CACHED_VAES
 
 log = logging.getLogger("parallel_vae")
@@ -38,6 +38,7 @@ START_TIMEOUT_S = float(os.environ.get("PARALLEL_VAE_START_TIMEOUT", "180"))
 WAIT_S = 0.05  # how often the caller's poll (interrupt check) runs while workers decode
 SLOTS = 2  # result slots per worker: it can write one while the parent blends the other
 STOP_GRACE_S = (2.0, 3.0)  # quit -> SIGTERM -> SIGKILL
+LOOKAHEAD_STEPS = 2  # frame order: how many frames a worker may run ahead of the slowest group
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class _Handle:
         self.pid = 0
         self.models: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self.loading: Optional[str] = None
-        self.tasks: list[tuple[int, int]] = []  # (job id, tile index) sent and not yet done/failed
+        self.tasks: list[tuple[int, int]] = []  # (job id, group key) sent and not yet done/failed
         self.job_id: Optional[int] = None
         self.arena = None
         self.slot_bytes = 0
@@ -374,15 +375,16 @@ class WorkerPool:
 
     # -- jobs ----------------------------------------------------------------------------------
     def run(self, plan: Plan, latent: torch.Tensor, source: ModelSource,
-            poll: Callable[[], None] = lambda: None) -> Iterator[Decoded]:
+            poll: Callable[[], None] = lambda: None, order: str = "tile") -> Iterator[Decoded]:
         """Decode every tile of ``plan`` on the workers; yields each (tile, step) once.
 
         The caller blends each result before advancing the iterator (the pixels are a view of a
         slot that is freed then). ``poll`` runs at least every WAIT_S seconds; an exception from
-        it (ComfyUI's interrupt) cancels the job in the workers and propagates.
+        it (ComfyUI's interrupt) cancels the job in the workers and propagates. ``order="frame"``
+        decodes causal video frame by frame (schedule.lane_groups), for streams.
         """
         with self._lock:
-            yield from _Job(self, plan, latent, source, poll).run()
+            yield from _Job(self, plan, latent, source, poll, order).run()
 
     def shutdown(self) -> None:
         with self._lock:
@@ -413,19 +415,29 @@ def _prod(xs) -> int:
     return n
 
 
-def _oom_error(tile: Tile, where: str) -> DecodeError:
-    return DecodeError(f"tile {tile.index} ran out of memory on every device that tried it ({where}); "
-                       f"use a smaller tile_size")
+def _oom_error(group: Group, where: str) -> DecodeError:
+    names = ", ".join(str(t.index) for t in group.tiles)
+    return DecodeError(f"tile{'s' if len(group.tiles) > 1 else ''} {names} ran out of memory on every device "
+                       f"that tried ({where}); use a smaller tile_size")
 
 
 class _Job:
     """One decode on the pool: the pull loop, fault handling and cleanup."""
 
-    def __init__(self, pool: WorkerPool, plan: Plan, latent: torch.Tensor, source: ModelSource, poll):
+    def __init__(self, pool: WorkerPool, plan: Plan, latent: torch.Tensor, source: ModelSource, poll,
+                 order: str = "tile"):
         self.pool, self.plan, self.source, self.poll = pool, plan, source, poll
         self.id = next(WorkerPool._job_ids)
         self.latent = latent.detach().to("cpu").contiguous()
-        self.queue = TileQueue(largest_first(plan))
+        # Frame order for causal video: one group of tiles per worker, decoded frame by frame there;
+        # a worker that runs ahead of the others is held back (its slots are freed later).
+        self.throttle = order == "frame" and plan.kind == CAUSAL
+        groups = (lane_groups(plan, len(pool.handles)) if self.throttle
+                  else [Group((t,)) for t in largest_first(plan)])
+        self.groups = {g.index: g for g in groups}
+        self.queue = TileQueue(groups)
+        self.steps_done: collections.Counter = collections.Counter()  # tile -> steps delivered
+        self.held: list[tuple[_Handle, int]] = []  # (worker, slot) whose free waits for the others
         self.delivered: set[tuple[int, int]] = set()
         self.done_tiles: set[int] = set()
         self.oom: collections.Counter = collections.Counter()
@@ -459,10 +471,14 @@ class _Job:
                         try:
                             yield result
                         finally:  # also when the consumer stops (interrupt): the worker needs it back
-                            h.send("free", msg[4])
+                            self._free(h, msg[4])
+                self._review_held()
                 self._check_progress_possible()
             finished = True
         finally:
+            for h, slot in self.held:
+                h.send("free", slot)
+            self.held = []
             if not finished:
                 for h in pool.handles:
                     if any(j == self.id for j, _ in h.tasks):
@@ -483,14 +499,46 @@ class _Job:
                 h.arena = shm.create(self.slot_bytes * SLOTS, "slots")
                 h.slot_bytes = self.slot_bytes
                 h.send("arena", h.arena.name, h.arena.size, h.slot_bytes, SLOTS)
-            tile = self.queue.take(h.name)
-            if tile is None:
+            group = self.queue.take(h.name)
+            if group is None:
                 continue
             if h.job_id != self.id:
                 h.send("job", self.id, self.source.fingerprint, self.wire, self.latent_msg)
                 h.job_id = self.id
-            h.tasks.append((self.id, tile.index))
-            h.send("task", self.id, tile.index)
+            h.tasks.append((self.id, group.index))
+            h.send("task", self.id, group.index, tuple(t.index for t in group.tiles))
+
+    def _progress_of(self, h: _Handle) -> Optional[int]:
+        """Frames delivered by the group a worker is decoding for this job (None: none)."""
+        if not h.tasks or h.tasks[0][0] != self.id or h.state != "up":
+            return None
+        return min(self.steps_done[t.index] for t in self.groups[h.tasks[0][1]].tiles)
+
+    def _ahead(self, h: _Handle) -> bool:
+        """Frame order: is this worker more than LOOKAHEAD_STEPS frames ahead of a group that
+        another live worker is decoding? (Groups nobody decodes yet cannot catch up by waiting.)"""
+        if not self.throttle:
+            return False
+        mine = self._progress_of(h)
+        others = [p for o in self.pool.handles if o is not h for p in [self._progress_of(o)] if p is not None]
+        return mine is not None and bool(others) and mine - min(others) > LOOKAHEAD_STEPS
+
+    def _free(self, h: _Handle, slot: int) -> None:
+        if self._ahead(h):
+            self.held.append((h, slot))  # the worker waits for this slot: back-pressure
+        else:
+            h.send("free", slot)
+
+    def _review_held(self) -> None:
+        keep = []
+        for h, slot in self.held:
+            if h.state == "dead":
+                continue  # its slots died with it
+            if self._ahead(h):
+                keep.append((h, slot))
+            else:
+                h.send("free", slot)
+        self.held = keep
 
     def _on_message(self, h: _Handle, msg: tuple) -> Optional[Decoded]:
         kind = msg[0]
@@ -500,52 +548,55 @@ class _Job:
                 h.send("free", slot)  # late, or a step re-decoded after a requeue
                 return None
             self.delivered.add((index, step))
+            self.steps_done[index] = max(self.steps_done[index], step + 1)
             pixels = shm.view(h.arena.buf, torch.float32, shape, slot * h.slot_bytes)
             return Decoded(h.name, self.plan.tiles[index], step, pixels, h.pid, borrowed=True)
         if kind == "done":
-            _, job_id, index = msg
-            h.task_over(job_id, index)
+            _, job_id, key = msg
+            h.task_over(job_id, key)
             if job_id == self.id:
-                if all((index, s) in self.delivered for s in range(self.plan.steps)):
-                    self.done_tiles.add(index)
-                else:
-                    raise DecodeError(f"{h.name} finished tile {index} without every step")
+                for t in self.groups[key].tiles:
+                    if not all((t.index, s) in self.delivered for s in range(self.plan.steps)):
+                        raise DecodeError(f"{h.name} finished tile {t.index} without every step")
+                    self.done_tiles.add(t.index)
             return None
         if kind == "failed":
-            _, job_id, index, why, text = msg
-            h.task_over(job_id, index)
+            _, job_id, key, why, text = msg
+            h.task_over(job_id, key)
             if job_id != self.id or why == "cancelled":
                 return None
-            tile = self.plan.tiles[index]
+            group = self.groups[key]
             if why == "oom":
-                self._out_of_memory(h, tile, text)
+                self._out_of_memory(h, group, text)
                 return None
-            raise DecodeError(f"{h.name} failed on tile {index}: {text}")
+            names = ", ".join(str(t.index) for t in group.tiles)
+            raise DecodeError(f"{h.name} failed on tile{'s' if len(group.tiles) > 1 else ''} {names}: {text}")
         self.pool._on_stray(h, msg)
         return None
 
-    def _out_of_memory(self, h: _Handle, tile: Tile, text: str) -> None:
-        """Retry the tile on another device; with none left, once more where it failed."""
-        self.oom[(tile.index, h.name)] += 1
+    def _out_of_memory(self, h: _Handle, group: Group, text: str) -> None:
+        """Retry the tiles on another device; with none left, once more where it failed."""
+        self.oom[(group.index, h.name)] += 1
         others = [o for o in self.pool.handles if o is not h and o.state != "dead"
-                  and o.name not in self.queue.excluded[tile.index]]
-        if not others and self.oom[(tile.index, h.name)] >= 2:
-            raise _oom_error(tile, f"{h.name}: {text}")
+                  and o.name not in self.queue.excluded[group.index]]
+        if not others and self.oom[(group.index, h.name)] >= 2:
+            raise _oom_error(group, f"{h.name}: {text}")
         where = "on another device" if others else "once more after freeing the cache"
-        log.warning("parallel_vae: %s ran out of memory on tile %d; retrying %s", h.name, tile.index, where)
-        self.pool.stats.events.append((time.time(), f"{h.name} out of memory on tile {tile.index}"))
+        log.warning("parallel_vae: %s ran out of memory on tile %d; retrying %s", h.name, group.index, where)
+        self.pool.stats.events.append((time.time(), f"{h.name} out of memory on tile {group.index}"))
         self.pool.stats.requeued += 1
-        if not self.queue.requeue(tile, h.name, exclude=bool(others)):
-            raise _oom_error(tile, f"{h.name}: {text}")
+        if not self.queue.requeue(group, h.name, exclude=bool(others)):
+            raise _oom_error(group, f"{h.name}: {text}")
 
     def _lost(self, h: _Handle) -> None:
         """A worker died: requeue its tiles of this job (a causal lane restarts from its first frame)."""
-        mine = [index for job_id, index in h.tasks if job_id == self.id]
+        mine = [key for job_id, key in h.tasks if job_id == self.id]
         h.tasks = []
-        for index in mine:
+        self.held = [(o, slot) for o, slot in self.held if o is not h]
+        for key in mine:
             self.pool.stats.requeued += 1
-            if not self.queue.requeue(self.plan.tiles[index]):
-                raise DecodeError(f"tile {index} was lost {self.queue.max_attempts} times; the last "
+            if not self.queue.requeue(self.groups[key]):
+                raise DecodeError(f"tile {key} was lost {self.queue.max_attempts} times; the last "
                                   f"worker, {h.name}, {h.cause}")
         if "could not start" in h.cause or "did not start" in h.cause:
             return  # restarting would fail the same way

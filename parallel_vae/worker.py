@@ -8,8 +8,11 @@ plain messages (tuples), in order:
   ("load", fingerprint, recipe, block, manifest)  ("loaded", fingerprint, seconds) | ("load_failed", fp, message)
   ("arena", name, nbytes, slot_bytes, slots)
   ("job", job_id, fingerprint, plan, latent)      (no reply; plan is plain data, see pool.wire_plan)
-  ("task", job_id, tile_index)                    ("result", job_id, tile, step, slot, shape)...,
-                                                  then ("done", job_id, tile) | ("failed", job_id, tile, kind, msg)
+  ("task", job_id, key, tiles)                    ("result", job_id, tile, step, slot, shape)...,
+                                                  then ("done", job_id, key) | ("failed", job_id, key, kind, msg)
+
+A task is a group of tiles (usually one). A causal group is decoded frame by frame across its
+tiles, each tile keeping its own causal cache, so a stream gets whole frames early.
   ("free", slot)  ("cancel", job_id)  ("quit",)
 
 Weights, latents and results never travel through the connection: they sit in shared memory
@@ -203,44 +206,61 @@ class Worker:
                 raise Cancelled
         return self.free_slots.pop()
 
-    def run_task(self, job_id: int, tile_index: int) -> None:
+    def _units(self, decoder, plan, latent, tiles):
+        """(tile, step, pixels) of a task: tile by tile, or for causal video frame by frame."""
+        from .engine import box_of
+
+        def box(t):
+            batch, start, size = plan["tiles"][t]
+            return box_of(latent, batch, start, size)
+
+        if not plan["causal"]:
+            for t in tiles:
+                yield t, 0, decoder.decode(box(t))
+            return
+        streams = [(t, decoder.steps(box(t), plan["step_frames"])) for t in tiles]
+        for step in range(len(plan["step_frames"])):
+            for t, stream in streams:
+                pixels = next(stream, None)
+                if pixels is None:
+                    raise RuntimeError(f"the VAE stopped after {step} latent frames on tile {t}")
+                yield t, step, pixels
+
+    def run_task(self, job_id: int, key: int, tiles) -> None:
         import torch
 
         from . import shm
-        from .engine import box_of
 
         if self.job is None or self.job[0] != job_id:  # its job ended before the job message arrived
-            self.conn.send(("failed", job_id, tile_index, "cancelled", "its job is gone"))
+            self.conn.send(("failed", job_id, key, "cancelled", "its job is gone"))
             return
         _, fingerprint, plan, latent, _ = self.job
+        units = None
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
             decoder = self.cache[fingerprint][1]
-            batch, start, size = plan["tiles"][tile_index]
             if self.fault.startswith("oom:"):
                 _, t, who = self.fault.split(":", 2)
-                if t in ("*", str(tile_index)) and who == self.name:
+                if (t == "*" or int(t) in tiles) and who == self.name:
                     raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated out of memory on tile {t}")
-            box = box_of(latent, batch, start, size)
-            steps = (decoder.steps(box, plan["step_frames"]) if plan["causal"]
-                     else iter([decoder.decode(box)]))
-            for step, pixels in enumerate(steps):
+            units = self._units(decoder, plan, latent, tiles)
+            for tile_index, step, pixels in units:
                 slot = self._take_slot(job_id)
                 shape = tuple(pixels.shape)
                 target = shm.view(self.arena.buf, torch.float32, shape, slot * self.slot_bytes)
                 target.copy_(pixels)
                 del pixels, target
                 self.conn.send(("result", job_id, tile_index, step, slot, shape))
-            self.conn.send(("done", job_id, tile_index))
+            self.conn.send(("done", job_id, key))
         except Cancelled:
-            self.conn.send(("failed", job_id, tile_index, "cancelled", "cancelled"))
+            self.conn.send(("failed", job_id, key, "cancelled", "cancelled"))
         except torch.OutOfMemoryError as e:
-            steps = None  # drop the generator (and a causal tile's cache) before emptying the cache
+            units = None  # drop the generator (and the causal caches) before emptying the cache
             gc.collect()
             self._empty_cache()
-            self.conn.send(("failed", job_id, tile_index, "oom", f"out of memory: {e}".strip()))
+            self.conn.send(("failed", job_id, key, "oom", f"out of memory: {e}".strip()))
         except Exception as e:  # reported to the parent, which names the device and tile
-            self.conn.send(("failed", job_id, tile_index, "error",
+            self.conn.send(("failed", job_id, key, "error",
                             f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
 
     def serve(self) -> None:
@@ -261,7 +281,7 @@ class Worker:
             elif kind == "job":
                 self.set_job(*msg[1:])
             elif kind == "task":
-                self.run_task(msg[1], msg[2])
+                self.run_task(msg[1], msg[2], msg[3])
             else:
                 self.handle(msg)
 

@@ -264,7 +264,7 @@ def test_a_task_whose_job_is_gone_is_answered_so_the_worker_stays_usable(pool2):
     task, or the pool would count it in flight forever and never give that worker another tile."""
     h = pool2.handles[0]
     h.tasks.append((10**9, 0))
-    h.send("task", 10**9, 0)
+    h.send("task", 10**9, 0, (0,))
     deadline = time.monotonic() + 10
     answered = []
     while not answered and time.monotonic() < deadline:

@@ -1,0 +1,151 @@
+"""Save Video (Stream): writes a Parallel Tiled VAE Decode (Stream) to a file as batches arrive.
+
+Files go under ComfyUI's output folder only, named by ComfyUI's own path helper (the same prefix
+rules and counter as Save Image and Save Video). An interrupted or failed save removes what it had
+written: no truncated file is left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+import folder_paths
+from comfy.cli_args import args
+from ..parallel_vae import video
+from ..parallel_vae.errors import InputError
+from ._api import io
+from .progress import _send_text, NodeProgress
+from .stream import STREAM, check_stream
+
+try:  # the VIDEO type's implementations (ComfyUI 0.3.4x and later)
+    from comfy_api.input import VideoInput
+    from comfy_api.input_impl import VideoFromComponents, VideoFromFile
+    from comfy_api.util import VideoComponents
+except ImportError:  # pragma: no cover - older ComfyUI: no VIDEO output
+    VideoInput = None
+
+FORMATS = list(video.FORMATS)
+
+
+def output_folder(prefix: str, width: int = 0, height: int = 0):
+    """ComfyUI's get_save_image_path, with its error for a prefix that escapes the output folder
+    turned into one naming the input."""
+    output_dir = folder_paths.get_output_directory()
+    try:
+        return folder_paths.get_save_image_path(prefix, output_dir, width, height)
+    except Exception as e:
+        raise InputError("filename_prefix", f"{prefix!r} would save outside ComfyUI's output folder "
+                                            f"({output_dir}); use a name or a subfolder inside it") from e
+
+
+if VideoInput is not None:
+    class PngSequenceVideo(VideoInput):
+        """A saved PNG sequence as ComfyUI's VIDEO: frames are read back only when a node asks."""
+
+        def __init__(self, paths: list[str], fps: float, size: tuple[int, int]):
+            self.paths, self.fps, self.size = paths, fps, size
+
+        def get_components(self):
+            from PIL import Image
+
+            frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in self.paths])
+            images = torch.from_numpy(frames).float() / 255.0
+            return VideoComponents(images=images, frame_rate=Fraction(self.fps).limit_denominator(1001))
+
+        def save_to(self, path, format="auto", codec="auto", metadata=None):
+            return VideoFromComponents(self.get_components()).save_to(path, format=format, codec=codec,
+                                                                       metadata=metadata)
+
+        def get_dimensions(self):
+            return self.size
+
+        def get_frame_count(self):
+            return len(self.paths)
+
+        def get_duration(self):
+            return len(self.paths) / self.fps
+
+
+class ParallelVAESaveVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        outputs = [io.Video.Output(tooltip="The saved video (mp4/webm: the file; png: the frames, read back "
+                                           "when a node asks).")] if VideoInput is not None else []
+        return io.Schema(
+            node_id="ParallelVAESaveVideo",
+            display_name="Save Video (Stream)",
+            category="image/video",
+            description="Saves a Parallel Tiled VAE Decode (Stream) to ComfyUI's output folder while it decodes: "
+                        "mp4 (H.264), webm (VP9) or a lossless PNG sequence. Memory stays flat however long the "
+                        "video is. An interrupted save removes its partial file.",
+            inputs=[
+                STREAM.Input("frames", tooltip="Frames from Parallel Tiled VAE Decode (Stream)."),
+                io.String.Input("filename_prefix", default="parallel_vae/video",
+                                tooltip="File name inside ComfyUI's output folder; may hold subfolders and "
+                                        "%date:...% like Save Image, never leave the output folder."),
+                io.Float.Input("fps", default=16.0, min=0.01, max=1000.0, step=1.0,
+                               tooltip="Frames per second (Wan: 16, most others 24)."),
+                io.Combo.Input("format", options=FORMATS, default="mp4",
+                               tooltip="mp4: H.264 (plays everywhere). webm: VP9. png: one lossless 8-bit PNG "
+                                       "per frame, byte-identical to Save Image."),
+                io.Int.Input("crf", default=19, min=0, max=video.CRF_MAX,
+                             tooltip="Quality for mp4 (0..51) and webm (0..63): lower is better and bigger. "
+                                     "Ignored for png."),
+            ],
+            outputs=outputs,
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None, fps=None, format=None, crf=None):
+        try:
+            if None not in (format, fps, crf):
+                video.check_options(format, fps, crf)
+            elif format is not None and format not in FORMATS:
+                raise InputError("format", f"{format!r} is not one of {', '.join(FORMATS)}")
+            if filename_prefix is not None:
+                output_folder(filename_prefix)
+        except InputError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def _metadata(cls) -> dict[str, str]:
+        if args.disable_metadata or cls.hidden is None:
+            return {}
+        meta = {}
+        if cls.hidden.prompt is not None:
+            meta["prompt"] = json.dumps(cls.hidden.prompt)
+        for key, value in (cls.hidden.extra_pnginfo or {}).items():
+            meta[key] = json.dumps(value)
+        return meta
+
+    @classmethod
+    def execute(cls, frames, filename_prefix, fps, format, crf) -> io.NodeOutput:
+        source = check_stream(frames)
+        video.check_options(format, fps, crf)
+        width, height = source.size
+        folder, name, counter, subfolder, _ = output_folder(filename_prefix, width, height)
+        writer = video.VideoWriter(folder, f"{name}_{counter:05}_", format, fps, crf, cls._metadata())
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        try:
+            with source.open() as stream:
+                for batch in stream:
+                    writer.write(batch.frames)
+                    _send_text(f"saved {writer.frames}/{batch.total} frames", node_id)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        saved = [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]
+        ui = {"images": saved} if format == "png" else {"images": saved, "animated": (True,)}
+        if VideoInput is None:
+            return io.NodeOutput(ui=ui)
+        paths = [os.path.join(folder, f) for f in files]
+        out = (PngSequenceVideo(paths, fps, (width, height)) if format == "png" else VideoFromFile(paths[0]))
+        return io.NodeOutput(out, ui=ui)
