@@ -7,6 +7,7 @@ from . import random_vaes
 from .comfy_env import REPO
 
 EXAMPLE_API = REPO / "example_workflows" / "parallel_vae_decode_api.json"
+VIDEO_API = REPO / "example_workflows" / "parallel_vae_video_api.json"
 SETTINGS = ("tile_size", "overlap", "temporal_size", "temporal_overlap")
 
 
@@ -34,4 +35,18 @@ def decode_prompt(vae_family: str, latent_name: str, core_settings=None, **setti
         prompt["5"] = vae_decode_tiled(core_settings)
         prompt["6"] = {"class_type": "SaveImage",
                        "inputs": {"images": ["5", 0], "filename_prefix": f"e2e/{latent_name}/core"}}
+    return prompt
+
+
+def video_prompt(vae_name: str, latent_name: str, prefix: str, **settings) -> dict:
+    """The video example (API form): Load VAE + Load Latent -> Parallel Tiled VAE Decode (Stream)
+    (node 3) -> Save Video (Stream) (node 4); ``settings`` go to node 3 or 4, whichever has them."""
+    prompt = json.loads(VIDEO_API.read_text())
+    prompt["1"]["inputs"]["vae_name"] = vae_name
+    prompt["2"]["inputs"]["latent"] = latent_name
+    prompt["4"]["inputs"]["filename_prefix"] = prefix
+    for key, value in settings.items():
+        node = "4" if key in prompt["4"]["inputs"] else "3"
+        assert key in prompt[node]["inputs"], key
+        prompt[node]["inputs"][key] = value
     return prompt

@@ -114,8 +114,10 @@ class ComfyServer:
     def queue(self, prompt: dict, client_id: Optional[str] = None) -> requests.Response:
         return self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
 
-    def run(self, prompt: dict, timeout: float = 600) -> "PromptRun":
-        """Queue ``prompt`` and follow it over the websocket until it ends (any way it ends)."""
+    def run(self, prompt: dict, timeout: float = 600, on_message=None) -> "PromptRun":
+        """Queue ``prompt`` and follow it over the websocket until it ends (any way it ends).
+
+        ``on_message(msg)`` sees every message as it arrives (e.g. to press interrupt mid-run)."""
         import websocket
 
         client_id = uuid.uuid4().hex
@@ -138,10 +140,14 @@ class ComfyServer:
                 if isinstance(frame, bytes):
                     messages.append({"type": "binary", "event": int.from_bytes(frame[:4], "big"),
                                      "payload": frame[4:], "t": now})
+                    if on_message is not None:
+                        on_message(messages[-1])
                     continue
                 msg = json.loads(frame)
                 msg["t"] = now  # arrival time, for per-node timings
                 messages.append(msg)
+                if on_message is not None:
+                    on_message(msg)
                 data = msg.get("data") or {}
                 if data.get("prompt_id") != prompt_id:
                     continue
