@@ -1,0 +1,126 @@
+"""Streaming decode + save against ComfyUI's VAEDecode + Save Image, through a real server, in one run.
+
+Each run gets a fresh headless ComfyUI server (main.py --cpu) with the random-weight Wan 2.1 VAE
+(ComfyUI's real layout) and the same random latent, and posts one API prompt:
+
+  ours   Load Latent -> Parallel Tiled VAE Decode (Stream) -> Save Video (Stream), PNG sequence
+  core   Load Latent -> VAEDecode -> SaveImage (ComfyUI's own nodes; the whole video is one IMAGE)
+
+for a short and a long video at the same resolution (17 and 161 frames by default). Printed per
+run: the decode+save node time, peak RSS of ComfyUI's process (VmHWM), time from the decode
+starting to the first preview frame on the websocket (ours), and the largest 8-bit difference
+between our PNGs and SaveImage's. Then the ratios the stream issue asks for: peak RSS long/short
+(ours must stay within 10%), and ours vs core.
+
+The tile covers the whole frame, so our frames equal VAEDecode's (vae.decode) exactly; the point
+here is memory against video length, not tiling.
+
+    .venv/bin/python benchmarks/bench_stream.py [--size 256] [--frames 5,41] [--batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
+
+from bench_decode import machine  # noqa: E402
+from testkit import latents, random_vaes  # noqa: E402
+from testkit.server import ComfyServer, prepare_base  # noqa: E402
+
+WAN = random_vaes.vae_filename("wan21")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def prompt_for(method: str, latent_name: str, size: int, batch: int) -> dict:
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": WAN}},
+              "2": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}}}
+    if method == "ours":
+        prompt["3"] = {"class_type": "ParallelVAEDecodeStream",
+                       "inputs": {"samples": ["2", 0], "vae": ["1", 0], "tile_size": size, "overlap": size // 4,
+                                  "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu",
+                                  "frames_per_batch": batch}}
+        prompt["4"] = {"class_type": "ParallelVAESaveVideo",
+                       "inputs": {"frames": ["3", 0], "filename_prefix": "bench/ours", "fps": 16.0,
+                                  "format": "png", "crf": 19}}
+    else:
+        prompt["3"] = {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}}
+        prompt["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bench/core"}}
+    return prompt
+
+
+def first_preview_s(run) -> float | None:
+    start = next(m["t"] for m in run.of_type("executing") if m["data"].get("node") == "3")
+    shown = [m["t"] for m in run.of_type("binary") if m["event"] in (1, 4)]
+    return shown[0] - start if shown else None
+
+
+def one(method: str, latent_frames: int, size: int, batch: int, tmp: Path) -> dict:
+    base = prepare_base(tmp / f"{method}-{latent_frames}")
+    vae = random_vaes.ensure_vae_file("wan21", random_vaes.cache_dir())
+    (base / "models" / "vae" / WAN).symlink_to(vae)
+    name = f"bench_{latent_frames}.latent"
+    latents.save_latent(latents.random_latent((1, 16, latent_frames, size // 8, size // 8), 2024), base / "input" / name)
+    with ComfyServer(base) as server:
+        run = server.run(prompt_for(method, name, size, batch), timeout=3600)
+        if not run.ok:
+            raise SystemExit(f"{method} failed: {run.error}\n{server.log_tail()}")
+        start = next(m["t"] for m in run.of_type("executing") if m["data"].get("node") == "3")
+        end = next(m["t"] for m in run.of_type("executed") if m["data"]["node"] == "4")
+        files = [base / "output" / f["subfolder"] / f["filename"] for f in run.outputs("4")["images"]]
+        return {"method": method, "frames": len(files), "seconds": end - start, "rss": peak_rss_mib(server.proc.pid),
+                "first_preview": first_preview_s(run), "files": [str(f) for f in files]}
+
+
+def max_diff(a: dict, b: dict) -> int:
+    from testkit.latents import read_png
+
+    return max(int(np.abs(read_png(x) - read_png(y)).max()) for x, y in zip(a["files"], b["files"]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256, help="frame width and height in pixels")
+    ap.add_argument("--frames", default="5,41", help="latent frame counts, short,long (5 -> 17, 41 -> 161 frames)")
+    ap.add_argument("--batch", type=int, default=8, help="frames_per_batch of the stream")
+    ap.add_argument("--tmp", type=Path, default=REPO / ".cache" / "bench-stream")
+    args = ap.parse_args()
+    short, long = (int(x) for x in args.frames.split(","))
+    import shutil
+
+    shutil.rmtree(args.tmp, ignore_errors=True)
+    print(machine())
+    print(f"Wan 2.1 VAE (random weights, small width), {args.size}x{args.size}, CPU, fresh server per run\n")
+    results = {}
+    for frames in (short, long):
+        for method in ("ours", "core"):
+            r = one(method, frames, args.size, args.batch, args.tmp)
+            results[(method, frames)] = r
+            preview = f"{r['first_preview']:.2f} s" if r["first_preview"] is not None else "none"
+            print(f"{method:5} {r['frames']:4d} frames: {r['seconds']:7.1f} s, peak RSS {r['rss']:7.0f} MiB, "
+                  f"first preview {preview}", flush=True)
+        diff = max_diff(results[("ours", frames)], results[("core", frames)])
+        print(f"      max 8-bit difference ours vs core at {results[('ours', frames)]['frames']} frames: {diff}")
+    o_s, o_l, c_s, c_l = (results[k] for k in (("ours", short), ("ours", long), ("core", short), ("core", long)))
+    print()
+    print(f"peak RSS {o_l['frames']} vs {o_s['frames']} frames: ours {o_l['rss'] / o_s['rss']:.3f}x "
+          f"(target <= 1.10), core {c_l['rss'] / c_s['rss']:.3f}x")
+    print(f"peak RSS ours vs core at {o_l['frames']} frames: {o_l['rss'] / c_l['rss']:.3f}x")
+    print(f"time ours vs core at {o_l['frames']} frames: {o_l['seconds'] / c_l['seconds']:.3f}x "
+          f"(first preview after {o_l['first_preview']:.2f} s of {o_l['seconds']:.1f} s)")
+    summary = {f"{m}_{n}": {k: v for k, v in r.items() if k != "files"} for (m, n), r in results.items()}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
