@@ -37,6 +37,25 @@ if [ ! -f "$VENV/.stamp-dev" ] || [ requirements-dev.txt -nt "$VENV/.stamp-dev" 
   touch "$VENV/.stamp-dev"
 fi
 
+# --- headless Chromium for tests/browser (they skip without it) -----------------------------
+# Only as root with apt-get, tried once (the stamp): a failed install never fails the setup.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ -f "$VENV/.stamp-chromium" ]; then
+    : # tried before; rm "$VENV/.stamp-chromium" to try again
+  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing chromium + chromium-driver with apt-get (for tests/browser; a minute or two)"
+    if { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; } \
+         > "$VENV/apt-chromium.log" 2>&1; then
+      say "chromium installed: $(/usr/bin/chromium --version 2>/dev/null || echo '?')"
+    else
+      say "apt-get could not install chromium (see $VENV/apt-chromium.log): tests/browser will skip"
+    fi
+    touch "$VENV/.stamp-chromium"
+  else
+    say "no /usr/bin/chromium and no root apt-get to install it: tests/browser will skip"
+  fi
+fi
+
 # --- the ComfyUI runtime -------------------------------------------------------------------
 if [ -n "${COMFYUI_DIR:-}" ]; then
   if [ ! -f "$COMFYUI_DIR/main.py" ]; then

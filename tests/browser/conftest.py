@@ -1,0 +1,172 @@
+"""A real headless ComfyUI server with the pack, and the real ComfyUI frontend in headless Chromium
+(driven by selenium with the system's chromium + chromedriver: no browser is downloaded)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from testkit import latents, random_vaes
+from testkit.comfy_env import REPO
+from testkit.server import ComfyServer, prepare_base
+
+CHROMIUM = Path(os.environ.get("PVAE_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("PVAE_CHROMEDRIVER", "/usr/bin/chromedriver"))
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--window-size=1400,1000"]
+
+# The file names example_workflows/parallel_vae_video*.json use.
+DEMO_VAE = "parallel_vae_demo_wan21.safetensors"
+DEMO_LATENT = "parallel_vae_demo_video.latent"
+DEMO_LATENT_SHAPE = (1, 16, 5, 32, 32)  # Wan 2.1: 17 frames of 256 x 256
+SHOTS = REPO / "test-artifacts" / "browser"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: tests in headless Chromium against a real ComfyUI server")
+
+
+def _require_browser():
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"browser tests need headless Chromium: {', '.join(missing)} not found "
+                    f"(apt-get install chromium chromium-driver; scripts/setup.sh does it as root)")
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory, vae_dir):
+    """A server whose models/ and input/ hold the example video workflow's files, and whose default
+    user has finished the first-run tutorial (so no template browser covers the canvas)."""
+    _require_browser()
+    base = prepare_base(tmp_path_factory.mktemp("comfy-ui-base"))
+    (base / "models" / "vae" / DEMO_VAE).symlink_to(random_vaes.ensure_vae_file("wan21", vae_dir))
+    latents.save_latent(latents.random_latent(DEMO_LATENT_SHAPE, seed=4), base / "input" / DEMO_LATENT)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
+    srv = ComfyServer(base).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def driver(ui_server):
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    d.set_script_timeout(60)
+    # Before any page script: a fresh start (no workflow kept from the previous test) and no "try
+    # Nodes 2.0" banner over the canvas.
+    d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        localStorage.clear(); sessionStorage.clear();
+        localStorage.setItem('vueNodesBannerDismissed', 'true');"""})
+    yield d
+    d.quit()
+
+
+class Page:
+    """The ComfyUI editor in the browser, with a recorder of the api events the tests wait on."""
+
+    RECORDER = """
+      const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+      window.__pvaeTest = {events: [], warnings: []};
+      for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted",
+                          "parallel_vae.plan", "parallel_vae.progress", "parallel_vae.done"]) {
+        api.addEventListener(type, (e) => window.__pvaeTest.events.push({type, detail: e.detail}));
+      }
+      // what loadGraphData would warn about (it shows these as dialogs)
+      for (const name of ["showMissingNodesError", "showMissingModelsError"]) {
+        const original = app[name].bind(app);
+        app[name] = (...args) => { window.__pvaeTest.warnings.push({name, args}); return original(...args); };
+      }
+    """
+
+    def __init__(self, driver, server: ComfyServer):
+        self.d = driver
+        self.server = server
+
+    def open(self, timeout: float = 90) -> "Page":
+        self.d.get(self.server.url)
+        # Ready: node definitions registered (after every extension's setup) and the start-up workflow
+        # (the default graph: storage is cleared on each load) on the canvas, so nothing we load races it.
+        self.wait_for("return !!(app?.graph?.nodes?.length && window.LiteGraph?.registered_node_types?.VAELoader"
+                      " && app.extensions.some((e) => e.name === 'parallel_vae.preview'));",
+                      timeout, "the ComfyUI frontend did not start")
+        self.d.execute_script(self.RECORDER)
+        return self
+
+    def js(self, script: str, *args):
+        return self.d.execute_script("const app = window.comfyAPI?.app?.app, api = window.comfyAPI?.api?.api;\n"
+                                     + script, *args)
+
+    def js_async(self, script: str, *args):
+        """Runs ``script`` as the body of an async function; returns what it returns (or raises its error)."""
+        result = self.d.execute_async_script(
+            "const done = arguments[arguments.length - 1];\n"
+            "const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;\n"
+            f"(async () => {{ {script} }})().then((v) => done({{ok: v}}), (e) => done({{error: String(e && e.stack || e)}}));",
+            *args)
+        if "error" in result:
+            raise AssertionError(f"page script failed: {result['error']}")
+        return result.get("ok")
+
+    def wait_for(self, script: str, timeout: float, what: str, *args, interval: float = 0.25):
+        """Polls ``script`` (with ``app`` and ``api`` in scope) until it returns something truthy; on
+        timeout saves a screenshot to test-artifacts/browser/ and fails with the console and server log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(script, *args)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                SHOTS.mkdir(parents=True, exist_ok=True)
+                self.d.save_screenshot(str(SHOTS / "timeout.png"))
+                raise AssertionError(f"{what} within {timeout} s (screenshot: {SHOTS / 'timeout.png'})\n"
+                                     f"browser console:\n{self.console_text()}\n"
+                                     f"server log:\n{self.server.log_tail()}")
+            time.sleep(interval)
+
+    def load_workflow(self, path: Path) -> list:
+        """Opens a UI-format workflow the way the editor does; returns what it warned about (missing
+        node types or models)."""
+        return self.js_async("window.__pvaeTest.warnings = []; await app.loadGraphData(arguments[0]);"
+                             "return window.__pvaeTest.warnings;", json.loads(Path(path).read_text()))
+
+    def widget_state(self, node_id: int) -> dict:
+        """The preview widget's data-* attributes on node ``node_id`` (None when it has none)."""
+        return self.js("""
+            const node = app.graph.getNodeById(arguments[0]);
+            const w = node?.widgets?.find((w) => w.name === 'parallel_vae_preview');
+            return w ? {...w.element.dataset, inDocument: w.element.isConnected} : null;""", node_id)
+
+    def events(self, type_: str = None) -> list:
+        evs = self.d.execute_script("return window.__pvaeTest.events")
+        return [e for e in evs if type_ is None or e["type"] == type_]
+
+    def console(self) -> list[dict]:
+        return self.d.get_log("browser")
+
+    def our_errors(self) -> list[str]:
+        """Console errors (uncaught exceptions, failed loads) that come from this pack's web/ files. The
+        frontend logs some errors of its own on every start (a 404 for user.css, a TypeError in its
+        workflow store, blocked calls to api.comfy.org); those are not ours."""
+        return [e["message"] for e in self.console()
+                if e["level"] == "SEVERE" and ("parallel_vae" in e["message"] or "pvae" in e["message"])]
+
+    def console_text(self) -> str:
+        return "\n".join(e["message"] for e in self.console())[-6000:]
+
+
+@pytest.fixture
+def page(driver, ui_server):
+    return Page(driver, ui_server).open()
