@@ -1,5 +1,6 @@
 # make test   set everything up from nothing, then run the whole suite (what CI runs)
-# make demo   set up, decode the example workflow on a headless ComfyUI, compare with VAEDecodeTiled
+# make demo   set up, run the example workflows on a headless ComfyUI: compare with VAEDecodeTiled, then
+#             stream a video into an mp4 with Save Video (Stream) and print the saved file
 #             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
 # make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser
 # make bench  set up, run the benchmarks against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
@@ -34,6 +35,7 @@ run: setup
 bench: setup
 	$(VPY) benchmarks/bench_decode.py
 	$(VPY) benchmarks/bench_workers.py
+	$(VPY) benchmarks/bench_stream.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

@@ -71,6 +71,7 @@ class PoolStats:
     loads: int = 0  # models built in workers
     restarts: int = 0
     requeued: int = 0
+    held: int = 0  # result slots kept back from a worker running ahead (frame order)
     events: list = field(default_factory=list)  # (time, text) of faults, for tests and logs
 
 
@@ -526,6 +527,7 @@ class _Job:
     def _free(self, h: _Handle, slot: int) -> None:
         if self._ahead(h):
             self.held.append((h, slot))  # the worker waits for this slot: back-pressure
+            self.pool.stats.held += 1
         else:
             h.send("free", slot)
 

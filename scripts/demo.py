@@ -1,9 +1,11 @@
-"""make demo: decode the example workflow on a real headless ComfyUI and compare with VAEDecodeTiled.
+"""make demo: run the example workflows on a real headless ComfyUI.
 
-Starts ComfyUI (CPU when there is no GPU) with the pack, posts example_workflows/
-parallel_vae_decode_api.json to /prompt, then the same graph with VAE Decode (Tiled) in place of
-Parallel Tiled VAE Decode, and prints where the images landed, how long each decode took, and the
-largest pixel difference between the two.
+Starts ComfyUI (CPU when there is no GPU) with the pack and posts to /prompt:
+1. example_workflows/parallel_vae_decode_api.json, then the same graph with VAE Decode (Tiled) in
+   place of Parallel Tiled VAE Decode; prints where the images landed, how long each decode took,
+   and the largest pixel difference between the two.
+2. example_workflows/parallel_vae_video_api.json (Parallel Tiled VAE Decode (Stream) -> Save Video
+   (Stream)); prints the saved video, read back with PyAV, and when the first preview frame arrived.
 """
 from __future__ import annotations
 
@@ -19,6 +21,32 @@ from testkit.comfy_env import REPO  # noqa: E402
 from testkit.server import ComfyServer, saved_images  # noqa: E402
 
 BASE = REPO / "demo-output" / "comfy-base"
+
+
+def video_demo(server: ComfyServer, assets) -> int:
+    import json
+
+    import av
+
+    prompt = json.loads(prompts.VIDEO_API.read_text())
+    run = server.run(prompt)
+    if not run.ok:
+        print(f"video workflow failed: {run.error or run.response}\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    entry = run.outputs("4")["images"][0]
+    path = BASE / "output" / entry["subfolder"] / entry["filename"]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        size, codec = f"{stream.codec_context.width}x{stream.codec_context.height}", stream.codec_context.name
+    start = next(m["t"] for m in run.of_type("executing") if m["data"].get("node") == "3")
+    previews = [m["t"] - start for m in run.of_type("binary") if m["event"] in (1, 4)]
+    print(f"video: {assets.description}; latent {list(assets.latent_shape)}")
+    print(f"Save Video (Stream) wrote {path}")
+    first = f", the first after {previews[0]:.2f} s" if previews else ""
+    print(f"  {frames} frames {size} {codec}, decoded and encoded in {run.node_seconds('4'):.2f} s; "
+          f"{len(previews)} preview frames{first}")
+    return 0
 
 
 def main() -> int:
@@ -40,6 +68,7 @@ def main() -> int:
               f"so that it does not cut time either")
     core["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode_tiled"
 
+    video = demo_assets.prepare_video(BASE)
     t0 = time.monotonic()
     with ComfyServer(BASE) as server:
         print(f"ComfyUI started in {time.monotonic() - t0:.1f} s at {server.url} (log: {server.log_path})")
@@ -54,12 +83,12 @@ def main() -> int:
             results[label] = images
             print(f"{label}: {images.shape[0]} image(s) of {images.shape[2]}x{images.shape[1]} in "
                   f"{run.node_seconds('3'):.2f} s -> {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""))
-    a, b = results.values()
-    diff = abs(a - b)
-    print(f"max abs difference vs VAE Decode (Tiled): {int(diff.max())}/255 on 8-bit PNGs; "
-          f"identical pixels: {100 * (diff == 0).mean():.2f}%")
-    print("(float32 equality within 1e-4 is what `make test` checks; see README 'Correctness')")
-    return 0
+        a, b = results.values()
+        diff = abs(a - b)
+        print(f"max abs difference vs VAE Decode (Tiled): {int(diff.max())}/255 on 8-bit PNGs; "
+              f"identical pixels: {100 * (diff == 0).mean():.2f}%")
+        print("(float32 equality within 1e-4 is what `make test` checks; see README 'Correctness')\n")
+        return video_demo(server, video)
 
 
 if __name__ == "__main__":

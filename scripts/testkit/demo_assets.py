@@ -11,6 +11,9 @@ from .server import prepare_base
 
 DEMO_VAE = "parallel_vae_demo_sd.safetensors"  # the names example_workflows/ uses
 DEMO_LATENT = "parallel_vae_demo.latent"
+DEMO_VIDEO_VAE = "parallel_vae_demo_wan21.safetensors"  # example_workflows/parallel_vae_video*.json
+DEMO_VIDEO_LATENT = "parallel_vae_demo_video.latent"
+DEMO_VIDEO_SHAPE = (1, 16, 9, 32, 32)  # 33 frames of 256 x 256 from the Wan 2.1 VAE
 
 
 @dataclass
@@ -59,3 +62,13 @@ def prepare(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> DemoA
     shape = (1, spec.latent_channels) + ((5,) if spec.latent_dim == 3 else ()) + hw
     latents.save_latent(latents.random_latent(shape, seed), base / "input" / DEMO_LATENT)
     return DemoAssets(vae_name, DEMO_LATENT, description, spec.causal, shape)
+
+
+def prepare_video(base: Path, seed: int = 0) -> DemoAssets:
+    """The video example's files: a random-weight Wan 2.1 VAE (ComfyUI's layout, small width) and a
+    random video latent, under the names the workflow uses."""
+    base = prepare_base(Path(base))
+    _link(random_vaes.ensure_vae_file("wan21", random_vaes.cache_dir()), base / "models" / "vae" / DEMO_VIDEO_VAE)
+    latents.save_latent(latents.random_latent(DEMO_VIDEO_SHAPE, seed), base / "input" / DEMO_VIDEO_LATENT)
+    return DemoAssets(DEMO_VIDEO_VAE, DEMO_VIDEO_LATENT, "a Wan 2.1 VAE (causal video, small width) with random "
+                      "weights, made by this demo", True, DEMO_VIDEO_SHAPE)

@@ -44,10 +44,11 @@ def prepare_base(base: Path) -> Path:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, port: Optional[int] = None, extra_args: tuple = ()):
+    def __init__(self, base: Path, port: Optional[int] = None, extra_args: tuple = (), env: Optional[dict] = None):
         self.base = prepare_base(Path(base))
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})  # extra environment for the server (and its workers)
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.base / f"server-{self.port}.log"
 
@@ -57,7 +58,7 @@ class ComfyServer:
 
     def start(self, timeout: float = 90) -> "ComfyServer":
         cmd = comfy_command(self.port, self.base, cpu=True, extra_args=("--disable-api-nodes", *self.extra_args))
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", **self.env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(self.base), start_new_session=True)

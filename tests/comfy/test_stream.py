@@ -183,3 +183,22 @@ def test_bad_input_is_named(load_vae, stream_of, nodes, save):
         save(stream_of(z, wan), "mp4", fps=0.0)
     with pytest.raises(ValueError, match="expected the output of Parallel Tiled VAE Decode"):
         save(torch.zeros(1), "mp4")
+
+
+def test_a_worker_with_less_work_is_held_within_a_few_frames_of_the_others(load_vae, decode, stream_of, to_images,
+                                                                            nodes):
+    from parallel_vae.pool import LOOKAHEAD_STEPS, SLOTS
+
+    wan, z = load_vae("wan21"), latent((1, 16, 24, 8, 20), 30)  # 3 equal tiles in a row, 24 latent frames
+    stream = stream_of(z, wan, devices="cpu:2", frames_per_batch=8)
+    assert len(stream.job.plan.tiles) == 3
+    held = nodes.workers.get_pool(stream.job.devices).stats.held
+    out = to_images(stream)  # two workers: one decodes two tiles, the other one tile (twice as fast)
+    delivered = dict.fromkeys(range(3), 0)
+    lead = 0
+    for tile, step, lane, pid in nodes.lanes.last_report.units:  # in the order they reached the blender
+        delivered[tile] = step + 1
+        lead = max(lead, max(delivered.values()) - min(delivered.values()))
+    assert lead <= LOOKAHEAD_STEPS + SLOTS + 1, f"a worker ran {lead} frames ahead"
+    assert nodes.workers.current_pool().stats.held > held, "the faster worker was held back"
+    assert torch.equal(out, decode(z, wan, 64, 16, devices="cpu:2"))

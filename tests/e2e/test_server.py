@@ -72,9 +72,15 @@ def test_bad_input_is_the_nodes_error_and_the_server_keeps_serving(server, put_l
 
 def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     templates = server.get("/api/workflow_templates").json()
-    assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api"]
-    served = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_decode.json").json()
+    assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api",
+                                                       "parallel_vae_video", "parallel_vae_video_api"]
     known = server.get("/object_info").json()
+    video = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_video.json").json()
+    assert {n["type"] for n in video["nodes"]} == {"VAELoader", "LoadLatent", "ParallelVAEDecodeStream",
+                                                   "ParallelVAESaveVideo"}
+    video_api = json.loads((REPO / "example_workflows" / "parallel_vae_video_api.json").read_text())
+    assert {n["class_type"] for n in video_api.values()} <= set(known)
+    served = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_decode.json").json()
     assert {n["type"] for n in served["nodes"]} <= set(known)
     api = json.loads((REPO / "example_workflows" / "parallel_vae_decode_api.json").read_text())
     ui_node = next(n for n in served["nodes"] if n["type"] == "ParallelVAEDecode")
