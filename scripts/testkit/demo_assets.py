@@ -13,7 +13,7 @@ DEMO_VAE = "parallel_vae_demo_sd.safetensors"  # the names example_workflows/ us
 DEMO_LATENT = "parallel_vae_demo.latent"
 DEMO_VIDEO_VAE = "parallel_vae_demo_wan21.safetensors"  # example_workflows/parallel_vae_video*.json
 DEMO_VIDEO_LATENT = "parallel_vae_demo_video.latent"
-DEMO_VIDEO_SHAPE = (1, 16, 9, 32, 32)  # 33 frames of 256 x 256 from the Wan 2.1 VAE
+DEMO_VIDEO_SHAPE = (1, 16, 5, 32, 32)  # 17 frames of 256 x 256 from the Wan 2.1 VAE
 
 
 @dataclass
