@@ -8,9 +8,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import numpy as np
-
 from ..parallel_vae.plan import Plan
+from ..parallel_vae.video import to_uint8
 
 PREVIEW_INTERVAL_S = 0.25  # at most ~4 preview frames per second
 EVENT_INTERVAL_S = 0.25
@@ -41,13 +40,10 @@ def send_event(name: str, data: dict) -> None:
 
 
 def preview_image(frame) -> "object":
-    """``[H, W, C]`` float 0..1 -> the PIL image ComfyUI's preview channel takes."""
+    """``[H, W, C]`` float 0..1 -> the PIL image ComfyUI's preview channel takes (8-bit as saved)."""
     from PIL import Image
 
-    array = np.clip(255.0 * frame.detach().to("cpu").float().numpy(), 0, 255).astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array[..., :3] if array.ndim == 3 else array)
+    return Image.fromarray(to_uint8(frame[None])[0])
 
 
 class LiveView:

@@ -13,7 +13,7 @@ from .live import LiveView
 TEXT_INTERVAL_S = 0.25  # progress text is a websocket message per update: keep it to a few per second
 
 
-def _send_text(text: str, node_id) -> None:
+def send_text(text: str, node_id) -> None:
     try:
         from server import PromptServer
     except ImportError:
@@ -38,7 +38,7 @@ class NodeProgress:
         parts = ", ".join(f"{lane} {n}/{self.total}" for lane, n in self.done.items())
         line = f"{parts}{f' ({self.note})' if self.note else ''}"
         self._last_text = time.monotonic()
-        _send_text(line, self.node_id)
+        send_text(line, self.node_id)
         return line
 
     @staticmethod

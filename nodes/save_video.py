@@ -18,7 +18,7 @@ from comfy.cli_args import args
 from ..parallel_vae import video
 from ..parallel_vae.errors import InputError
 from ._api import io
-from .progress import _send_text, NodeProgress
+from .progress import send_text
 from .stream import STREAM, check_stream
 
 try:  # the VIDEO type's implementations (ComfyUI 0.3.4x and later)
@@ -137,7 +137,7 @@ class ParallelVAESaveVideo(io.ComfyNode):
             with source.open() as stream:
                 for batch in stream:
                     writer.write(batch.frames)
-                    _send_text(f"saved {writer.frames}/{batch.total} frames", node_id)
+                    send_text(f"saved {writer.frames}/{batch.total} frames", node_id)
             files = writer.close()
         except BaseException:
             writer.abort()
