@@ -92,12 +92,8 @@ class ParallelVAEDecode(io.ComfyNode):
                                 cls.hidden.unique_id if cls.hidden is not None else None)
         lane, progress = job.start(NodeProgress.poll)
         storage, out = blend.allocate_output(job.plan)
-
-        def finish(segment, region):
-            job.finish(segment, region)
-            progress.frames(to_frames(region))
-
-        lanes.last_report = engine.decode(job.plan, job.latent, lane, out, finish=finish, on_unit=progress.unit)
+        lanes.last_report = engine.decode(job.plan, job.latent, lane, out, finish=job.finisher(progress),
+                                          on_unit=progress.unit)
         progress.finish()
         return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
 
@@ -141,8 +137,13 @@ class DecodeJob:
                  list(self.latent.shape), len(self.plan.tiles), self.plan.steps, ", ".join(lane.names))
         return lane, NodeProgress(self.plan, self.node_id, lane.names, note)
 
-    def finish(self, segment, region) -> None:
-        """ComfyUI's post-processing of decoded pixels (to 0..1), in place."""
-        result = self.vae.process_output(region)
-        if result is not region:
-            region.copy_(result)
+    def finisher(self, progress: NodeProgress) -> Callable:
+        """The blender's hook for each finished segment: ComfyUI's post-processing of the pixels (to
+        0..1, in place), then the frames to the progress reporter (their preview)."""
+        def finish(segment, region) -> None:
+            result = self.vae.process_output(region)
+            if result is not region:
+                region.copy_(result)
+            progress.frames(to_frames(region))
+
+        return finish

@@ -91,17 +91,18 @@ class LiveView:
         send_event("progress", {**self._ids(), "done": dict(self.done), "units": self.plan.units,
                                 "tiles": tiles, "frames_done": self.frames_done})
 
-    def frames_ready(self, frames, bar, value: int) -> None:
-        """Decoded frames ``[n, H, W, C]``: counted, and the last one previewed if it is time."""
+    def frames_ready(self, frames):
+        """Decoded frames ``[n, H, W, C]``: counted; returns a preview of the last one when it is
+        time for one (ComfyUI's preview tuple), else None."""
         self.frames_done += frames.shape[0]
         now = time.monotonic()
         if not self.enabled or (now - self._last_preview < PREVIEW_INTERVAL_S and self.previews):
-            return
+            return None
         self._last_preview = now
         self.previews += 1
         if self.first_preview_at is None:
             self.first_preview_at = now
-        bar.update_absolute(value, None, ("JPEG", preview_image(frames[-1]), PREVIEW_SIZE))
+        return ("JPEG", preview_image(frames[-1]), PREVIEW_SIZE)
 
     def finish(self) -> None:
         if not self.enabled:

@@ -31,6 +31,7 @@ class NodeProgress:
         self.note = note
         self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
         self.live = LiveView(plan, node_id, lanes)
+        self._preview = None  # goes out with the next progress update, not as a message of its own
         self._last_text = 0.0
         self.text()
 
@@ -50,14 +51,18 @@ class NodeProgress:
         """After each decoded unit (an engine.Decoded): count it for its lane."""
         self.poll()
         self.done[unit.lane] += 1
-        self.bar.update(1)
+        preview, self._preview = self._preview, None
+        self.bar.update_absolute(self.bar.current + 1, None, preview)
         self.live.unit(unit)
         if time.monotonic() - self._last_text >= TEXT_INTERVAL_S or sum(self.done.values()) == self.total:
             self.text()
 
     def frames(self, frames) -> None:
-        """Finished frames ``[n, H, W, C]`` (post-processed): a preview for the browser, rate-limited."""
-        self.live.frames_ready(frames, self.bar, sum(self.done.values()))
+        """Finished frames ``[n, H, W, C]`` (post-processed), reported from the blender's finish
+        hook: their preview (rate-limited) rides on the progress update of the unit that finished them."""
+        preview = self.live.frames_ready(frames)
+        if preview is not None:
+            self._preview = preview
 
     def finish(self) -> None:
         self.live.finish()

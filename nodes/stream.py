@@ -61,11 +61,11 @@ class DecodeStream:
                 check()
                 progress.unit(unit)
 
-            for segment, region in engine.segments(job.plan, job.latent, lane, report, finish=job.finish,
-                                                   on_unit=on_unit, order="frame"):
+            segments = engine.segments(job.plan, job.latent, lane, report, finish=job.finisher(progress),
+                                       on_unit=on_unit, order="frame")
+            for segment, region in segments:
                 frames = to_frames(region).contiguous()
                 del region
-                progress.frames(frames)
                 yield engine.frame_range(job.plan, segment)[0], frames
             lanes.last_report = report
             progress.finish()
