@@ -49,25 +49,23 @@ def preview_image(frame) -> "object":
 class LiveView:
     """Events and previews of one decode on node ``node_id``."""
 
-    def __init__(self, plan: Plan, node_id, lanes: list[str]):
+    def __init__(self, plan: Plan, node_id, done: dict[str, int]):
         self.plan, self.node_id = plan, node_id
         self.enabled = node_id is not None and _server() is not None
         self.prompt_id = _prompt_id()
-        self.done = dict.fromkeys(lanes, 0)
+        self.done = done  # units per lane, counted by the caller (NodeProgress)
         self.per_tile = len(plan.tiles) // plan.batch
         self.changed: dict[int, tuple[str, int]] = {}  # tile (of the first batch item) -> (lane, steps)
         self.steps: dict[int, int] = {}
         self.frames_done = 0
         self.started = time.monotonic()
-        self._last_event = self._last_preview = 0.0
-        self.previews = 0
-        self.first_preview_at: Optional[float] = None
+        self._last_event = 0.0
+        self._last_preview = float("-inf")  # the first finished frames are always previewed
         out = plan.out_shape
-        self.frames = out[0] * (out[2] if len(out) == 5 else 1)
         if self.enabled:
-            send_event("plan", {**self._ids(), "width": out[-1], "height": out[-2], "frames": self.frames,
+            send_event("plan", {**self._ids(), "width": out[-1], "height": out[-2], "frames": plan.frames,
                                 "tiles": [[*self._rect(t), t.pass_index] for t in plan.tiles_of(0)],
-                                "steps": plan.steps, "lanes": list(lanes), "units": plan.units})
+                                "steps": plan.steps, "lanes": list(done), "units": plan.units})
 
     def _ids(self) -> dict:
         return {"node": str(self.node_id), "prompt_id": self.prompt_id}
@@ -77,7 +75,7 @@ class LiveView:
         return tile.out_start[-1], tile.out_start[-2], tile.out_size[-1], tile.out_size[-2]
 
     def unit(self, unit) -> None:
-        self.done[unit.lane] = self.done.get(unit.lane, 0) + 1
+        """After the caller counted ``unit`` for its lane: remember its tile, send progress if due."""
         index = unit.tile.index % self.per_tile
         self.steps[index] = self.steps.get(index, 0) + 1
         self.changed[index] = (unit.lane, self.steps[index])
@@ -96,12 +94,9 @@ class LiveView:
         time for one (ComfyUI's preview tuple), else None."""
         self.frames_done += frames.shape[0]
         now = time.monotonic()
-        if not self.enabled or (now - self._last_preview < PREVIEW_INTERVAL_S and self.previews):
+        if not self.enabled or now - self._last_preview < PREVIEW_INTERVAL_S:
             return None
         self._last_preview = now
-        self.previews += 1
-        if self.first_preview_at is None:
-            self.first_preview_at = now
         return ("JPEG", preview_image(frames[-1]), PREVIEW_SIZE)
 
     def finish(self) -> None:

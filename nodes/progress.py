@@ -30,7 +30,7 @@ class NodeProgress:
         self.done = dict.fromkeys(lanes, 0)
         self.note = note
         self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
-        self.live = LiveView(plan, node_id, lanes)
+        self.live = LiveView(plan, node_id, self.done)
         self._preview = None  # goes out with the next progress update, not as a message of its own
         self._last_text = 0.0
         self.text()

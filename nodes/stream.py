@@ -34,11 +34,6 @@ class DecodeStream:
     frames_per_batch: int
 
     @property
-    def frames(self) -> int:
-        out = self.job.plan.out_shape
-        return out[0] * (out[2] if len(out) == 5 else 1)
-
-    @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the frames."""
         return self.job.plan.out_shape[-1], self.job.plan.out_shape[-2]
@@ -71,7 +66,7 @@ class DecodeStream:
             progress.finish()
 
         context = contextvars.copy_context()  # the node's ids, so progress and previews land on it
-        stream = FrameStream(source, self.frames, self.frames_per_batch, in_flight=IN_FLIGHT,
+        stream = FrameStream(source, job.plan.frames, self.frames_per_batch, in_flight=IN_FLIGHT,
                              poll=NodeProgress.poll, run_in=context.run)
         return stream
 

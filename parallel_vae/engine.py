@@ -157,5 +157,5 @@ def frame_range(plan: Plan, segment: Segment) -> tuple[int, int]:
     """The frames a segment covers in the flattened output (ComfyUI's IMAGE batch index)."""
     if segment.frames is None:
         return segment.batch, segment.batch + 1
-    per_batch = plan.out_shape[2]
+    per_batch = plan.frames // plan.batch
     return segment.batch * per_batch + segment.frames[0], segment.batch * per_batch + segment.frames[1]

@@ -91,6 +91,11 @@ class Plan:
         return len(self.step_frames) if self.kind == CAUSAL else 1
 
     @property
+    def frames(self) -> int:
+        """Output frames as ComfyUI's IMAGE batch counts them: batch items x frames per item."""
+        return self.out_shape[0] * (self.out_shape[2] if len(self.out_shape) == 5 else 1)
+
+    @property
     def units(self) -> int:
         """Progress units: one per tile, times the decode steps of causal tiles."""
         return len(self.tiles) * self.steps

@@ -57,7 +57,6 @@ class FrameStream:
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._ended = False
-        self.started_at: Optional[float] = None
         self.first_batch_at: Optional[float] = None  # time.monotonic() when the first batch was ready
         self.delivered = 0  # frames handed to the consumer
 
@@ -123,7 +122,6 @@ class FrameStream:
         if self._thread is None:
             if self._closed.is_set():
                 raise RuntimeError("this stream was closed")
-            self.started_at = time.monotonic()
             self._thread = threading.Thread(target=self.run_in, args=(self._produce,), daemon=True,
                                             name="pvae-stream")
             self._thread.start()
