@@ -1,7 +1,14 @@
 """Shared fixtures. Tiers: unit/ (engine only, no ComfyUI), comfy/ (the real comfy package
-in-process), e2e/ (a real headless ComfyUI server)."""
+in-process), e2e/ (a real headless ComfyUI server), browser/ (ComfyUI's frontend in Chromium).
+
+``--comfyui PATH`` picks the ComfyUI runtime for the comfy, e2e and browser tiers (default: the
+one setup.sh made in .comfyui, or $COMFYUI_DIR). One pytest run uses one runtime, since ComfyUI
+can be imported only once per process; `make test` runs the suite once per runtime. The runtime
+is printed in the header, under every failure, and at the end.
+"""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +18,52 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 ARTIFACTS = REPO / "test-artifacts"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--comfyui", default=None, metavar="PATH",
+                     help="ComfyUI tree to test against (default: $COMFYUI_DIR or .comfyui)")
+
+
+def pytest_configure(config):
+    from testkit import comfy_env
+
+    root = config.getoption("--comfyui")
+    if root:
+        os.environ[comfy_env.RUNTIME_ENV] = str(Path(root).resolve())
+
+
+def _runtime() -> str:
+    from testkit import comfy_env
+
+    try:
+        return comfy_env.runtime_label()
+    except RuntimeError as e:
+        return str(e)
+
+
+def pytest_report_header(config):
+    return f"runtime: {_runtime()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "/unit/" not in str(item.fspath):
+        report.sections.append(("runtime", f"this test ran on {_runtime()}"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"runtime of the comfy, e2e and browser tests above: {_runtime()}")
+
+
+@pytest.fixture(scope="session")
+def runtime_version() -> tuple[int, ...]:
+    """The ComfyUI version under test as numbers, e.g. (0, 33, 0)."""
+    from testkit import comfy_env
+
+    return tuple(int(p) for p in comfy_env.comfy_version().split(".")[:3] if p.isdigit())
 
 
 @pytest.fixture(scope="session")

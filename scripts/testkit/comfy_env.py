@@ -10,12 +10,30 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_MODULE = "parallel_tiled_vae"
 
 
+RUNTIME_ENV = "PVAE_COMFYUI"  # the ComfyUI tree for this run (pytest --comfyui sets it)
+
+
 def comfy_root() -> Path:
-    """The ComfyUI tree the tests run against: $COMFYUI_DIR, else the one setup.sh made."""
-    root = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
+    """The ComfyUI tree the tests run against: $PVAE_COMFYUI (pytest --comfyui), else
+    $COMFYUI_DIR, else the default runtime setup.sh made (.comfyui)."""
+    root = Path(os.environ.get(RUNTIME_ENV) or os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
     if not (root / "main.py").is_file():
         raise RuntimeError(f"no ComfyUI at {root}: run `make setup` (or set COMFYUI_DIR)")
     return root
+
+
+def comfy_version(root: Path | None = None) -> str:
+    """The version a ComfyUI tree declares (comfyui_version.py), read without importing it."""
+    text = ((root or comfy_root()) / "comfyui_version.py")
+    for line in text.read_text().splitlines() if text.is_file() else ():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
+def runtime_label(root: Path | None = None) -> str:
+    root = root or comfy_root()
+    return f"ComfyUI {comfy_version(root)} at {root}"
 
 
 def boot(cpu: bool = True):
@@ -57,3 +75,12 @@ def load_pack():
 
     asyncio.run(module.comfy_entrypoint())
     return module
+
+
+def node_clone(node_cls, hidden: dict):
+    """The class clone ComfyUI's executor runs a V3 node on, with its hidden inputs
+    ({"UNIQUE_ID": ..., "PROMPT": ...}): 0.3.75 takes the hidden dict, 0.33 a V3Data dict holding it."""
+    import inspect
+
+    first = next(iter(inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters))
+    return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if first == "v3_data" else hidden)
