@@ -8,11 +8,14 @@ import torch
 
 import comfy.model_management as mm
 import comfy.sd
+from ..parallel_vae import identity
 from ..parallel_vae.devices import Device
 from ..parallel_vae.engine import LocalLane
+from ..parallel_vae.errors import ModelMismatch
 from ..parallel_vae.models import make_decoder
 from ..parallel_vae.plan import Plan
 from ..parallel_vae.spec import VaeSpec
+from . import compat
 
 log = logging.getLogger("parallel_vae")
 
@@ -41,13 +44,19 @@ def choose(devices: list[Device], vae) -> Device:
 
 
 def rebuild_on(vae, device: torch.device):
-    """The same VAE built by ComfyUI on ``device`` (weights from get_sd(), ComfyUI's own loader path)."""
+    """The same VAE built by ComfyUI on ``device``: its weights from get_sd() and the file's metadata
+    through ComfyUI's own loader, checked to be the same model (identity.signature)."""
     per_vae = _copies.setdefault(vae, {})
     key = str(device)
     if key not in per_vae:
         log.info("parallel_vae: building a copy of the VAE on %s", device)
         sd = {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
-        per_vae[key] = comfy.sd.VAE(sd=sd, device=device, dtype=mm.vae_dtype(device, vae.working_dtypes))
+        try:
+            copy = identity.rebuild(comfy.sd.VAE, identity.signature(vae), sd=sd, device=device,
+                                    dtype=mm.vae_dtype(device, vae.working_dtypes), **compat.rebuild_kwargs(vae))
+        except ModelMismatch as e:
+            raise ModelMismatch(f"a copy on {device} could not rebuild ComfyUI's model: {e.what}") from e
+        per_vae[key] = copy
     return per_vae[key]
 
 
@@ -56,7 +65,10 @@ def local_lane(vae, spec: VaeSpec, device: Device, plan: Plan) -> LocalLane:
     lane_vae = vae if _same_device(vae.device, target) else rebuild_on(vae, target)
     biggest = max(plan.tiles, key=lambda t: t.volume)
     tile_shape = (1, spec.latent_channels) + biggest.lat_size
-    mm.load_models_gpu([lane_vae.patcher], memory_required=lane_vae.memory_used_decode(tile_shape, lane_vae.vae_dtype),
-                       force_full_load=lane_vae.disable_offload)
-    decoder = make_decoder(spec.family, lane_vae.first_stage_model, lane_vae.vae_dtype, lane_vae.device)
-    return LocalLane(decoder, device.name)
+    with compat.device_context(lane_vae.device):
+        mm.load_models_gpu([lane_vae.patcher],
+                           memory_required=lane_vae.memory_used_decode(tile_shape, lane_vae.vae_dtype),
+                           force_full_load=lane_vae.disable_offload)
+        decoder = make_decoder(spec.family, lane_vae.first_stage_model, lane_vae.vae_dtype, lane_vae.device,
+                               pixel_dtype=compat.pixel_dtype(), latent_channels=spec.latent_channels)
+    return LocalLane(decoder, device.name, context=lambda: compat.device_context(lane_vae.device))

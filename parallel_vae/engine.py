@@ -6,10 +6,11 @@ the blender applies tiles in plan order, so the output does not depend on the la
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -62,24 +63,29 @@ def box_of(latent: torch.Tensor, batch: int, start, size) -> torch.Tensor:
 
 
 class LocalLane:
-    """Decodes in the calling thread on one device, with one decoder adapter."""
+    """Decodes in the calling thread on one device, with one decoder adapter; ``context()`` is
+    entered around each decode call (ComfyUI's CUDA device context)."""
 
-    def __init__(self, decoder, name: str):
+    def __init__(self, decoder, name: str, context: Callable[[], ContextManager] = contextlib.nullcontext):
         self.decoder = decoder
         self.name = name
         self.names = [name]
+        self.context = context
 
     def results(self, plan: Plan, latent: torch.Tensor, order: str = "tile") -> Iterator[Decoded]:
         pid = os.getpid()
         streams: dict[int, Iterator[torch.Tensor]] = {}  # causal tiles in progress, by tile index
         for tile, step in schedule.in_process_order(plan, order):
             if plan.kind != CAUSAL:
-                yield Decoded(self.name, tile, step, self.decoder.decode(latent_box(latent, tile)), pid)
+                with self.context():
+                    pixels = self.decoder.decode(latent_box(latent, tile))
+                yield Decoded(self.name, tile, step, pixels, pid)
                 continue
             if step == 0:
                 streams[tile.index] = self.decoder.steps(latent_box(latent, tile), plan.step_frames)
             try:
-                pixels = next(streams[tile.index])
+                with self.context():
+                    pixels = next(streams[tile.index])
             except StopIteration:
                 raise DecodeError(f"the VAE stopped after {step} of {plan.steps} latent frames "
                                   f"on tile {tile.index}") from None

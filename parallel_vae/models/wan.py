@@ -1,8 +1,17 @@
-"""Wan 2.1 / 2.2 causal stepping: one latent frame per step, the conv cache carried per tile.
+"""Wan 2.1 / 2.2 causal stepping: the conv cache carried per tile, pixels yielded per latent frame.
 
-Mirrors ``WanVAE.decode`` (comfy/ldm/wan/vae.py, vae2_2.py): ``conv2`` over the whole latent,
-then ``decoder`` on each frame with one shared ``feat_cache`` list, Wan 2.2 flagging its first
-chunk and un-patchifying 2x2. The first step yields 1 frame, each later step 4.
+Mirrors ``WanVAE.decode`` (comfy/ldm/wan/vae.py, vae2_2.py): ``conv2`` over the whole latent, then
+``decoder`` on successive chunks of latent frames with one shared ``feat_cache`` list, Wan 2.2
+flagging its first chunk and un-patchifying. The chunking follows the decoder itself:
+
+- decoders that return a tensor (Wan 2.1 up to ComfyUI 0.17, Wan 2.2) take one latent frame a step;
+- decoders that return a list of chunks (Wan 2.1 from ComfyUI 0.18) keep a cache made for two
+  latent frames at a time: the first latent frame alone, then pairs (the last may be single).
+  Feeding them single frames gives wrong pixels.
+
+Either way each latent frame's pixels are yielded as soon as they exist (a pair yields two steps:
+1 frame for the first latent frame, 4 for each later one). ``models.check`` verifies the result
+against the module's own ``decode`` before the stepper is trusted.
 """
 from __future__ import annotations
 
@@ -21,9 +30,9 @@ def count_modules(module, class_name: str) -> int:
 class WanStepper(GenericDecoder):
     can_step = True
 
-    def __init__(self, module, dtype, device, output_device="cpu", patch_size: int = 1,
-                 first_chunk: bool = False):
-        super().__init__(module, dtype, device, output_device)
+    def __init__(self, module, dtype, device, output_device="cpu", pixel_dtype=torch.float32,
+                 patch_size: int = 1, first_chunk: bool = False):
+        super().__init__(module, dtype, device, output_device, pixel_dtype)
         self.patch_size = patch_size
         self.first_chunk = first_chunk
         self.cache_slots = count_modules(module.decoder, "CausalConv3d")
@@ -36,10 +45,19 @@ class WanStepper(GenericDecoder):
     def steps(self, z: torch.Tensor, step_frames: Sequence[tuple[int, int]] = ()) -> Iterator[torch.Tensor]:
         m = self.module
         x = m.conv2(z.to(self.dtype).to(self.device))
+        frames = x.shape[2]
         cache = [None] * self.cache_slots
-        for i in range(x.shape[2]):
+        pairs = False  # set once the decoder shows it returns chunks (and so expects pairs)
+        i = 0
+        while i < frames:
+            n = min(2 if pairs else 1, frames - i)
             extra = {"first_chunk": True} if self.first_chunk and i == 0 else {}
-            out = m.decoder(x[:, :, i:i + 1], feat_cache=cache, feat_idx=[0], **extra)
+            out = m.decoder(x[:, :, i:i + n], feat_cache=cache, feat_idx=[0], **extra)
+            if isinstance(out, (list, tuple)):
+                pairs = True
+                out = torch.cat(list(out), 2)
             if self.patch_size > 1:
                 out = rearrange(out, "b (c r q) f h w -> b c f (h q) (w r)", q=self.patch_size, r=self.patch_size)
-            yield self._out(out)
+            for part in out.chunk(n, 2):  # a pair's 8 frames are 4 per latent frame
+                yield self._out(part)
+            i += n
