@@ -1,4 +1,7 @@
 """ComfyUI glue: the only code in the pack that imports ``comfy``."""
+import logging
+
+from . import compat
 from ._api import ComfyExtension, io
 from .decode import ParallelVAEDecode
 from .save_video import ParallelVAESaveVideo
@@ -6,6 +9,9 @@ from .stream import ParallelVAEDecodeStream, ParallelVAEStreamToImages
 
 NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEDecodeStream, ParallelVAESaveVideo,
                                    ParallelVAEStreamToImages]
+
+
+logging.getLogger("parallel_vae").info("parallel_vae: %s", compat.summary())  # for bug reports
 
 
 class ParallelVAEExtension(ComfyExtension):

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from fractions import Fraction
-
-import numpy as np
-import torch
 
 import folder_paths
 from comfy.cli_args import args
@@ -20,13 +16,7 @@ from ..parallel_vae.errors import InputError
 from ._api import io
 from .progress import send_text
 from .stream import STREAM, check_stream
-
-try:  # the VIDEO type's implementations (ComfyUI 0.3.4x and later)
-    from comfy_api.input import VideoInput
-    from comfy_api.input_impl import VideoFromComponents, VideoFromFile
-    from comfy_api.util import VideoComponents
-except ImportError:  # pragma: no cover - older ComfyUI: no VIDEO output
-    VideoInput = None
+from .video_types import PngSequenceVideo, VideoFromFile, VideoInput
 
 FORMATS = list(video.FORMATS)
 
@@ -40,34 +30,6 @@ def output_folder(prefix: str, width: int = 0, height: int = 0):
     except Exception as e:
         raise InputError("filename_prefix", f"{prefix!r} would save outside ComfyUI's output folder "
                                             f"({output_dir}); use a name or a subfolder inside it") from e
-
-
-if VideoInput is not None:
-    class PngSequenceVideo(VideoInput):
-        """A saved PNG sequence as ComfyUI's VIDEO: frames are read back only when a node asks."""
-
-        def __init__(self, paths: list[str], fps: float, size: tuple[int, int]):
-            self.paths, self.fps, self.size = paths, fps, size
-
-        def get_components(self):
-            from PIL import Image
-
-            frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in self.paths])
-            images = torch.from_numpy(frames).float() / 255.0
-            return VideoComponents(images=images, frame_rate=Fraction(self.fps).limit_denominator(1001))
-
-        def save_to(self, path, format="auto", codec="auto", metadata=None):
-            return VideoFromComponents(self.get_components()).save_to(path, format=format, codec=codec,
-                                                                       metadata=metadata)
-
-        def get_dimensions(self):
-            return self.size
-
-        def get_frame_count(self):
-            return len(self.paths)
-
-        def get_duration(self):
-            return len(self.paths) / self.fps
 
 
 class ParallelVAESaveVideo(io.ComfyNode):
