@@ -1,8 +1,10 @@
 """ComfyUI's side of the worker pool: which workers to start, and how they rebuild ComfyUI's VAE.
 
-Workers build the VAE with ComfyUI's own loader (``comfy.sd.VAE(sd=...)``, the path VAESave's
-round trip relies on) from weights the pool places in shared memory once per VAE. The engine
-never imports ComfyUI: these recipes name the loader, and the worker imports it by name.
+Workers build the VAE with ComfyUI's own loader (``comfy.sd.VAE(sd=..., metadata=...)``, what
+VAELoader calls) from weights the pool places in shared memory once per VAE, with the file's
+metadata where ComfyUI recorded it, and check the result against the parent's model
+(identity.signature) before decoding with it. The engine never imports ComfyUI: these recipes
+name the loader, and the worker imports it by name.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import torch
 
 import comfy.sd
 import comfy.model_management as mm
+from ..parallel_vae import identity
 from ..parallel_vae.devices import Device
 from ..parallel_vae.pool import ModelSource, WorkerPool, WorkerSpec
 from ..parallel_vae.spec import VaeSpec
+from . import compat
 
 log = logging.getLogger("parallel_vae")
 
@@ -30,7 +34,7 @@ _pool_lock = threading.Lock()
 
 
 def fingerprint(vae) -> str:
-    """A content hash of the VAE's weights (class, keys, dtypes, shapes, bytes), cached per object.
+    """A content hash of the VAE's weights (class, metadata, keys, dtypes, shapes, bytes), cached per object.
 
     Two VAE objects with the same weights share workers' copies; changed weights never do.
     """
@@ -38,6 +42,7 @@ def fingerprint(vae) -> str:
     if fp is None:
         h = hashlib.blake2b(digest_size=16)
         h.update(type(vae.first_stage_model).__qualname__.encode())
+        h.update(repr(sorted((compat.vae_metadata(vae) or {}).items())).encode())  # it can change the model
         for key, t in sorted(vae.get_sd().items()):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -56,16 +61,22 @@ def _worker_dtype(vae, parent_device: str) -> torch.dtype:
 
 def model_source(vae, spec: VaeSpec, devices: list[Device]) -> ModelSource:
     parent_device = {d.name: d.torch_device for d in devices}
-    fp = fingerprint(vae)
+    pixels = compat.pixel_dtype()
+    fp = f"{fingerprint(vae)}-{str(pixels).replace('torch.', '')}"  # the decoder a worker keeps casts to it
 
     def weights():
         return {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
 
+    expect = identity.signature(vae)
+    extra = compat.rebuild_kwargs(vae)
+
     def recipe(worker: WorkerSpec) -> dict:
         return {"factory": "comfy.sd:VAE", "weights_arg": "sd",
                 "kwargs": {"device": torch.device(worker.device),
-                           "dtype": _worker_dtype(vae, parent_device[worker.name])},
-                "module_attr": "first_stage_model", "dtype_attr": "vae_dtype", "family": spec.family}
+                           "dtype": _worker_dtype(vae, parent_device[worker.name]), **extra},
+                "module_attr": "first_stage_model", "dtype_attr": "vae_dtype", "family": spec.family,
+                "latent_channels": spec.latent_channels, "pixel_dtype": pixels,
+                "expect": expect}
 
     return ModelSource(fp, weights, recipe)
 

@@ -26,7 +26,7 @@ import torch
 
 from . import shm
 from .engine import Decoded
-from .errors import DecodeError
+from .errors import DecodeError, ModelMismatch
 from .plan import CAUSAL, Plan
 from .schedule import Group, TileQueue, largest_first, lane_groups
 from .worker import MAX_CACHED_VAES
@@ -57,7 +57,9 @@ class ModelSource:
     """How to give workers a model: ``weights()`` is called only when some worker lacks it.
 
     ``recipe(spec)`` returns {"factory": "module:callable", "weights_arg": name, "kwargs": {...},
-    "module_attr": attr or None, "dtype_attr": attr or None, "family": decoder family}.
+    "module_attr": attr or None, "dtype_attr": attr or None, "family": decoder family,
+    "latent_channels": n (for the stepper's check), "pixel_dtype": dtype of decoded pixels,
+    "expect": identity.signature of the model (checked after the build)}.
     """
 
     fingerprint: str
@@ -294,6 +296,8 @@ class WorkerPool:
                 self.stats.loads += 1
         elif kind == "load_failed":
             h.loading = None
+            if len(msg) > 3 and msg[3] == "mismatch":
+                raise ModelMismatch(f"the worker {h.name} could not rebuild ComfyUI's model: {msg[2]}")
             raise DecodeError(f"{h.name} could not build the VAE: {msg[2]}")
         else:
             return False

@@ -5,7 +5,8 @@ plain messages (tuples), in order:
 
   parent -> worker                                worker -> parent
   ("init", config)                                ("up", pid) | ("init_failed", message)
-  ("load", fingerprint, recipe, block, manifest)  ("loaded", fingerprint, seconds) | ("load_failed", fp, message)
+  ("load", fingerprint, recipe, block, manifest)  ("loaded", fingerprint, seconds)
+                                                  | ("load_failed", fp, message, kind)
   ("arena", name, nbytes, slot_bytes, slots)
   ("job", job_id, fingerprint, plan, latent)      (no reply; plan is plain data, see pool.wire_plan)
   ("task", job_id, key, tiles)                    ("result", job_id, tile, step, slot, shape)...,
@@ -36,6 +37,8 @@ import time
 import traceback
 from collections import OrderedDict
 from multiprocessing.connection import Connection
+
+from .errors import ModelMismatch
 
 MAX_CACHED_VAES = 2  # VAEs a worker keeps built (least recently used goes first)
 FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"  # test hook: "start", or "oom:<tile or *>:<worker name>"
@@ -118,7 +121,9 @@ class Worker:
             raise RuntimeError(f"device {config['device']!r} is not supported by workers")
 
     def load(self, fingerprint: str, recipe: dict, block_name: str, nbytes: int, manifest) -> float:
-        from . import shm
+        import torch
+
+        from . import identity, shm
         from .models import make_decoder
 
         start = time.perf_counter()
@@ -133,7 +138,8 @@ class Worker:
         shared = False
         try:
             weights = shm.unpack(block.buf, manifest)
-            built = _resolve(recipe["factory"])(**{recipe["weights_arg"]: weights}, **recipe.get("kwargs", {}))
+            built = identity.rebuild(_resolve(recipe["factory"]), recipe.get("expect"),
+                                     **{recipe["weights_arg"]: weights}, **recipe.get("kwargs", {}))
             module = getattr(built, recipe["module_attr"]) if recipe.get("module_attr") else built
             dtype = (getattr(built, recipe["dtype_attr"]) if recipe.get("dtype_attr")
                      else next(module.parameters()).dtype)
@@ -144,7 +150,9 @@ class Worker:
             if not shared:
                 block.close()  # the factory copied the weights into its own parameters
         module.to(self.device)
-        decoder = make_decoder(recipe["family"], module, dtype, self.device, output_device=self.device)
+        decoder = make_decoder(recipe["family"], module, dtype, self.device, output_device=self.device,
+                               pixel_dtype=recipe.get("pixel_dtype", torch.float32),
+                               latent_channels=recipe.get("latent_channels"))
         self.cache[fingerprint] = (built, decoder, block if shared else None)
         return time.perf_counter() - start
 
@@ -274,8 +282,11 @@ class Worker:
                     seconds = self.load(*msg[1:])
                     self.conn.send(("loaded", msg[1], seconds))
                 except Exception as e:
-                    self.conn.send(("load_failed", msg[1], f"{type(e).__name__}: {e}\n"
-                                                           f"{traceback.format_exc(limit=6)}"))
+                    if isinstance(e, ModelMismatch):
+                        self.conn.send(("load_failed", msg[1], e.what, "mismatch"))
+                    else:
+                        self.conn.send(("load_failed", msg[1], f"{type(e).__name__}: {e}\n"
+                                                               f"{traceback.format_exc(limit=6)}", "error"))
             elif kind == "arena":
                 self.set_arena(*msg[1:])
             elif kind == "job":
