@@ -12,7 +12,7 @@ from ..parallel_vae.inputs import check_latent
 from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN,
                                  validate_settings)
 from ._api import io
-from . import lanes, vae_info, workers
+from . import compat, lanes, vae_info, workers
 from .progress import NodeProgress
 
 log = logging.getLogger("parallel_vae")
@@ -98,6 +98,14 @@ class ParallelVAEDecode(io.ComfyNode):
         return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
 
 
+def first_part(samples):
+    """A nested (audio+video) latent's first part where core's VAE Decode (Tiled) decodes that
+    (ComfyUI 0.32+); older ComfyUI fails on them, and so does check_latent, with a clear message."""
+    if getattr(samples, "is_nested", False) and compat.NESTED_FIRST_PART:
+        return samples.unbind()[0]
+    return samples
+
+
 def to_frames(region):
     """A finished region ``[1, C, F, H, W]`` or ``[1, C, H, W]`` as IMAGE frames ``[n, H, W, C]`` (a view)."""
     return region[0].movedim(0, -1) if region.dim() == 5 else region.movedim(1, -1)
@@ -119,7 +127,7 @@ class DecodeJob:
         spec = vae_info.describe(vae)
         if not isinstance(samples, dict) or "samples" not in samples:
             raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
-        latent = check_latent(samples["samples"], spec)
+        latent = check_latent(first_part(samples["samples"]), spec)
         settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         named = device_lists.parse(devices)
         return cls(vae, spec, latent, spec.plan(tuple(latent.shape), settings), named, node_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.plan import AxisScale
 from ..parallel_vae.spec import CAUSAL_FAMILIES, GENERIC_FAMILIES, VaeSpec
+from . import compat
 
 
 def _causal_family(model) -> str | None:
@@ -28,9 +29,16 @@ def describe(vae) -> VaeSpec:
                                 "its file (ComfyUI logged 'No VAE weights detected'). Load a VAE file with "
                                 "Load VAE, or a checkpoint that contains a VAE.")
     name = type(model).__name__
-    if vae.latent_dim == 1 or getattr(vae, "extra_1d_channel", None) is not None:
-        raise InputError("vae", f"{name} is an audio VAE; only image and video VAEs can be decoded in tiles "
-                                f"here. Use VAE Decode (Audio).")
+    if (vae.latent_dim == 1 or getattr(vae, "extra_1d_channel", None) is not None
+            or vae.output_channels not in (3, 4)):
+        # MiniMax-H3's audio VAE has 2-D latents [B, C, 2, T] and 2 output channels: not an image
+        raise InputError("vae", f"{name} is an audio VAE (latents of {vae.latent_dim} axes, {vae.output_channels} "
+                                f"output channels); only image and video VAEs can be decoded in tiles here. "
+                                f"Use VAE Decode (Audio).")
+    if compat.tiles_itself(vae):
+        raise InputError("vae", f"{name} tiles itself (its model decodes in its own spatial and temporal chunks), "
+                                f"so its tiles cannot be spread over devices or blended here. Use VAE Decode "
+                                f"(Tiled), which hands it its tile sizes, or VAE Decode.")
     if vae.latent_dim == 2:
         ratio = vae.upscale_ratio
         if isinstance(ratio, (tuple, list)) or int(ratio) != ratio or ratio < 1:

@@ -10,8 +10,9 @@ from .spec import VaeSpec
 def check_latent(samples, spec: VaeSpec) -> torch.Tensor:
     """Return the latent tensor if ``spec``'s VAE can decode it; raise InputError otherwise."""
     if getattr(samples, "is_nested", False):  # ComfyUI's NestedTensor (audio+video models)
-        raise InputError("samples", "nested (multi-part audio+video) latents are not supported; "
-                                    "split them before decoding")
+        raise InputError("samples", "nested (multi-part audio+video) latents are not supported on this "
+                                    "ComfyUI (ComfyUI 0.32 and later decode their video part); split them "
+                                    "before decoding")
     if not isinstance(samples, torch.Tensor):
         raise InputError("samples", f"expected a LATENT tensor, got {type(samples).__name__}")
     want = spec.latent_dim + 2
