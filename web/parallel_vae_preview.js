@@ -8,6 +8,7 @@ const NODE_TYPES = new Set(["ParallelVAEDecode", "ParallelVAEDecodeStream"]);
 const WIDGET_NAME = "parallel_vae_preview";
 const KEEP_FRAMES = 16; // thumbnails (and object URLs) kept per node
 const MAP_HEIGHT = 110; // CSS pixels of the tile map
+const PANEL_MIN_HEIGHT = 300; // CSS pixels of the whole panel, at least
 const LANE_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7"];
 
 // Listeners currently registered on `api` by all preview widgets (tests read it).
@@ -18,9 +19,12 @@ let previewsHaveMetadata = false;
 
 const STYLE = `
 .pvae-root { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif;
-  color: var(--input-text, #ddd); overflow: hidden; box-sizing: border-box; padding: 2px; }
+  color: var(--input-text, #ddd); overflow: hidden; box-sizing: border-box; padding: 2px;
+  min-height: ${PANEL_MIN_HEIGHT}px; }
 .pvae-status { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: .85; }
-.pvae-frame { flex: 1 1 auto; min-height: 60px; object-fit: contain; width: 100%;
+/* flex-basis 0: the frame takes the height left over and never sizes the panel (the Vue renderer sizes
+   a DOM widget by its content, so an auto basis would grow the node with each frame's aspect ratio) */
+.pvae-frame { flex: 1 1 0; min-height: 60px; object-fit: contain; width: 100%;
   background: #0004; cursor: pointer; }
 .pvae-strip { display: flex; gap: 2px; height: 36px; flex: none; overflow-x: auto; overflow-y: hidden; }
 .pvae-strip img { height: 32px; flex: none; border: 2px solid transparent; cursor: pointer; }
@@ -29,6 +33,10 @@ const STYLE = `
 .pvae-legend { display: flex; flex-wrap: wrap; gap: 2px 10px; flex: none; }
 .pvae-legend span::before { content: ""; display: inline-block; width: 9px; height: 9px; margin-right: 3px;
   background: var(--c); vertical-align: -1px; }
+/* Vue renderer ("Nodes 2.0"): the node shows the latest preview of its own under the widgets (the
+   canvas renderer draws it in onDrawBackground, skipped below); the panel already shows these frames. */
+.lg-node:has(.pvae-root) .lg-node-widgets ~ img,
+.lg-node:has(.pvae-root) .lg-node-widgets ~ img + div { display: none; }
 `;
 
 function injectStyle() {
@@ -56,8 +64,8 @@ function hashBytes(buffer) {
 
 // An event is for `node` when it names its id, or a subgraph path ending in it ("12:3").
 function isFor(node, id) {
-  if (id == null || node.id == null || node.id === -1) return false;
-  const s = String(id), mine = String(node.id);
+  const s = String(id), mine = String(node.id); // ids are numbers, or strings in newer frontends
+  if (id == null || node.id == null || mine === "-1") return false; // -1: not in a graph yet
   return s === mine || s.endsWith(":" + mine);
 }
 
@@ -121,7 +129,7 @@ class PreviewPanel {
     this.on("b_preview_with_metadata", ({ detail }) => {
       previewsHaveMetadata = true;
       if (detail?.blob && (isFor(this.node, detail.nodeId) || isFor(this.node, detail.displayNodeId))) {
-        this.startRunIfNew(detail.promptId);
+        this.startRunIfNew(detail.promptId ?? detail.jobId); // frontends from about 1.40 name it jobId
         this.addFrame(detail.blob);
       }
     });
@@ -337,7 +345,7 @@ app.registerExtension({
       const panel = new PreviewPanel(this);
       const widget = this.addDOMWidget(WIDGET_NAME, "parallel_vae_preview", panel.root, {
         serialize: false,
-        getMinHeight: () => 300,
+        getMinHeight: () => PANEL_MIN_HEIGHT, // the canvas renderer sizes the panel from this
       });
       if (widget) widget.serialize = false;
       this.__pvaePanel = panel;

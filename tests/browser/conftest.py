@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import latents, random_vaes
+from testkit import demo_assets, latents, random_vaes
 from testkit.comfy_env import REPO
 from testkit.server import ComfyServer, prepare_base
 
@@ -18,10 +18,14 @@ CHROMEDRIVER = Path(os.environ.get("PVAE_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--window-size=1400,1000"]
 
-# The file names example_workflows/parallel_vae_video*.json use.
-DEMO_VAE = "parallel_vae_demo_wan21.safetensors"
-DEMO_LATENT = "parallel_vae_demo_video.latent"
-DEMO_LATENT_SHAPE = (1, 16, 5, 32, 32)  # Wan 2.1: 17 frames of 256 x 256
+# The file names example_workflows/ use: parallel_vae_video*.json (Wan 2.1, decoded by a test) and
+# parallel_vae_decode*.json (SD, only opened: newer frontends check that each model a workflow names exists).
+DEMO_VAE = demo_assets.DEMO_VIDEO_VAE
+DEMO_LATENT = demo_assets.DEMO_VIDEO_LATENT
+DEMO_LATENT_SHAPE = demo_assets.DEMO_VIDEO_SHAPE  # Wan 2.1: 17 frames of 256 x 256
+IMAGE_VAE = demo_assets.DEMO_VAE
+IMAGE_LATENT = demo_assets.DEMO_LATENT
+IMAGE_LATENT_SHAPE = (1, 4, 32, 48)  # SD: 256 x 384
 SHOTS = REPO / "test-artifacts" / "browser"
 
 
@@ -36,17 +40,31 @@ def _require_browser():
                     f"(apt-get install chromium chromium-driver; scripts/setup.sh does it as root)")
 
 
+# The frontend's two node renderers: LiteGraph drawing nodes on a canvas (the default), and "Nodes 2.0"
+# (setting Comfy.VueNodes.Enabled, frontend 1.27+), where each node is a Vue component in the DOM and the
+# canvas hooks (onDrawBackground...) are never called. DOM widgets live in both.
+RENDERERS = ("canvas", "vue")
+
+
+def write_user_settings(base: Path, renderer: str) -> None:
+    """The default user's settings, read by the frontend when the page loads: the first-run tutorial
+    done (so no template browser covers the canvas), no minimap, and the node renderer."""
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                    "Comfy.VueNodes.Enabled": renderer == "vue"}))
+
+
 @pytest.fixture(scope="session")
 def ui_server(tmp_path_factory, vae_dir):
-    """A server whose models/ and input/ hold the example video workflow's files, and whose default
-    user has finished the first-run tutorial (so no template browser covers the canvas)."""
+    """A server whose models/ and input/ hold the example workflows' files (settings: write_user_settings)."""
     _require_browser()
     base = prepare_base(tmp_path_factory.mktemp("comfy-ui-base"))
     (base / "models" / "vae" / DEMO_VAE).symlink_to(random_vaes.ensure_vae_file("wan21", vae_dir))
     latents.save_latent(latents.random_latent(DEMO_LATENT_SHAPE, seed=4), base / "input" / DEMO_LATENT)
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
+    (base / "models" / "vae" / IMAGE_VAE).symlink_to(random_vaes.ensure_vae_file("sd", vae_dir))
+    latents.save_latent(latents.random_latent(IMAGE_LATENT_SHAPE, seed=5), base / "input" / IMAGE_LATENT)
+    write_user_settings(base, renderer="canvas")
     srv = ComfyServer(base).start()
     yield srv
     srv.stop()
@@ -66,7 +84,7 @@ def driver(ui_server):
     d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     d.set_script_timeout(60)
     # Before any page script: a fresh start (no workflow kept from the previous test) and no "try
-    # Nodes 2.0" banner over the canvas.
+    # Nodes 2.0" banner over the canvas (frontend 1.32; 1.49 shows none).
     d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
         localStorage.clear(); sessionStorage.clear();
         localStorage.setItem('vueNodesBannerDismissed', 'true');"""})
@@ -84,26 +102,61 @@ class Page:
                           "parallel_vae.plan", "parallel_vae.progress", "parallel_vae.done"]) {
         api.addEventListener(type, (e) => window.__pvaeTest.events.push({type, detail: e.detail}));
       }
-      // what loadGraphData would warn about (it shows these as dialogs)
-      for (const name of ["showMissingNodesError", "showMissingModelsError"]) {
-        const original = app[name].bind(app);
-        app[name] = (...args) => { window.__pvaeTest.warnings.push({name, args}); return original(...args); };
+      // What loadGraphData warns about (missing node types, missing models). Frontends up to about
+      // 1.3x call app.showMissingNodesError/showMissingModelsError (dialogs); newer ones (1.49) leave
+      // them in the opened workflow's pendingWarnings (an error overlay and the Errors tab show them),
+      // read by warningsOfLastLoad() below. Neither there: fail rather than see no warnings ever.
+      const legacy = ["showMissingNodesError", "showMissingModelsError"].filter((n) => typeof app[n] === "function");
+      if (legacy.length === 2) {
+        for (const name of legacy) {
+          const original = app[name].bind(app);
+          app[name] = (...args) => { window.__pvaeTest.warnings.push({name, args}); return original(...args); };
+        }
       }
+      const pinia = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia;
+      const workflows = pinia?._s?.get("workflow");
+      window.__pvaeTest.warningsOfLastLoad = () => {
+        const pending = workflows?.activeWorkflow?.pendingWarnings;
+        const found = Object.entries(pending ?? {}).filter(([, v]) => Array.isArray(v) && v.length)
+                            .map(([name, v]) => ({name, args: [JSON.parse(JSON.stringify(v))]}));
+        return [...window.__pvaeTest.warnings, ...found];
+      };
+      if (legacy.length < 2 && !(workflows && "activeWorkflow" in workflows))
+        throw new Error("cannot see this frontend's load warnings (no showMissing*Error, no workflow store)");
     """
 
-    def __init__(self, driver, server: ComfyServer):
+    def __init__(self, driver, server: ComfyServer, renderer: str = "canvas"):
         self.d = driver
         self.server = server
+        self.renderer = renderer
 
     def open(self, timeout: float = 90) -> "Page":
+        write_user_settings(self.server.base, self.renderer)
         self.d.get(self.server.url)
         # Ready: node definitions registered (after every extension's setup) and the start-up workflow
         # (the default graph: storage is cleared on each load) on the canvas, so nothing we load races it.
         self.wait_for("return !!(app?.graph?.nodes?.length && window.LiteGraph?.registered_node_types?.VAELoader"
                       " && app.extensions.some((e) => e.name === 'parallel_vae.preview'));",
                       timeout, "the ComfyUI frontend did not start")
+        # The renderer asked for is the one drawing (LiteGraph.vueNodesMode follows the setting).
+        vue = self.js("return [app.extensionManager?.setting?.get('Comfy.VueNodes.Enabled'),"
+                      " window.LiteGraph.vueNodesMode];")
+        assert vue == [self.renderer == "vue"] * 2, (self.renderer, vue)
         self.d.execute_script(self.RECORDER)
         return self
+
+    def wait_for_panel(self, node_id: int, timeout: float = 20) -> dict:
+        """Waits until node ``node_id``'s preview panel is in the page: in the Vue renderer, inside the
+        node's own element (mounted a moment after the graph loads). Returns widget_state()."""
+        self.wait_for("""
+            const node = app.graph.getNodeById(arguments[0]);
+            const root = node?.widgets?.find((w) => w.name === 'parallel_vae_preview')?.element;
+            const vueNode = document.querySelector(`.lg-node[data-node-id="${arguments[0]}"]`);
+            return root?.isConnected && root.getClientRects().length > 0
+                   && (arguments[1] === 'vue' ? !!vueNode?.contains(root) : !vueNode);""",
+                      timeout, f"node {node_id}'s preview panel was not shown ({self.renderer} renderer)",
+                      node_id, self.renderer)
+        return self.widget_state(node_id)
 
     def js(self, script: str, *args):
         return self.d.execute_script("const app = window.comfyAPI?.app?.app, api = window.comfyAPI?.api?.api;\n"
@@ -139,8 +192,11 @@ class Page:
     def load_workflow(self, path: Path) -> list:
         """Opens a UI-format workflow the way the editor does; returns what it warned about (missing
         node types or models)."""
+        return self.load_graph(json.loads(Path(path).read_text()))
+
+    def load_graph(self, graph: dict) -> list:
         return self.js_async("window.__pvaeTest.warnings = []; await app.loadGraphData(arguments[0]);"
-                             "return window.__pvaeTest.warnings;", json.loads(Path(path).read_text()))
+                             "return window.__pvaeTest.warningsOfLastLoad();", graph)
 
     def widget_state(self, node_id: int) -> dict:
         """The preview widget's data-* attributes on node ``node_id`` (None when it has none)."""
@@ -167,6 +223,13 @@ class Page:
         return "\n".join(e["message"] for e in self.console())[-6000:]
 
 
+@pytest.fixture(params=RENDERERS)
+def renderer(request) -> str:
+    """The node renderer a ``page`` test runs under; a test can narrow it with
+    ``@pytest.mark.parametrize("renderer", ["canvas"])``."""
+    return request.param
+
+
 @pytest.fixture
-def page(driver, ui_server):
-    return Page(driver, ui_server).open()
+def page(driver, ui_server, renderer):
+    return Page(driver, ui_server, renderer).open()
