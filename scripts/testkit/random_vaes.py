@@ -9,6 +9,7 @@ equality tests blind.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,8 @@ class Family:
     head: str  # the output layer's weight, scaled during calibration
     probe_latent: tuple  # latent shape used to calibrate
     save_dtype: torch.dtype = torch.float32
+    metadata: tuple = ()  # (key, value) pairs of the file's metadata that decide the architecture
+    calibrate: bool = True  # False for VAEs the tests only load (each tensor is still filled)
 
 
 FAMILIES = {
@@ -47,12 +50,15 @@ FAMILIES = {
     # Wan 2.1 reads its width from decoder.head.0.gamma: dim=16 keeps it small (3.6 M parameters).
     "wan21": Family(
         "wan21",
-        {"decoder.middle.0.residual.0.gamma": (64, 1, 1, 1), "decoder.head.0.gamma": (16, 1, 1, 1)},
+        {"decoder.middle.0.residual.0.gamma": (64, 1, 1, 1), "decoder.head.0.gamma": (16, 1, 1, 1),
+         # ComfyUI 0.33 reads the image channels from the encoder and the head's width (RGBA Wan VAEs)
+         "encoder.conv1.weight": (16, 3, 3, 3, 3), "decoder.head.2.weight": (3, 16, 3, 3, 3)},
         "decoder.head.2.weight", (1, 16, 2, 4, 4)),
     # The real Wan 2.1 width (dim=96, 127 M parameters), for benchmarks.
     "wan21_full": Family(
         "wan21_full",
-        {"decoder.middle.0.residual.0.gamma": (384, 1, 1, 1), "decoder.head.0.gamma": (96, 1, 1, 1)},
+        {"decoder.middle.0.residual.0.gamma": (384, 1, 1, 1), "decoder.head.0.gamma": (96, 1, 1, 1),
+         "encoder.conv1.weight": (96, 3, 3, 3, 3), "decoder.head.2.weight": (3, 96, 3, 3, 3)},
         "decoder.head.2.weight", (1, 16, 2, 4, 4)),
     # Wan 2.2's width is fixed by ComfyUI (705 M parameters); stored in bf16 to halve the file.
     "wan22": Family(
@@ -66,11 +72,47 @@ FAMILIES = {
         {"decoder.unpatcher3d.wavelets": (2,)},
         "decoder.conv_out.1.conv3d.weight", (1, 16, 2, 4, 4)),
     # fp32 decoder.1.weight means lighttaew2_1 (no latent scaling); fp16 would mean TAEHV-Hunyuan.
+    # LTXV whose architecture comes from the file's metadata (a small config; 4.1 M parameters):
+    # built without that metadata it is another model. ComfyUI passes it from 0.9.2 on.
+    "ltxv_meta": Family(
+        "ltxv_meta",
+        {"decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": (128, 128, 3, 3, 3)},
+        "decoder.conv_out.conv.weight", (1, 128, 2, 2, 2),
+        metadata=(("config", json.dumps({"vae": {
+            "_class_name": "CausalVideoAutoencoder", "dims": 3, "in_channels": 3, "out_channels": 3,
+            "latent_channels": 128, "decoder_base_channels": 16, "encoder_base_channels": 16,
+            "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"residual": True, "multiplier": 2}]] * 3
+            + [["res_x", {"num_layers": 1}]],
+            "encoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {}]] * 3 + [["res_x", {"num_layers": 1}]],
+            "scaling_factor": 1.0, "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform",
+            "use_quant_conv": False, "causal_decoder": False, "timestep_conditioning": False}})),)),
+    # SeedVR2's video VAE tiles itself (handles_tiling, ComfyUI 0.28+); 251 M parameters, bf16 file.
+    "seedvr2": Family(
+        "seedvr2",
+        {"decoder.up_blocks.2.upsamplers.0.upscale_conv.weight": (1024, 256, 1, 1, 1)},
+        "", (), torch.bfloat16, calibrate=False),
+    # MiniMax-H3's audio VAE has 2-D latents [B, 32, 2, T] (ComfyUI 0.30+); 151 M parameters, bf16 file.
+    "minimax_audio": Family(
+        "minimax_audio",
+        {"pre_block.attn.zero_k_bias": (2048,)},
+        "", (), torch.bfloat16, calibrate=False),
     "taehv": Family(
         "taehv",
         {"decoder.22.bias": (3,), "decoder.1.weight": (256, 16, 3, 3)},
         "decoder.22.weight", (1, 16, 2, 4, 4)),
 }
+
+
+def _metadata_kwargs(fam: Family) -> dict:
+    if not fam.metadata:
+        return {}
+    import inspect
+
+    import comfy.sd
+
+    if "metadata" not in inspect.signature(comfy.sd.VAE.__init__).parameters:
+        raise RuntimeError(f"the {fam.name} test VAE needs a ComfyUI whose VAE takes file metadata (0.9.2+)")
+    return {"metadata": dict(fam.metadata)}
 
 
 def _fill(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +134,7 @@ def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # "Missing VAE keys": expected, we only read the layout
     try:
-        model = comfy.sd.VAE(sd=probe).first_stage_model
+        model = comfy.sd.VAE(sd=probe, **_metadata_kwargs(fam)).first_stage_model
     finally:
         logging.disable(previous)
     layout = model.state_dict()
@@ -105,7 +147,8 @@ def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
         if key not in sd:
             leaf = key.rsplit(".", 1)[-1]
             sd[key] = next(v for name, v in buffers.items() if name.rsplit(".", 1)[-1] == leaf).clone()
-    _calibrate(fam, sd, seed)
+    if fam.calibrate:
+        _calibrate(fam, sd, seed)
     return {k: v.to(fam.save_dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
@@ -113,7 +156,7 @@ def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 def _calibrate(fam: Family, sd: dict, seed: int) -> None:
     import comfy.sd
 
-    vae = comfy.sd.VAE(sd=sd)
+    vae = comfy.sd.VAE(sd=sd, **_metadata_kwargs(fam))
     z = torch.randn(fam.probe_latent, generator=torch.Generator().manual_seed(seed + 1))
     raw = vae.first_stage_model.decode(z.to(vae.vae_dtype)).float()
     std = raw.std().item()
@@ -146,7 +189,8 @@ def ensure_vae_file(family: str, directory: Path, seed: int = 0) -> Path:
         sd = build_state_dict(family, seed)
         tmp = path.with_suffix(".partial")
         safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-                                    metadata={"pvae_random_vae": family, "seed": str(seed)})
+                                    metadata={"pvae_random_vae": family, "seed": str(seed),
+                                              **dict(FAMILIES[family].metadata)})
         tmp.rename(path)
     return path
 

@@ -38,7 +38,7 @@ def load_vae(comfy, vae_dir):
 @pytest.fixture(scope="session")
 def decode(pack):
     """Run ParallelVAEDecode the way ComfyUI's executor does (hidden inputs on a class clone)."""
-    node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "9"})
+    node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "9"})
 
     def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto"):
         with torch.inference_mode():
@@ -63,5 +63,28 @@ def core_decode(comfy):
     def run(latent, vae):
         with torch.inference_mode():
             return comfy.VAEDecode().decode(vae, {"samples": latent})[0]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def stream_of(pack):
+    """Run ParallelVAEDecodeStream as the executor does; returns its stream (a recipe)."""
+    node = comfy_env.node_clone(pack.nodes.ParallelVAEDecodeStream, {"UNIQUE_ID": "7"})
+
+    def make(z, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto",
+             frames_per_batch=3):
+        with torch.inference_mode():
+            return node.execute({"samples": z}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
+                                frames_per_batch).result[0]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def to_images(pack):
+    def run(stream):
+        with torch.inference_mode():
+            return pack.nodes.ParallelVAEStreamToImages.execute(stream).result[0]
 
     return run

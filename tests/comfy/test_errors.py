@@ -73,12 +73,6 @@ def test_vae_that_comfyui_could_not_initialise(InputError, comfy, decode):
     assert "No VAE weights detected" in msg
 
 
-def test_nested_latent(InputError, load_vae, decode):
-    from comfy.nested_tensor import NestedTensor
-
-    expect(InputError, "samples", "nested", decode, NestedTensor([latent((1, 4, 8, 8))]), load_vae("sd"))
-
-
 def test_a_good_decode_after_errors(load_vae, decode, core_tiled):
     vae, z = load_vae("sd"), latent((1, 4, 8, 8), 11)
     assert (decode(z, vae) - core_tiled(z, vae)).abs().max() <= 1e-4

@@ -21,8 +21,13 @@ def test_progress_advances_once_per_unit_on_this_node(load_vae, decode, progress
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview, node_id=None: progress_hook.append((value, total, node_id)))
     decode(latent((1, 16, 3, 10, 14)), load_vae("wan21"), 64, 16)
-    # 4 spatial tiles x 3 latent frames: one update per tile-step, on the node's own id
-    assert progress_hook == [(i, 12, "9") for i in range(1, 13)]
+    # 4 spatial tiles x 3 latent frames: 12 units, each an update on the node's own id; ComfyUI
+    # 0.9.2+ throttles the updates it passes on (100 ms / 0.5%), so only some values arrive there,
+    # always in order and always the final one.
+    values = [v for v, _, _ in progress_hook]
+    assert values and values == sorted(set(values)) and set(values) <= set(range(1, 13))
+    assert progress_hook[-1] == (12, 12, "9")
+    assert {(total, node) for _, total, node in progress_hook} == {(12, "9")}
 
 
 def test_interrupt_stops_between_tiles_and_the_next_decode_works(load_vae, decode, progress_hook):
@@ -31,14 +36,17 @@ def test_interrupt_stops_between_tiles_and_the_next_decode_works(load_vae, decod
 
     def hook(value, total, preview, node_id=None):
         progress_hook.append(value)
-        if value == 3:
+        if value >= 3 and not interrupted:  # the first update from the third tile on (ComfyUI may skip some)
+            interrupted.append(value)
             mm.interrupt_current_processing(True)  # what POST /interrupt does
 
+    interrupted = []
     comfy.utils.set_progress_bar_global_hook(hook)
     vae, z = load_vae("sd"), latent((1, 4, 10, 14), 12)
     with pytest.raises(mm.InterruptProcessingException):
         decode(z, vae)
-    assert progress_hook == [1, 2, 3]  # stopped at the next tile boundary, 11 tiles never ran
+    # stopped at the next tile boundary: no unit after the one that saw the interrupt, of 14
+    assert interrupted and progress_hook[-1] == interrupted[0] < 14
     assert not mm.processing_interrupted()  # the flag was consumed, like ComfyUI's own checks
     comfy.utils.set_progress_bar_global_hook(None)
     assert decode(z, vae).shape == (1, 80, 112, 3)
@@ -57,18 +65,3 @@ def test_vae_rebuilt_on_another_device_decodes_identically(pack, load_vae, core_
     assert pack.nodes.lanes.rebuild_on(vae, torch.device("cpu")) is copy  # built once per device
     z = latent((1, 16, 2, 6, 6), 13)
     assert max_diff(core_decode(z, copy), core_decode(z, vae)) <= TOL
-
-
-def test_stepper_frames_equal_the_models_own_decode(pack, load_vae):
-    """Each causal adapter steps frame by frame and matches first_stage_model.decode bit for bit."""
-    models = pack.parallel_vae.models
-    for family in ("wan21", "taehv"):
-        vae = load_vae(family)
-        dec = models.make_decoder(family, vae.first_stage_model, vae.vae_dtype, vae.device)
-        assert dec.can_step
-        z = latent((1, 16, 3, 5, 5), 14)
-        with torch.inference_mode():
-            steps = list(dec.steps(z))
-            whole = vae.first_stage_model.decode(z).float()
-        assert [s.shape[2] for s in steps] == [1, 4, 4]
-        assert torch.equal(torch.cat(steps, 2), whole)

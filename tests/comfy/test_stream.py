@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from testkit import comfy_env
 from testkit.compare import latent, max_diff
 from testkit.latents import read_png
 
@@ -22,35 +23,13 @@ def nodes(pack):
     pack.nodes.workers.shutdown_pool()
 
 
-@pytest.fixture(scope="module")
-def stream_of(nodes):
-    node = nodes.ParallelVAEDecodeStream.PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
-
-    def make(z, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto",
-             frames_per_batch=3):
-        with torch.inference_mode():
-            return node.execute({"samples": z}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                frames_per_batch).result[0]
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def to_images(nodes):
-    def run(stream):
-        with torch.inference_mode():
-            return nodes.ParallelVAEStreamToImages.execute(stream).result[0]
-
-    return run
-
-
 @pytest.fixture
 def save(nodes, comfy, tmp_path):
     import folder_paths
 
     old = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
-    node = nodes.ParallelVAESaveVideo.PREPARE_CLASS_CLONE({"UNIQUE_ID": "8", "PROMPT": {"8": {}},
+    node = comfy_env.node_clone(nodes.ParallelVAESaveVideo, {"UNIQUE_ID": "8", "PROMPT": {"8": {}},
                                                            "EXTRA_PNGINFO": None})
 
     def run(stream, fmt="png", fps=16.0, crf=19, prefix="pvae/clip"):

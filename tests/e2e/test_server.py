@@ -34,7 +34,9 @@ def test_image_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_
     assert abs(ours - ref).max() <= 1  # 8-bit PNGs: at most a rounding step apart
     assert (ours == ref).mean() > 0.999
     progress = [m["data"] for m in run.of_type("progress") if m["data"]["node"] == "3"]
-    assert [p["value"] for p in progress] == list(range(1, 29)) and progress[-1]["max"] == 28
+    values = [p["value"] for p in progress]  # ComfyUI 0.9.2+ throttles updates: some values, in order
+    assert values and values == sorted(set(values)) and set(values) <= set(range(1, 29))
+    assert values[-1] == 28 and {p["max"] for p in progress} == {28}
     assert run.progress_texts("3")[-1] == "cpu 28/28 (in-process)"
 
 

@@ -48,7 +48,8 @@ def test_png_sequence_equals_parallel_decode_frame_for_frame_with_live_previews_
     prompt = video_prompt(WAN, "stream_png.latent", "e2e/stream_png/video", format="png", devices="cpu:2", **SMALL)
     prompt["5"] = {"class_type": "ParallelVAEDecode",
                    "inputs": {"samples": ["2", 0], "vae": ["1", 0], "tile_size": 64, "overlap": 16,
-                              "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu"}}
+                              "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu:2"}}
+    # (the same devices as the stream: one CPU thread per worker sums in another order than two)
     prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "e2e/stream_png/img"}}
     run = server.run(prompt)
     assert run.ok, run.error or run.response
@@ -124,3 +125,38 @@ def test_bad_stream_and_save_inputs_are_named_and_the_server_keeps_serving(serve
         assert details.startswith(f"{key}:") or f"{key}:" in details, (key, details)
     ok = server.run(video_prompt(WAN, "stream_bad.latent", "e2e/stream_bad/video", **SMALL))
     assert ok.ok, ok.error
+
+
+def core_save_video(server, video_from: list, prefix: str) -> dict:
+    """ComfyUI's own Save Video node, as mp4/h264 re-encoded at crf 20 where this ComfyUI offers
+    that (0.3x+: its format is a dynamic combo whose options carry codec and encoding inputs, and it
+    passes crf and color_space to the video's save_to); plain mp4/h264 on older ones."""
+    info = server.object_info("SaveVideo")["SaveVideo"]["input"]["required"]
+    inputs = {"video": video_from, "filename_prefix": prefix}
+    if info["format"][0] == "COMFY_DYNAMICCOMBO_V3":
+        inputs.update({"format": "mp4", "format.codec": "h264", "format.codec.encoding": "re-encode",
+                       "format.codec.encoding.crf": 20.0, "format.codec.encoding.color_space": "sRGB"})
+    else:
+        inputs.update({"format": "mp4", "codec": "h264"})
+    return {"class_type": "SaveVideo", "inputs": inputs}
+
+
+def test_the_video_output_feeds_comfyuis_own_save_video_for_mp4_and_png(server, put_latent):
+    put_latent("stream_core.latent", (1, 16, 2, 8, 8), 35)  # 5 frames of 64 x 64
+    for fmt in ("mp4", "png"):
+        prompt = video_prompt(WAN, "stream_core.latent", f"e2e/core_{fmt}/ours", format=fmt, **SMALL)
+        prompt["5"] = core_save_video(server, ["4", 0], f"e2e/core_{fmt}/core")
+        run = server.run(prompt)
+        assert run.ok, (fmt, run.error, server.log_tail())
+        saved = run.outputs("5")
+        entry = (saved.get("images") or saved.get("videos") or saved.get("video"))[0]
+        path = server.base / "output" / entry["subfolder"] / entry["filename"]
+        with av.open(str(path)) as f:
+            stream = f.streams.video[0]
+            frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+        assert len(frames) == 5 and frames[0].shape == (64, 64, 3), fmt
+        assert stream.codec_context.name == "h264", fmt
+        ours = saved_files(server, run, "4")
+        first = read_png(ours[0]) if fmt == "png" else None
+        if first is not None:  # the frames went through: lossy h264 of our lossless first frame
+            assert np.abs(frames[0].astype(np.int16) - first).mean() < 12
