@@ -141,7 +141,7 @@ elif [ -L "$COMFY" ] || [ "$(version_of "$COMFY")" != "$NEW_VERSION" ] || [ -f "
   else
     loud "ComfyUI $NEW_VERSION could not be had (no verified archive in $VENDOR, no git access):
 [setup] !!! FALLING BACK to ComfyUI 0.3.75 as the default runtime. The suite then tests 0.3.75 only."
-    cp -a "$OLD" "$COMFY"
+    mkdir -p "$COMFY" && cp -a "$OLD/." "$COMFY/"
     touch "$COMFY/.pvae-fallback"
   fi
 fi
