@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(CORES)
     nodes, vae = random_vaes.load_in_process("sd")
     pack = comfy_env.load_pack()
-    node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
+    node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
     z = latents.random_latent(SHAPE, seed=1234)
     methods = {
         "VAEDecodeTiled": lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *SETTINGS)[0],

@@ -75,7 +75,7 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     pack = None
     if node == "ParallelVAEDecode":
         pack = comfy_env.load_pack()
-        decode_node = pack.nodes.ParallelVAEDecode.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
+        decode_node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
         run = lambda: decode_node.execute({"samples": z}, vae, *settings, devices).result[0]  # noqa: E731
     else:
         run = lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *settings)[0]  # noqa: E731
