@@ -68,3 +68,36 @@ def test_soak_50_prompts_constant_workers_and_server_memory(server, put_latent):
     print(f"server RSS after prompt 10: {rss[9] / 1024:.0f} MiB, after 50: {rss[-1] / 1024:.0f} MiB "
           f"({growth:+.2%})")
     assert growth < 0.05
+
+
+def test_wan_on_two_workers_equals_vae_decode_tiled_and_a_worker_killed_mid_decode_changes_nothing(server,
+                                                                                                     put_latent):
+    """Time uncut (VAE Decode (Tiled) with a temporal tile covering every frame), then the same decode
+    with one worker SIGKILLed after the first tile-step: its tiles restart on the other worker and on
+    its replacement, and the saved frames are the same."""
+    put_latent("wan_workers.latent", (1, 16, 4, 12, 12), seed=34)  # 13 frames of 96 x 96, 4 causal tiles
+    core = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
+    prompt = decode_prompt("wan21", "wan_workers.latent", core, tile_size=64, overlap=16, devices="cpu:2")
+    run = server.run(prompt)
+    assert run.ok, (run.error, server.log_tail())
+    first, ref = saved_images(server, run, "4"), saved_images(server, run, "6")
+    assert first.shape == ref.shape == (13, 96, 96, 3) and abs(first - ref).max() <= 1
+
+    # a new input for the decode node (the same latent through LatentMultiply x1), so it runs again
+    again = decode_prompt("wan21", "wan_workers.latent", tile_size=64, overlap=16, devices="cpu:2")
+    again["7"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["2", 0], "multiplier": 1.0}}
+    again["3"]["inputs"]["samples"] = ["7", 0]
+    again["4"]["inputs"]["filename_prefix"] += "_killed"
+    killed = []
+
+    def kill_a_worker(msg):
+        if not killed and msg.get("type") == "progress" and msg["data"].get("node") == "3":
+            victim = workers_of(server.proc.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    run = server.run(again, on_message=kill_a_worker)
+    assert killed and run.ok, (run.error, server.log_tail())
+    assert (saved_images(server, run, "4") == first).all(), "the same frames with a worker killed mid-decode"
+    workers = workers_of(server.proc.pid)
+    assert len(workers) == 2 and killed[0] not in workers, "the killed worker was replaced"
