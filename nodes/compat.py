@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import re
 
 import torch
 
 import comfy.model_management as mm
-
-log = logging.getLogger("parallel_vae")
 
 
 def comfyui_version() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import av
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from testkit import comfy_env
-from testkit.compare import latent, max_diff
+from testkit.compare import latent
 from testkit.latents import read_png
 
 
