@@ -47,18 +47,6 @@ def device_context(device):
     return fn(device) if fn is not None else contextlib.nullcontext()
 
 
-def reload_recipe(vae) -> tuple[str, dict | None] | None:
-    """(file path, file metadata) that VAELoader built ``vae`` from (0.23+:
-    ``patcher.cached_patcher_init``), or None when ComfyUI did not record it."""
-    init = getattr(getattr(vae, "patcher", None), "cached_patcher_init", None)
-    if not init or len(init) < 2 or not isinstance(init[1], (tuple, list)) or not init[1]:
-        return None
-    args = init[1]
-    path = args[0] if isinstance(args[0], str) else None
-    metadata = args[1] if len(args) > 1 and isinstance(args[1], dict) else None
-    return None if path is None else (path, metadata)
-
-
 def vae_takes_metadata() -> bool:
     """``comfy.sd.VAE(metadata=...)`` exists (0.9.2+; VAELoader passes the file's metadata)."""
     import comfy.sd
@@ -67,9 +55,13 @@ def vae_takes_metadata() -> bool:
 
 
 def vae_metadata(vae) -> dict | None:
-    """The file metadata ``vae`` was built with, where ComfyUI recorded it."""
-    recipe = reload_recipe(vae)
-    return recipe[1] if recipe is not None else None
+    """The file metadata ``vae`` was built with, where ComfyUI recorded it: VAELoader's reload
+    recipe ``patcher.cached_patcher_init = (load_vae_patcher, (path, metadata, device))`` (0.23+)."""
+    init = getattr(getattr(vae, "patcher", None), "cached_patcher_init", None)
+    args = init[1] if isinstance(init, (tuple, list)) and len(init) > 1 else None
+    if not isinstance(args, (tuple, list)) or len(args) < 2 or not isinstance(args[0], str):
+        return None
+    return args[1] if isinstance(args[1], dict) else None
 
 
 def tiles_itself(vae) -> bool:
