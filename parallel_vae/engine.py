@@ -17,6 +17,7 @@ import torch
 from . import schedule
 from .blend import Blender, Segment
 from .errors import DecodeError
+from .exact import local as exact_local
 from .plan import CAUSAL, Plan, Tile
 
 
@@ -64,16 +65,25 @@ def box_of(latent: torch.Tensor, batch: int, start, size) -> torch.Tensor:
 
 class LocalLane:
     """Decodes in the calling thread on one device, with one decoder adapter; ``context()`` is
-    entered around each decode call (ComfyUI's CUDA device context)."""
+    entered around each decode call (ComfyUI's CUDA device context). Exact plans need the family's
+    band executor (``exact``); ``poll`` runs between their GroupNorm steps (interrupt checks)."""
 
-    def __init__(self, decoder, name: str, context: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(self, decoder, name: str, context: Callable[[], ContextManager] = contextlib.nullcontext,
+                 exact=None, poll: Optional[Callable[[], None]] = None,
+                 empty_cache: Callable[[], None] = lambda: None):
         self.decoder = decoder
         self.name = name
         self.names = [name]
         self.context = context
+        self.exact = exact
+        self.poll = poll
+        self.empty_cache = empty_cache
 
     def results(self, plan: Plan, latent: torch.Tensor, order: str = "tile") -> Iterator[Decoded]:
         pid = os.getpid()
+        if plan.exact:
+            yield from self._exact(plan, latent, order, pid)
+            return
         streams: dict[int, Iterator[torch.Tensor]] = {}  # causal tiles in progress, by tile index
         for tile, step in schedule.in_process_order(plan, order):
             if plan.kind != CAUSAL:
@@ -91,6 +101,19 @@ class LocalLane:
                                   f"on tile {tile.index}") from None
             if step == plan.steps - 1:
                 del streams[tile.index]  # frees the tile's causal cache
+            yield Decoded(self.name, tile, step, pixels, pid)
+
+
+    def _exact(self, plan: Plan, latent: torch.Tensor, order: str, pid: int) -> Iterator[Decoded]:
+        if self.exact is None:
+            raise DecodeError("this lane has no exact executor for the VAE")
+        units = exact_local.results(self.exact, plan, latent, self.decoder._out, order, self.poll, self.empty_cache)
+        while True:
+            with self.context():
+                unit = next(units, None)
+            if unit is None:
+                return
+            tile, step, pixels = unit
             yield Decoded(self.name, tile, step, pixels, pid)
 
 

@@ -81,6 +81,13 @@ class Plan:
     tiles: tuple[Tile, ...]
     # CAUSAL only: output frame range [start, stop) of each latent frame (one decode step each).
     step_frames: tuple[tuple[int, int], ...] = ()
+    # "tiled" (VAEDecodeTiled's grid) or "exact" (row bands of the untiled decode, exact/geometry.py)
+    mode: str = "tiled"
+    halo: int = 0  # exact mode: latent rows each band reads beyond its own on either side
+
+    @property
+    def exact(self) -> bool:
+        return self.mode == "exact"
 
     @property
     def batch(self) -> int:

@@ -23,6 +23,11 @@ from einops import rearrange
 from .generic import GenericDecoder
 
 
+def unpatchify(out: torch.Tensor, patch: int) -> torch.Tensor:
+    """Wan 2.2's head emits patch x patch pixels per position as channels."""
+    return rearrange(out, "b (c r q) f h w -> b c f (h q) (w r)", q=patch, r=patch)
+
+
 def count_modules(module, class_name: str) -> int:
     return sum(type(m).__name__ == class_name for m in module.modules())
 
@@ -57,7 +62,7 @@ class WanStepper(GenericDecoder):
                 pairs = True
                 out = torch.cat(list(out), 2)
             if self.patch_size > 1:
-                out = rearrange(out, "b (c r q) f h w -> b c f (h q) (w r)", q=self.patch_size, r=self.patch_size)
+                out = unpatchify(out, self.patch_size)
             for part in out.chunk(n, 2):  # a pair's 8 frames are 4 per latent frame
                 yield self._out(part)
             i += n

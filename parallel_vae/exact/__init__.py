@@ -1,0 +1,59 @@
+"""Exact mode: the untiled decode, computed in row bands on any number of devices.
+
+``executor(family, module, ...)`` gives the family's band executor (sd.SdExact for ComfyUI's 2-D
+``Decoder``, wan.WanExact for Wan 2.1 / 2.2), or raises Unsupported saying why. Executors are
+duck-typed over ComfyUI's modules; this package never imports ComfyUI.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sd import SdExact
+from .wan import WanExact
+
+SUPPORTED = ("SD 1.x/2.x, SDXL, SD3, Flux and other image VAEs built on ComfyUI's 2-D Decoder",
+             "Wan 2.1 (also Qwen-Image)", "Wan 2.2")
+
+
+class Unsupported(Exception):
+    """This VAE has no exact executor; the message says why."""
+
+
+def executor(family: str, model, dtype: torch.dtype, device, patch_size: int = 2):
+    if family == "image":
+        why = SdExact.refusal(model)
+        if why is None:
+            return SdExact(model, dtype, device)
+    elif family in ("wan21", "wan22"):
+        why = WanExact.refusal(model)
+        if why is None:
+            if family == "wan22":
+                return WanExact(model, dtype, device, patch_size=patch_size, first_chunk=True)
+            return WanExact(model, dtype, device)
+    else:
+        why = "exact mode has no executor for this family"
+    raise Unsupported(why)
+
+
+def refusal(family: str, model) -> str | None:
+    """Why ``model`` cannot decode in exact mode (None: it can), without building anything."""
+    if family == "image":
+        return SdExact.refusal(model)
+    if family in ("wan21", "wan22"):
+        return WanExact.refusal(model)
+    return "exact mode has no executor for this family"
+
+
+__all__ = ["SUPPORTED", "SdExact", "Unsupported", "WanExact", "executor", "plan", "refusal"]
+
+
+def plan(family: str, model, latent_shape, scales, out_channels: int, tile_size: int, lanes: int):
+    """The exact plan: bands sized by ``tile_size`` (a band's own rows hold at most tile_size^2
+    output pixels) and spread over ``lanes``, with the halo the decoder's layers need."""
+    from .geometry import band_count, halo_rows, plan_exact
+
+    rf = SdExact.rf_rows(model.decoder) if family == "image" else WanExact.rf_rows(model.decoder)
+    halo = halo_rows(rf)
+    height, width = latent_shape[-2], latent_shape[-1]
+    bands = band_count(height, width, scales[-1].factor, tile_size, lanes, halo)
+    return plan_exact(latent_shape, scales, out_channels, bands, halo)

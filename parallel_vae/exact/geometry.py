@@ -1,0 +1,164 @@
+"""Exact mode geometry: row bands, their halo, and the plan that carries them.
+
+A band owns latent rows ``[a, e)`` of one batch item and reads the mid-block output rows
+``[a - halo, e + halo)`` (clipped at the image). The halo covers the up path's receptive field,
+worked out from the layers themselves (``receptive_rows``), never tuned: a smaller halo only
+looks right for some weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from ..plan import CAUSAL, IMAGE, AxisScale, Plan, Tile
+
+MIN_ROWS_PER_HALO = 2  # bands much shorter than their halo mostly recompute their neighbours
+
+
+@dataclass(frozen=True)
+class Window:
+    """Global rows ``[g0, g1)`` of a band's tensor at one scale, of ``height`` rows in all."""
+
+    g0: int
+    g1: int
+    height: int
+
+    @property
+    def top_inside(self) -> bool:  # an interior edge: its rows go bad as convs zero-pad there
+        return self.g0 > 0
+
+    @property
+    def bottom_inside(self) -> bool:
+        return self.g1 < self.height
+
+    def shrink(self, rows: int) -> "Window":
+        """After a conv that spreads ``rows`` rows: interior edges lose them (they are cropped)."""
+        return Window(self.g0 + (rows if self.top_inside else 0), self.g1 - (rows if self.bottom_inside else 0),
+                      self.height)
+
+    def scaled(self, factor: int) -> "Window":
+        return Window(self.g0 * factor, self.g1 * factor, self.height * factor)
+
+
+def conv_spread(module) -> int:
+    """Rows a conv reads beyond its output row on each side (0 for 1x1 and time-only kernels)."""
+    k = module.kernel_size
+    d = getattr(module, "dilation", 1)
+    kh = k[-2] if isinstance(k, (tuple, list)) else k
+    dh = d[-2] if isinstance(d, (tuple, list)) else d
+    return dh * (kh - 1) // 2
+
+
+def is_conv(module) -> bool:
+    return hasattr(module, "kernel_size") and hasattr(module, "weight") and module.weight is not None \
+        and module.weight.dim() >= 4
+
+
+def upsample_factor(module) -> Optional[int]:
+    """The spatial factor of an upsampling layer (nearest, integer), or None for other layers."""
+    if "Upsample" not in type(module).__name__ or not hasattr(module, "scale_factor"):
+        return None
+    f = module.scale_factor
+    f = f[-1] if isinstance(f, (tuple, list)) else f
+    return int(f)
+
+
+def receptive_rows(layers: Iterable, skip: tuple[str, ...] = ()) -> float:
+    """The up path's one-sided receptive field in rows at its input scale.
+
+    ``layers`` are the modules in execution order; every conv adds its spread at the scale it
+    runs at, every nearest upsample doubles the scale. Subtrees whose class name is in ``skip``
+    are parallel shortcuts without spatial spread (Wan 2.2's DupUp3D).
+    """
+    scale = 1
+    total = 0.0
+
+    def walk(m):
+        nonlocal scale, total
+        if type(m).__name__ in skip:
+            return
+        f = upsample_factor(m)
+        if f is not None:
+            scale *= f  # its own conv (SD's Upsample holds one) runs at the new scale
+        elif is_conv(m):
+            total += conv_spread(m) / scale
+            return
+        for child in m.children():
+            walk(child)
+
+    for layer in layers:
+        walk(layer)
+    return total
+
+
+def halo_rows(rf_rows: float) -> int:
+    return int(math.ceil(rf_rows - 1e-9))
+
+
+def split_rows(height: int, bands: int) -> list[tuple[int, int]]:
+    """``bands`` runs of rows covering ``[0, height)``, sizes differing by at most one."""
+    bands = max(1, min(bands, height))
+    base, extra = divmod(height, bands)
+    spans, a = [], 0
+    for i in range(bands):
+        e = a + base + (1 if i < extra else 0)
+        spans.append((a, e))
+        a = e
+    return spans
+
+
+def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: int, halo: int) -> int:
+    """How many bands: at least enough that a band's own rows hold at most tile_size x tile_size
+    output pixels (the memory bound, as a tile), and one per lane where the rows allow bands of
+    at least MIN_ROWS_PER_HALO halos (more lanes than that would mostly recompute halos)."""
+    rows_max = max(1, (tile_size * tile_size) // max(1, width * px_per_row * px_per_row))
+    for_memory = -(-height // rows_max)
+    for_lanes = min(max(1, lanes), max(1, height // max(1, MIN_ROWS_PER_HALO * halo)))
+    return min(height, max(for_memory, for_lanes))
+
+
+def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int, bands: int,
+               halo: int) -> Plan:
+    """A plan whose tiles are the bands of each batch item: own rows only, no feather, one pass, so
+    the blender writes each band's pixels where they belong unchanged."""
+    shape = tuple(latent_shape)
+    causal = len(shape) == 5
+    height, width = shape[-2], shape[-1]
+    sh, sw = scales[-2], scales[-1]
+    tiles: list[Tile] = []
+    for b in range(shape[0]):
+        for a, e in split_rows(height, bands):
+            if causal:
+                frames = shape[2]
+                lat_start, lat_size = (0, a, 0), (frames, e - a, width)
+                out_start = (0, sh.offset(a), 0)
+                out_size = (scales[0].size(frames), sh.factor * (e - a), sw.size(width))
+            else:
+                lat_start, lat_size = (a, 0), (e - a, width)
+                out_start, out_size = (sh.offset(a), 0), (sh.factor * (e - a), sw.size(width))
+            tiles.append(Tile(index=len(tiles), batch=b, pass_index=0, lat_start=lat_start, lat_size=lat_size,
+                              out_start=out_start, out_size=out_size, feather=(0,) * len(lat_start), whole=False))
+    out_shape = (shape[0], out_channels) + tuple(s.size(n) for s, n in zip(scales, shape[2:]))
+    steps = ()
+    if causal:
+        ts = scales[0]
+        steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(shape[2]))
+    return Plan(CAUSAL if causal else IMAGE, shape, out_shape, tuple(scales), 1, tuple(tiles), steps,
+                mode="exact", halo=halo)
+
+
+def bands_of(plan: Plan, batch: int) -> list[tuple[int, int, int]]:
+    """(tile index, a, e) of each band of one batch item, top to bottom."""
+    axis = 1 if plan.kind == CAUSAL else 0
+    return [(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
+
+
+def resplit(plan: Plan, bands: int) -> Plan:
+    """The same plan with more bands (the output does not depend on the band count)."""
+    scales = plan.scales
+    return plan_exact(plan.latent_shape, scales, plan.out_shape[1], bands, plan.halo)
+
+
+__all__ = ["Window", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
+           "resplit", "split_rows"]
