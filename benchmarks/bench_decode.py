@@ -71,7 +71,8 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     if node == "ParallelVAEDecode":
         pack = comfy_env.load_pack()
         decode_node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
-        run = lambda: decode_node.execute({"samples": z}, vae, tile, overlap, tsize, toverlap, "auto").result[0]  # noqa: E731
+        run = lambda: decode_node.execute({"samples": z}, vae, tile, overlap, tsize, toverlap, "auto",  # noqa: E731
+                                          mode="tiled").result[0]
     elif node == "VAEDecodeTiled":
         run = lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, tile, overlap, tsize, toverlap)[0]  # noqa: E731
     else:

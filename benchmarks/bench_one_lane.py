@@ -37,8 +37,8 @@ def main() -> None:
     z = latents.random_latent(SHAPE, seed=1234)
     methods = {
         "VAEDecodeTiled": lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *SETTINGS)[0],
-        "ours in-process (cpu)": lambda: node.execute({"samples": z}, vae, *SETTINGS, "cpu").result[0],
-        "ours on 1 worker (cpu:1)": lambda: node.execute({"samples": z}, vae, *SETTINGS, "cpu:1").result[0],
+        "ours in-process (cpu)": lambda: node.execute({"samples": z}, vae, *SETTINGS, "cpu", mode="tiled").result[0],
+        "ours on 1 worker (cpu:1)": lambda: node.execute({"samples": z}, vae, *SETTINGS, "cpu:1", mode="tiled").result[0],
     }
     print(f"machine: {machine()}\nSD VAE, latent {list(SHAPE)}, tile_size/overlap {SETTINGS[0]}/{SETTINGS[1]}, "
           f"torch threads {CORES} everywhere; best of {args.rounds} interleaved rounds after a warm-up\n")

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..parallel_vae import blend, engine
+from ..parallel_vae import blend, engine, exact
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.inputs import check_latent
@@ -21,18 +21,24 @@ CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2, TAEHV) ignore it: they are 
                "restarting their causal cache at a temporal tile edge makes the video flicker. Each spatial "
                "tile is decoded frame after frame with its cache carried forward instead.")
 
+EXACT_NOTE = " Not used in exact mode, which has no tile seams to blend."
+MODES = ("auto", "exact", "tiled")
+
 TOOLTIPS = {
     "samples": "The latent to decode: an image latent [B, C, H, W] or a video latent [B, C, T, H, W] made for "
                "this VAE.",
     "vae": "The VAE to decode with (Load VAE, or the VAE output of a checkpoint loader).",
     "tile_size": "Tile width and height in pixels, as in VAE Decode (Tiled). Smaller tiles need less memory. "
-                 "Image VAEs average three tile grids (t/2 x 2t, 2t x t/2, t x t) exactly like VAE Decode (Tiled).",
+                 "Image VAEs average three tile grids (t/2 x 2t, 2t x t/2, t x t) exactly like VAE Decode (Tiled). "
+                 "In exact mode it bounds a band instead: a band's own rows hold at most tile_size x tile_size "
+                 "pixels, so a wide image gets more bands than devices when memory asks for it.",
     "overlap": "Pixels shared by neighbouring tiles, blended with a linear feather. Must be smaller than "
-               "tile_size; values above tile_size/4 are reduced to tile_size/4, as VAE Decode (Tiled) does.",
+               "tile_size; values above tile_size/4 are reduced to tile_size/4, as VAE Decode (Tiled) does."
+               + EXACT_NOTE,
     "temporal_size": "Video VAEs only: frames per temporal tile (non-causal video VAEs are cut into temporal "
-                     "tiles like VAE Decode (Tiled)). " + CAUSAL_NOTE,
+                     "tiles like VAE Decode (Tiled)). " + CAUSAL_NOTE + EXACT_NOTE,
     "temporal_overlap": "Video VAEs only: frames shared by neighbouring temporal tiles; must be smaller than "
-                        "temporal_size. " + CAUSAL_NOTE,
+                        "temporal_size. " + CAUSAL_NOTE + EXACT_NOTE,
     "devices": "Where to decode: auto (every visible GPU, else the CPU), cpu, cpu:N (N CPU worker processes "
                "sharing the cores), cuda (every GPU), or a list such as cuda:0,cuda:1. Two or more devices, or "
                "cpu:N, decode on persistent worker processes (one per device, kept between prompts; tiles go to "
@@ -52,6 +58,8 @@ def decode_inputs() -> list:
         io.Int.Input("temporal_overlap", default=8, min=TEMPORAL_OVERLAP_MIN, max=TEMPORAL_MAX, step=4,
                      tooltip=TOOLTIPS["temporal_overlap"]),
         io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
+        # optional, so API prompts written before it existed still run (as auto)
+        io.Combo.Input("mode", options=list(MODES), default="auto", optional=True, tooltip=TOOLTIPS["mode"]),
     ]
 
 
@@ -72,7 +80,7 @@ class ParallelVAEDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
-                        devices=None):
+                        devices=None, mode=None):
         """Queue-time checks of the widget values, so a bad value fails before hours of sampling.
 
         Linked inputs arrive as None here and are checked again when the node runs.
@@ -82,20 +90,34 @@ class ParallelVAEDecode(io.ComfyNode):
                 validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
             if devices is not None:
                 device_lists.parse(devices)
+            check_mode(mode)
         except InputError as e:
             return str(e)
         return True
 
     @classmethod
-    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices) -> io.NodeOutput:
+    def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
+                mode="auto") -> io.NodeOutput:
         job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                cls.hidden.unique_id if cls.hidden is not None else None)
+                                cls.hidden.unique_id if cls.hidden is not None else None, mode)
         lane, progress = job.start(NodeProgress.poll)
         storage, out = blend.allocate_output(job.plan)
         lanes.last_report = engine.decode(job.plan, job.latent, lane, out, finish=job.finisher(progress),
                                           on_unit=progress.unit)
         progress.finish()
         return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
+
+
+def check_mode(mode) -> str:
+    if mode is None:
+        return "auto"
+    if mode not in MODES:
+        raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def exact_refusal(spec, vae) -> str | None:
+    return exact.refusal(spec.family, vae.first_stage_model)
 
 
 def first_part(samples):
@@ -123,14 +145,28 @@ class DecodeJob:
     node_id: object
 
     @classmethod
-    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id):
+    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
+                mode="auto"):
+        mode = check_mode(mode)
         spec = vae_info.describe(vae)
         if not isinstance(samples, dict) or "samples" not in samples:
             raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
         latent = check_latent(first_part(samples["samples"]), spec)
         settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         named = device_lists.parse(devices)
-        return cls(vae, spec, latent, spec.plan(tuple(latent.shape), settings), named, node_id)
+        refusal = exact_refusal(spec, vae) if mode != "tiled" else None
+        if mode == "exact" and refusal is not None:
+            raise InputError("mode", f"exact is not available for {spec.label}: {refusal}. Exact mode supports "
+                                     f"{'; '.join(exact.SUPPORTED)}. Use mode=tiled (or auto, which picks tiled "
+                                     f"for this VAE).")
+        shape = tuple(latent.shape)
+        if mode != "tiled" and refusal is None:
+            lanes_n = len(named) if device_lists.uses_workers(named) else 1
+            plan = exact.plan(spec.family, vae.first_stage_model, shape, spec.scales, spec.out_channels,
+                              tile_size, lanes_n)
+        else:
+            plan = spec.plan(shape, settings)
+        return cls(vae, spec, latent, plan, named, node_id)
 
     def start(self, poll: Callable[[], None]):
         """The lane to decode on (workers wait with ``poll``) and the node's progress reporter."""
@@ -139,10 +175,12 @@ class DecodeJob:
             lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
             note = f"{len(self.devices)} worker process{'es' if len(self.devices) > 1 else ''}"
         else:
-            lane = lanes.local_lane(self.vae, self.spec, lanes.choose(self.devices, self.vae), self.plan)
+            lane = lanes.local_lane(self.vae, self.spec, lanes.choose(self.devices, self.vae), self.plan, poll)
             note = "in-process"
-        log.info("parallel_vae: %s, latent %s -> %d tiles x %d steps on %s", self.spec.label,
-                 list(self.latent.shape), len(self.plan.tiles), self.plan.steps, ", ".join(lane.names))
+        what = f"{len(self.plan.tiles)} bands" if self.plan.exact else f"{len(self.plan.tiles)} tiles"
+        note = f"{self.plan.mode}, {what}, {note}"
+        log.info("parallel_vae: %s, latent %s -> %s mode, %s x %d steps on %s", self.spec.label,
+                 list(self.latent.shape), self.plan.mode, what, self.plan.steps, ", ".join(lane.names))
         return lane, NodeProgress(self.plan, self.node_id, lane.names, note)
 
     def finisher(self, progress: NodeProgress) -> Callable:

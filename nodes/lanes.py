@@ -8,7 +8,7 @@ import torch
 
 import comfy.model_management as mm
 import comfy.sd
-from ..parallel_vae import identity
+from ..parallel_vae import exact, identity
 from ..parallel_vae.devices import Device
 from ..parallel_vae.engine import LocalLane
 from ..parallel_vae.errors import ModelMismatch
@@ -60,7 +60,7 @@ def rebuild_on(vae, device: torch.device):
     return per_vae[key]
 
 
-def local_lane(vae, spec: VaeSpec, device: Device, plan: Plan) -> LocalLane:
+def local_lane(vae, spec: VaeSpec, device: Device, plan: Plan, poll=None) -> LocalLane:
     target = torch.device(device.torch_device)
     lane_vae = vae if _same_device(vae.device, target) else rebuild_on(vae, target)
     biggest = max(plan.tiles, key=lambda t: t.volume)
@@ -71,4 +71,9 @@ def local_lane(vae, spec: VaeSpec, device: Device, plan: Plan) -> LocalLane:
                            force_full_load=lane_vae.disable_offload)
         decoder = make_decoder(spec.family, lane_vae.first_stage_model, lane_vae.vae_dtype, lane_vae.device,
                                pixel_dtype=compat.pixel_dtype(), latent_channels=spec.latent_channels)
-    return LocalLane(decoder, device.name, context=lambda: compat.device_context(lane_vae.device))
+    executor = None
+    if plan.exact:
+        executor = exact.executor(spec.family, lane_vae.first_stage_model, lane_vae.vae_dtype, lane_vae.device,
+                                  patch_size=int(getattr(lane_vae.first_stage_model, "patch_size", 2)))
+    return LocalLane(decoder, device.name, context=lambda: compat.device_context(lane_vae.device),
+                     exact=executor, poll=poll, empty_cache=mm.soft_empty_cache)

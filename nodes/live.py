@@ -65,7 +65,7 @@ class LiveView:
         if self.enabled:
             send_event("plan", {**self._ids(), "width": out[-1], "height": out[-2], "frames": plan.frames,
                                 "tiles": [[*self._rect(t), t.pass_index] for t in plan.tiles_of(0)],
-                                "steps": plan.steps, "lanes": list(done), "units": plan.units})
+                                "steps": plan.steps, "lanes": list(done), "units": plan.units, "mode": plan.mode})
 
     def _ids(self) -> dict:
         return {"node": str(self.node_id), "prompt_id": self.prompt_id}

@@ -81,10 +81,12 @@ class ParallelVAEDecodeStream(io.ComfyNode):
             description="Parallel Tiled VAE Decode that hands frames on in batches while it decodes, to Save "
                         "Video (Stream) or Stream to Images: a long video never sits in memory whole. The decode "
                         "runs when the next node pulls the frames; each node that pulls them decodes again.",
-            inputs=decode_inputs() + [
+            # mode stays last (optional): frames_per_batch goes before it
+            inputs=decode_inputs()[:-1] + [
                 io.Int.Input("frames_per_batch", default=8, min=1, max=FRAMES_PER_BATCH_MAX,
                              tooltip="Frames handed on together. Memory holds about three batches (plus the "
                                      "tiles being decoded), whatever the length of the video."),
+                decode_inputs()[-1],
             ],
             outputs=[STREAM.Output(display_name="FRAMES",
                                    tooltip="The decoded frames as a stream, for Save Video (Stream) or Stream "
@@ -94,18 +96,18 @@ class ParallelVAEDecodeStream(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
-                        devices=None, frames_per_batch=None):
+                        devices=None, frames_per_batch=None, mode=None):
         if frames_per_batch is not None and not 1 <= frames_per_batch <= FRAMES_PER_BATCH_MAX:
             return f"frames_per_batch: {frames_per_batch} is outside 1..{FRAMES_PER_BATCH_MAX}"
-        return ParallelVAEDecode.validate_inputs(tile_size, overlap, temporal_size, temporal_overlap, devices)
+        return ParallelVAEDecode.validate_inputs(tile_size, overlap, temporal_size, temporal_overlap, devices, mode)
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                frames_per_batch) -> io.NodeOutput:
+                frames_per_batch, mode="auto") -> io.NodeOutput:
         if not isinstance(frames_per_batch, int) or not 1 <= frames_per_batch <= FRAMES_PER_BATCH_MAX:
             raise InputError("frames_per_batch", f"{frames_per_batch!r} is outside 1..{FRAMES_PER_BATCH_MAX}")
         job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                cls.hidden.unique_id if cls.hidden is not None else None)
+                                cls.hidden.unique_id if cls.hidden is not None else None, mode)
         return io.NodeOutput(DecodeStream(job, frames_per_batch))
 
 

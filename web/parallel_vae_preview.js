@@ -166,6 +166,7 @@ class PreviewPanel {
     this.plan = {
       width: d.width, height: d.height, frames: d.frames, steps: Math.max(1, d.steps || 1),
       units: d.units, tiles: Array.isArray(d.tiles) ? d.tiles : [], lanes: Array.isArray(d.lanes) ? [...d.lanes] : [],
+      mode: d.mode === "exact" ? "exact" : "tiled",
     };
     this.tileState = this.plan.tiles.map(() => null);
     this.done = Object.fromEntries(this.plan.lanes.map((l) => [l, 0]));
@@ -258,6 +259,7 @@ class PreviewPanel {
     ds.frames = String(this.frameCount);
     ds.distinctFrames = String(this.hashes.size);
     ds.tiles = String(this.plan?.tiles.length ?? 0);
+    ds.mode = this.plan?.mode ?? "";
     ds.tilesDrawn = String(this.tilesDrawn());
     ds.lanes = (this.plan?.lanes ?? []).join(",");
     ds.state = !this.plan ? "idle" : this.streaming ? "running" : this.seconds != null ? "done" : "stopped";
@@ -270,7 +272,8 @@ class PreviewPanel {
       const units = p.units || 0;
       const total = Object.values(this.done).reduce((a, b) => a + b, 0);
       const parts = [`${p.width}×${p.height}`, p.frames > 1 ? `${this.framesDone}/${p.frames} frames` : null,
-        `${p.tiles.length} tiles`, units ? `${total}/${units} steps` : null,
+        p.mode === "exact" ? `exact · ${p.tiles.length} bands` : `tiled · ${p.tiles.length} tiles`,
+        units ? `${total}/${units} steps` : null,
         this.streaming ? "decoding…" : this.seconds != null ? `done in ${Number(this.seconds).toFixed(1)} s` : "stopped"];
       this.status.textContent = parts.filter(Boolean).join(" · ");
       this.legend.replaceChildren(...p.lanes.map((lane) => {

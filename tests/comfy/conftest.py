@@ -37,12 +37,18 @@ def load_vae(comfy, vae_dir):
 
 @pytest.fixture(scope="session")
 def decode(pack):
-    """Run ParallelVAEDecode the way ComfyUI's executor does (hidden inputs on a class clone)."""
+    """Run ParallelVAEDecode the way ComfyUI's executor does (hidden inputs on a class clone).
+
+    ``mode`` defaults to tiled here, what most tests compare with VAEDecodeTiled; ``mode=None``
+    leaves the input out, as an old prompt does (the node's default, auto)."""
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "9"})
 
-    def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto"):
+    def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto",
+            mode="tiled"):
+        extra = {} if mode is None else {"mode": mode}
         with torch.inference_mode():
-            out = node.execute({"samples": latent}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices)
+            out = node.execute({"samples": latent}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
+                               **extra)
         return out.result[0]
 
     return run
@@ -73,10 +79,10 @@ def stream_of(pack):
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecodeStream, {"UNIQUE_ID": "7"})
 
     def make(z, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto",
-             frames_per_batch=3):
+             frames_per_batch=3, mode="tiled"):
         with torch.inference_mode():
             return node.execute({"samples": z}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                frames_per_batch).result[0]
+                                frames_per_batch, mode=mode).result[0]
 
     return make
 

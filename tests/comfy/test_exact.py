@@ -1,0 +1,180 @@
+"""Exact mode in ComfyUI's process: equal to the untiled VAE Decode (<= 1e-4 in float32) on
+random-weight VAEs loaded through the real VAELoader, and bit-identical whatever the band count.
+(tests/comfy/test_exact_workers.py runs the same on worker processes.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from testkit.compare import TOL, latent, max_diff
+
+SD_Z = (2, 4, 21, 14)  # batch 2, not square, 21 rows: no band count here divides it
+
+
+# a band's own rows hold at most tile_size^2 pixels: 14 latent columns are 112 px wide
+@pytest.mark.parametrize("tile_size,bands", [(512, 1), (128, 2), (96, 3)])
+def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_counts(
+        pack, load_vae, decode, core_decode, tile_size, bands):
+    vae = load_vae("sd")
+    z = latent(SD_Z, 3)
+    ours = decode(z, vae, tile_size, 16, devices="cpu", mode="exact")
+    assert len(pack.nodes.lanes.last_report.units) == bands * SD_Z[0], "band count"
+    ref = core_decode(z, vae)
+    assert max_diff(ours, ref) <= TOL
+    one_band = decode(z, vae, 512, 64, devices="cpu", mode="exact")
+    assert torch.equal(ours, one_band), f"{bands} bands differ from one band"
+
+
+def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode):
+    vae = load_vae("flux")
+    z = latent((1, 16, 13, 10), 4)
+    three = decode(z, vae, 64, 32, devices="cpu", mode="exact")
+    assert len(pack.nodes.lanes.last_report.units) == 3
+    assert max_diff(three, core_decode(z, vae)) <= TOL
+    assert torch.equal(three, decode(z, vae, 512, 64, devices="cpu", mode="exact"))
+
+
+@pytest.mark.parametrize("family,shape,tile_size,bands", [
+    ("wan21", (1, 16, 4, 19, 8), 64, 3),
+    ("wan22", (1, 48, 2, 9, 2), 64, 2),
+])
+def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, stream_of, to_images,
+                                             family, shape, tile_size, bands):
+    vae = load_vae(family)
+    z = latent(shape, 5)
+    ours = decode(z, vae, tile_size, 16, devices="cpu", mode="exact")
+    assert len({t for t, *_ in pack.nodes.lanes.last_report.units}) == bands
+    ref = core_decode(z, vae)
+    assert max_diff(ours, ref) <= TOL
+    streamed = to_images(stream_of(z, vae, tile_size, 16, devices="cpu", mode="exact"))
+    assert torch.equal(streamed, ours), "the stream (frame order) differs from the IMAGE node (band order)"
+
+
+def test_the_default_mode_is_exact_for_sd_and_tiled_for_taehv(pack, load_vae, decode, core_decode, core_tiled):
+    sd = load_vae("sd")
+    z = latent((1, 4, 12, 10), 6)
+    assert max_diff(decode(z, sd, 64, 16, devices="cpu", mode=None), core_decode(z, sd)) <= TOL
+    taehv = load_vae("taehv")
+    zt = latent((1, 16, 3, 6, 5), 7)
+    assert max_diff(decode(zt, taehv, 64, 16, devices="cpu", mode=None), core_tiled(zt, taehv, 64, 16)) <= TOL
+    assert pack.nodes.lanes.last_report is not None
+
+
+def test_exact_on_an_unsupported_vae_is_an_error_naming_the_supported_families(pack, load_vae, decode):
+    errors = pack.parallel_vae.errors
+    with pytest.raises(errors.InputError) as info:
+        decode(latent((1, 16, 3, 6, 5), 7), load_vae("taehv"), 64, 16, devices="cpu", mode="exact")
+    message = str(info.value)
+    assert message.startswith("mode:") and "Wan 2.1" in message and "SDXL" in message and "tiled" in message
+    with pytest.raises(errors.InputError, match="^mode: 'fast' is not one of auto, exact, tiled"):
+        decode(latent((1, 4, 8, 8), 1), load_vae("sd"), 64, 16, devices="cpu", mode="fast")
+    assert "mode" in pack.nodes.ParallelVAEDecode.validate_inputs(64, 16, 64, 8, "cpu", "fast")
+
+
+# --- the method itself, on ComfyUI's decoder modules ------------------------------------------
+def run_bands(pack, ex, mid, spans, combine=True, answers=None):
+    """Drive SD bands; ``combine=False`` normalises each band with its own statistics (what
+    independent tiles do); ``answers`` replays recorded statistics instead of combining."""
+    lockstep = pack.parallel_vae.exact.lockstep
+    stats = pack.parallel_vae.exact.stats
+    gens = [ex.band(mid, a, e) for a, e in spans]
+    requests = [g.send(None) for g in gens]
+    out, k, record = [None] * len(gens), 0, []
+    while any(r is not None for r in requests):
+        if answers is not None:
+            shared = answers[k]
+        elif combine:
+            shared = lockstep.combined(requests)
+        record.append(shared if combine or answers is not None else None)
+        for i, g in enumerate(gens):
+            value = shared if combine or answers is not None else stats.combine([requests[i][4]], requests[i][3])
+            try:
+                requests[i] = g.send(value)
+            except StopIteration as stop:
+                out[i], requests[i] = stop.value, None
+        k += 1
+    return torch.cat(out, -2), record
+
+
+def test_without_the_statistics_combine_the_bands_differ(pack, load_vae):
+    vae = load_vae("sd")
+    z = latent((1, 4, 40, 8), 8)
+    ex = pack.parallel_vae.exact.SdExact(vae.first_stage_model, torch.float32, "cpu")
+    spans = pack.parallel_vae.exact.geometry.split_rows(40, 3)
+    with torch.inference_mode():
+        mid = ex.prefix(z)
+        exact, _ = run_bands(pack, ex, mid, spans)
+        alone, _ = run_bands(pack, ex, mid, spans, combine=False)
+        ref = vae.first_stage_model.decode(z)
+    assert max_diff(exact, ref) <= TOL
+    assert max_diff(alone, exact) > 1e-2, "per-band statistics should visibly change the image"
+
+
+def changed_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b).abs().amax(dim=tuple(d for d in range(a.dim()) if d != a.dim() - 2)) > 0).nonzero().flatten()
+
+
+def test_sd_halo_covers_what_an_impulse_probe_reaches(pack, load_vae):
+    """Perturb one row of the mid-block output with the statistics frozen: the rows it changes
+    are the receptive field, which the halo from the layer geometry must cover (and not exceed
+    by a whole row, or the geometry walk missed a layer)."""
+    vae = load_vae("sd")
+    ex = pack.parallel_vae.exact.SdExact(vae.first_stage_model, torch.float32, "cpu")
+    row = 20
+    with torch.inference_mode():
+        mid = ex.prefix(latent((1, 4, 40, 6), 9))
+        base, answers = run_bands(pack, ex, mid, [(0, 40)])
+        poked = mid.clone()
+        poked[:, :, row] += mid.std()
+        moved, _ = run_bands(pack, ex, poked, [(0, 40)], answers=answers)
+    rows = changed_rows(moved, base)
+    reach_px = max(row * 8 - rows.min().item(), rows.max().item() - (row * 8 + 7))
+    reach_rows = reach_px / 8
+    assert reach_rows <= ex.halo, (reach_px, ex.halo)
+    assert reach_rows > ex.halo - 1, (reach_px, ex.halo)
+    assert ex.halo == 13
+
+
+@pytest.mark.parametrize("family", ["wan21", "wan22"])
+def test_wan_halo_covers_what_an_impulse_probe_reaches(pack, load_vae, family):
+    vae = load_vae(family)
+    exact = pack.parallel_vae.exact
+    ex = exact.executor(family, vae.first_stage_model, vae.vae_dtype, "cpu")
+    height, row = (34, 17) if family == "wan21" else (30, 15)
+    z = latent((1, vae.latent_channels, 2, height, 1), 10)
+    with torch.inference_mode():
+        outs = []
+        for poke in (False, True):
+            band = ex.band(0, height, height)
+            frames = []
+            for mid, n, first in ex.chunks(z.to(vae.vae_dtype)):
+                if poke and first:
+                    mid = mid.clone()
+                    mid[:, :, :, row] += 1.0
+                frames += band.feed(mid, n, first)
+            outs.append(torch.cat(frames, 2).float())
+    rows = changed_rows(outs[1], outs[0])
+    px = ex.px_per_row
+    reach_rows = max(row * px - rows.min().item(), rows.max().item() - (row * px + px - 1)) / px
+    assert ex.halo - 1 < reach_rows <= ex.halo, (reach_rows, ex.halo)
+
+
+def test_band_out_of_memory_splits_and_retries_with_the_same_output(pack, load_vae, decode, monkeypatch):
+    vae = load_vae("sd")
+    z = latent((1, 4, 30, 8), 11)
+    clean = decode(z, vae, 64, 16, devices="cpu", mode="exact")
+    sd = pack.parallel_vae.exact.sd.SdExact
+    original = sd.band
+    calls = []
+
+    def failing_once(self, mid, a, e):
+        calls.append((a, e))
+        if len(calls) == 2:  # the second band of the first attempt, mid-way through the lock-step
+            raise torch.OutOfMemoryError("simulated out of memory on a band")
+        return (yield from original(self, mid, a, e))
+
+    monkeypatch.setattr(sd, "band", failing_once)
+    again = decode(z, vae, 64, 16, devices="cpu", mode="exact")
+    first_try = len(pack.nodes.lanes.last_report.units)
+    assert torch.equal(again, clean)
+    assert len(calls) > 2 * first_try, calls  # the retry ran twice as many (half-height) bands
