@@ -38,8 +38,7 @@ def results(ex, plan: Plan, latent: torch.Tensor, out: Callable[[torch.Tensor], 
         split = 1
         while True:
             try:
-                run = _sd_item if ex.sync == "groupnorm" else _wan_item
-                for index, step, pixels in run(ex, z, bands, split, order, poll):
+                for index, step, pixels in attempt(ex, z, bands, split, order, poll):
                     if (index, step) not in delivered:
                         delivered.add((index, step))
                         yield plan.tiles[index], step, out(pixels)
@@ -53,12 +52,21 @@ def results(ex, plan: Plan, latent: torch.Tensor, out: Callable[[torch.Tensor], 
                 empty_cache()
 
 
-def _sd_item(ex, z, bands, split: int, order: str, poll) -> Iterator[Unit]:
+def attempt(ex, z, bands, split: int = 1, order: str = "tile", poll=None,
+            combine: Callable = lockstep.combined) -> Iterator[Unit]:
+    """(band index, step, pixels) of ``bands`` [(index, a, e)] of one batch item ``z``, each band cut
+    into ``split`` sub-bands (concatenated again); ``combine`` shares GroupNorm statistics."""
+    if ex.sync == "groupnorm":
+        return _sd_item(ex, z, bands, split, poll, combine)
+    return _wan_item(ex, z, bands, split, order, poll)
+
+
+def _sd_item(ex, z, bands, split: int, poll, combine) -> Iterator[Unit]:
     mid = ex.prefix(z)
     pieces = [(index, sub_bands(a, e, split)) for index, a, e in bands]
     gens = [ex.band(mid, p, q) for _, subs in pieces for p, q in subs]
     del mid  # each band holds its own rows of it
-    done = iter(lockstep.run(gens, between=poll))
+    done = iter(lockstep.run(gens, between=poll, combine=combine))
     for index, subs in pieces:
         parts = [next(done) for _ in subs]
         yield index, 0, parts[0] if len(parts) == 1 else torch.cat(parts, -2)

@@ -24,9 +24,11 @@ def combined(requests: Sequence[tuple]):
     return stats.combine([r[4] for r in requests], requests[0][3])
 
 
-def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None) -> list:
+def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
+        combine: Callable[[Sequence[tuple]], tuple] = combined) -> list:
     """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each
-    GroupNorm (interrupt checks)."""
+    GroupNorm (interrupt checks); ``combine`` turns the bands' requests into the shared
+    statistics (in a worker: a round trip to the parent, which also has the other workers' bands)."""
     requests: list = [None] * len(bands)
     results: list = [None] * len(bands)
     for i, g in enumerate(bands):
@@ -34,7 +36,7 @@ def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None
     while any(r is not None for r in requests):
         if any(r is None for r in requests):
             raise DecodeError("exact mode: a band finished before the others")
-        answer = combined(requests)
+        answer = combine(requests)
         for i, g in enumerate(bands):
             requests[i] = _advance(g, answer, results, i)
         if between is not None:

@@ -1,0 +1,87 @@
+"""Exact mode's GroupNorm statistics and band geometry, without ComfyUI."""
+from __future__ import annotations
+
+import torch
+
+from parallel_vae.exact import geometry, stats
+
+
+def large_offset_activation(seed=0, ratio=1000.0):
+    """One group whose mean is ``ratio`` times its spread: where float32 sums of squares cancel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 4, 64, 24), generator=g) + ratio
+    return x
+
+
+def band_moments(x, spans, groups=2):
+    return [stats.moments(x[:, :, :, :], groups, a, e) for a, e in spans]
+
+
+def reference(x, groups=2):
+    d = x.double().reshape(x.shape[0], groups, -1)
+    mean = d.mean(-1)
+    return mean, torch.rsqrt(d.var(-1, unbiased=False) + 1e-6)
+
+
+def test_float64_moments_over_four_bands_match_a_float64_reference_at_mean_over_std_1000():
+    x = large_offset_activation()
+    spans = geometry.split_rows(64, 4)
+    mean, rstd = stats.combine(band_moments(x, spans), 1e-6)
+    ref_mean, ref_rstd = reference(x)
+    assert ((rstd - ref_rstd) / ref_rstd).abs().max() < 1e-8
+    assert ((mean - ref_mean) / ref_mean).abs().max() < 1e-12
+
+
+def test_float32_sums_of_squares_would_fail_the_same_case():
+    """The negative control: what the float64 combine avoids (catastrophic cancellation)."""
+    x = large_offset_activation()
+    ref_mean, ref_rstd = reference(x)
+    own = x.reshape(1, 2, -1)
+    n = own.shape[-1]
+    mean32 = own.sum(-1) / n
+    var32 = (own.square().sum(-1) / n - mean32 * mean32).clamp_min(0)
+    rstd32 = torch.rsqrt(var32 + 1e-6).double()
+    assert ((rstd32 - ref_rstd) / ref_rstd).abs().max() > 1e-3
+
+
+def test_normalize_applies_the_shared_statistics_like_group_norm():
+    x = torch.randn(2, 8, 10, 6)
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    mean, rstd = stats.combine([stats.moments(x, 4, 0, 4), stats.moments(x, 4, 4, 10)], norm.eps)
+    with torch.no_grad():
+        assert (stats.normalize(x, norm, mean, rstd) - norm(x)).abs().max() < 1e-5
+
+
+def test_moments_travel_as_plain_data():
+    m = stats.moments(torch.randn(1, 8, 5, 3), 4, 1, 4)
+    back = stats.Moments.from_wire(m.as_wire())
+    assert back.count == m.count and torch.equal(back.total, m.total) and torch.equal(back.squares, m.squares)
+
+
+def test_split_rows_covers_every_row_once_in_bands_differing_by_at_most_one():
+    for height in (1, 7, 21, 64):
+        for n in (1, 2, 3, 4, 9):
+            spans = geometry.split_rows(height, n)
+            assert spans[0][0] == 0 and spans[-1][1] == height
+            assert all(e == a2 for (_, e), (a2, _) in zip(spans, spans[1:]))
+            sizes = [e - a for a, e in spans]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_band_count_follows_memory_first_then_lanes_never_bands_much_shorter_than_the_halo():
+    # 128 rows x 128 columns (1024 px), tile 512: a band holds at most 32 rows -> 4 bands
+    assert geometry.band_count(128, 128, 8, 512, 1, 13) == 4
+    assert geometry.band_count(128, 128, 8, 4096, 1, 13) == 1
+    assert geometry.band_count(128, 128, 8, 4096, 2, 13) == 2
+    assert geometry.band_count(128, 128, 8, 4096, 8, 13) == 4  # 128 // (2 * 13)
+    assert geometry.band_count(20, 8, 8, 4096, 4, 13) == 1
+
+
+def test_receptive_rows_counts_every_conv_at_its_scale():
+    layers = [torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Upsample(scale_factor=2.0),
+              torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 5, padding=2)]
+    assert geometry.receptive_rows(layers) == 1 + 0.5 + 0 + 1.0
+    assert geometry.halo_rows(2.5) == 3 and geometry.halo_rows(3.0) == 3
