@@ -1,20 +1,7 @@
 """One decode worker process: ``python -m parallel_vae.worker --conn FD --death FD``.
 
-The pool (pool.py) starts one per device. Everything it needs comes over the connection as
-plain messages (tuples), in order:
-
-  parent -> worker                                worker -> parent
-  ("init", config)                                ("up", pid) | ("init_failed", message)
-  ("load", fingerprint, recipe, block, manifest)  ("loaded", fingerprint, seconds)
-                                                  | ("load_failed", fp, message, kind)
-  ("arena", name, nbytes, slot_bytes, slots)
-  ("job", job_id, fingerprint, plan, latent)      (no reply; plan is plain data, see pool.wire_plan)
-  ("task", job_id, key, tiles)                    ("result", job_id, tile, step, slot, shape)...,
-                                                  then ("done", job_id, key) | ("failed", job_id, key, kind, msg)
-
-A task is a group of tiles (usually one). A causal group is decoded frame by frame across its
-tiles, each tile keeping its own causal cache, so a stream gets whole frames early.
-  ("free", slot)  ("cancel", job_id)  ("quit",)
+The pool (processes.py) starts one per device. Everything it needs comes over the connection as
+the records of protocol.py, which lists them in order; this module imports nothing of the pool.
 
 Weights, latents and results never travel through the connection: they sit in shared memory
 blocks the parent owns (shm.py). A recipe names a factory (``"module:callable"``) the worker
@@ -38,9 +25,9 @@ import traceback
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 
+from . import protocol as msgs
 from .errors import ModelMismatch
-
-MAX_CACHED_VAES = 2  # VAEs a worker keeps built (least recently used goes first)
+from .protocol import MAX_CACHED_VAES
 FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"  # test hook: "start", or "oom:<tile or *>:<worker name>"
 
 
@@ -99,7 +86,7 @@ class Worker:
         self.free_slots: list[int] = []
         self.job = None  # (job_id, fingerprint, plan, latent tensor, attached block)
         self.cancelled: set[int] = set()
-        self.backlog: list[tuple] = []  # tasks read while waiting for a slot
+        self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
         self.fault = os.environ.get(FAULT_ENV, "")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -190,26 +177,28 @@ class Worker:
             block.close()
 
     # -- decoding ------------------------------------------------------------------------------
-    def handle(self, msg: tuple) -> None:
-        """Messages read while a tile is decoding: bookkeeping now, the rest later in order."""
-        kind = msg[0]
-        if kind == "free":
-            self.free_slots.append(msg[1])
-        elif kind == "cancel":
-            self.cancelled.add(msg[1])
+    def send(self, record: msgs.Record) -> None:
+        msgs.send(self.conn, record)
+
+    def handle(self, record: msgs.Record) -> None:
+        """Records read while a tile is decoding: bookkeeping now, the rest later in order."""
+        if isinstance(record, msgs.Free):
+            self.free_slots.append(record.slot)
+        elif isinstance(record, msgs.Cancel):
+            self.cancelled.add(record.job_id)
         else:  # tasks, loads, jobs: in order, once the current task is over
-            self.backlog.append(msg)
+            self.backlog.append(record)
 
     def _check_cancel(self, job_id: int) -> None:
         while self.conn.poll(0):
-            self.handle(self.conn.recv())
+            self.handle(msgs.recv(self.conn))
         if job_id in self.cancelled:
             raise Cancelled
 
     def _take_slot(self, job_id: int) -> int:
         self._check_cancel(job_id)
         while not self.free_slots:
-            self.handle(self.conn.recv())  # the parent frees a slot once it has blended from it
+            self.handle(msgs.recv(self.conn))  # the parent frees a slot once it has blended from it
             if job_id in self.cancelled:
                 raise Cancelled
         return self.free_slots.pop()
@@ -240,7 +229,7 @@ class Worker:
         from . import shm
 
         if self.job is None or self.job[0] != job_id:  # its job ended before the job message arrived
-            self.conn.send(("failed", job_id, key, "cancelled", "its job is gone"))
+            self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "its job is gone"))
             return
         _, fingerprint, plan, latent, _ = self.job
         units = None
@@ -258,43 +247,46 @@ class Worker:
                 target = shm.view(self.arena.buf, torch.float32, shape, slot * self.slot_bytes)
                 target.copy_(pixels)
                 del pixels, target
-                self.conn.send(("result", job_id, tile_index, step, slot, shape))
-            self.conn.send(("done", job_id, key))
+                self.send(msgs.Result(job_id, tile_index, step, slot, shape))
+            self.send(msgs.Done(job_id, key))
         except Cancelled:
-            self.conn.send(("failed", job_id, key, "cancelled", "cancelled"))
+            self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "cancelled"))
         except torch.OutOfMemoryError as e:
             units = None  # drop the generator (and the causal caches) before emptying the cache
             gc.collect()
             self._empty_cache()
-            self.conn.send(("failed", job_id, key, "oom", f"out of memory: {e}".strip()))
+            self.send(msgs.Failed(job_id, key, msgs.Failure.OOM, f"out of memory: {e}".strip()))
         except Exception as e:  # reported to the parent, which names the device and tile
-            self.conn.send(("failed", job_id, key, "error",
-                            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+            self.send(msgs.Failed(job_id, key, msgs.Failure.ERROR,
+                                  f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+
+    def load_model(self, record: msgs.Load) -> None:
+        try:
+            seconds = self.load(record.fingerprint, record.recipe, record.block, record.nbytes, record.manifest)
+            self.send(msgs.Loaded(record.fingerprint, seconds))
+        except ModelMismatch as e:
+            self.send(msgs.LoadFailed(record.fingerprint, e.what, msgs.LoadFailure.MISMATCH))
+        except Exception as e:
+            self.send(msgs.LoadFailed(record.fingerprint, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}",
+                                      msgs.LoadFailure.ERROR))
 
     def serve(self) -> None:
+        """Records in order; a task runs to its end before the next record is taken."""
+        run = {msgs.Load: self.load_model,
+               msgs.Arena: lambda r: self.set_arena(r.name, r.nbytes, r.slot_bytes, r.slots),
+               msgs.JobData: lambda r: self.set_job(r.job_id, r.fingerprint, r.plan, r.latent),
+               msgs.Task: lambda r: self.run_task(r.job_id, r.key, r.tiles)}
         while True:
-            msg = self.backlog.pop(0) if self.backlog else self.conn.recv()
-            kind = msg[0]
-            if kind == "quit":
+            record = self.backlog.pop(0) if self.backlog else msgs.recv(self.conn)
+            if isinstance(record, msgs.Quit):
                 return
-            if kind == "load":
-                try:
-                    seconds = self.load(*msg[1:])
-                    self.conn.send(("loaded", msg[1], seconds))
-                except Exception as e:
-                    if isinstance(e, ModelMismatch):
-                        self.conn.send(("load_failed", msg[1], e.what, "mismatch"))
-                    else:
-                        self.conn.send(("load_failed", msg[1], f"{type(e).__name__}: {e}\n"
-                                                               f"{traceback.format_exc(limit=6)}", "error"))
-            elif kind == "arena":
-                self.set_arena(*msg[1:])
-            elif kind == "job":
-                self.set_job(*msg[1:])
-            elif kind == "task":
-                self.run_task(msg[1], msg[2], msg[3])
+            action = run.get(type(record))
+            if action is not None:
+                action(record)
+            elif isinstance(record, (msgs.Free, msgs.Cancel)):
+                self.handle(record)
             else:
-                self.handle(msg)
+                raise msgs.ProtocolError(f"a worker does not take {type(record).__name__} records")
 
 
 def main(argv=None) -> int:
@@ -307,18 +299,18 @@ def main(argv=None) -> int:
     conn = Connection(args.conn)
     worker = Worker(conn)
     try:
-        msg = conn.recv()
-        if msg[0] != "init":
-            raise RuntimeError(f"expected init, got {msg[0]!r}")
+        record = msgs.recv(conn)
+        if not isinstance(record, msgs.Init):
+            raise msgs.ProtocolError(f"expected init, got {record.kind!r}")
         import torch
 
         with torch.inference_mode():
             try:
-                worker.init(msg[1])
+                worker.init(record.config)
             except BaseException as e:
-                conn.send(("init_failed", f"{type(e).__name__}: {e}"))
+                worker.send(msgs.InitFailed(f"{type(e).__name__}: {e}"))
                 return 2
-            conn.send(("up", os.getpid()))
+            worker.send(msgs.Up(os.getpid()))
             worker.serve()
     except (EOFError, ConnectionError, KeyboardInterrupt):
         return 0  # the pool went away

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from parallel_vae import engine, shm
+from parallel_vae import engine, protocol, shm
 from parallel_vae.blend import allocate_output
 from parallel_vae.errors import DecodeError
 from parallel_vae.models import GenericDecoder
@@ -264,12 +264,13 @@ def test_a_task_whose_job_is_gone_is_answered_so_the_worker_stays_usable(pool2):
     task, or the pool would count it in flight forever and never give that worker another tile."""
     h = pool2.handles[0]
     h.tasks.append((10**9, 0))
-    h.send("task", 10**9, 0, (0,))
+    h.send(protocol.Task(10**9, 0, (0,)))
     deadline = time.monotonic() + 10
     answered = []
     while not answered and time.monotonic() < deadline:
-        answered = [m for w, m in pool2._receive(0.05) if w is h and m and m[:3] == ("failed", 10**9, 0)]
-    assert answered and answered[0][3] == "cancelled"
+        answered = [m for w, m in pool2.workers.receive(0.05)
+                    if w is h and isinstance(m, protocol.Failed) and (m.job_id, m.key) == (10**9, 0)]
+    assert answered and answered[0].why is protocol.Failure.CANCELLED
     h.tasks.remove((10**9, 0))
     out, report = pool_decode(pool2, toy_plan(), latent(seed=8))
     assert torch.equal(out, local_reference(toy_plan(), latent(seed=8)))

@@ -1,0 +1,136 @@
+"""The parent <-> worker messages: every record survives its wire form, the wire form is plain
+data a worker can unpickle, bad messages are clear errors, and the modules import one way."""
+from __future__ import annotations
+
+import ast
+import pickle
+from dataclasses import dataclass, fields
+from multiprocessing import Pipe
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from parallel_vae import protocol
+from parallel_vae.protocol import Failure, LoadFailure, ProtocolError
+
+EXAMPLES = [
+    protocol.Init({"name": "cpu[0]", "device": "cpu", "threads": 2, "setup": [("m", "a.b", True)], "imports": []}),
+    protocol.Load("fp", {"factory": "m:f", "kwargs": {"dtype": torch.float16}}, "pvae_1_w_ab", 4096,
+                  [("k", torch.float32, (2, 3), 0)]),
+    protocol.Arena("pvae_1_slots_cd", 1024, 512, 2),
+    protocol.JobData(7, "fp", {"causal": False, "step_frames": ((0, 1),), "tiles": [(0, (0, 0), (8, 8))]},
+                     ("pvae_1_z_ef", 256, torch.float32, (1, 4, 8, 8))),
+    protocol.Task(7, 3, (3, 4)),
+    protocol.Free(1),
+    protocol.Cancel(7),
+    protocol.Quit(),
+    protocol.Up(1234),
+    protocol.InitFailed("RuntimeError: no such device"),
+    protocol.Loaded("fp", 1.5),
+    protocol.LoadFailed("fp", "it is another model", LoadFailure.MISMATCH),
+    protocol.LoadFailed("fp", "KeyError: x", LoadFailure.ERROR),
+    protocol.Result(7, 3, 0, 1, (1, 3, 64, 64)),
+    protocol.Done(7, 3),
+    *[protocol.Failed(7, 3, why, "text") for why in Failure],
+]
+
+
+def test_the_examples_cover_every_record_of_the_protocol():
+    own = {cls for cls in protocol._KINDS.values() if cls.__module__ == protocol.__name__}
+    assert own == {type(r) for r in EXAMPLES}
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: f"{r.kind}-{getattr(r, 'why', '')}")
+def test_every_record_round_trips_through_its_plain_wire_form(record):
+    wire = record.wire()
+    assert type(wire) is tuple and wire[0] == record.kind and len(wire) == 1 + len(fields(record))
+    sent = pickle.dumps(wire)
+    assert b"parallel_vae" not in sent and b"protocol" not in sent, "a worker could not unpickle it"
+    back = protocol.parse(pickle.loads(sent))
+    assert back == record and type(back) is type(record)
+    for f in fields(record):
+        assert type(getattr(back, f.name)) is type(getattr(record, f.name))  # enums come back as enums
+
+
+def test_records_travel_over_a_connection():
+    a, b = Pipe()
+    for record in EXAMPLES:
+        protocol.send(a, record)
+        assert protocol.recv(b) == record
+
+
+def test_fields_are_read_by_name():
+    failed = protocol.parse(("failed", 7, 3, "oom", "out of memory"))
+    assert (failed.job_id, failed.key, failed.why, failed.message) == (7, 3, Failure.OOM, "out of memory")
+
+
+@pytest.mark.parametrize("msg, error", [
+    (("stats", 1, 2), r"unknown message kind 'stats' \(known: .*result"),
+    (("task", 1, 2), r"'task' message has 2 fields, expected 3 \(job_id, key, tiles\)"),
+    (("failed", 1, 2, "melted", "x"), r"'failed' message: 'melted' is not a valid Failure"),
+    ("result", "not a message"),
+    ((), "not a message"),
+    ((3, 1), "not a message"),
+])
+def test_a_bad_message_is_a_clear_error(msg, error):
+    with pytest.raises(ProtocolError, match=error):
+        protocol.parse(msg)
+
+
+def test_a_job_kind_can_register_records_of_its_own():
+    @protocol.register
+    @dataclass(frozen=True)
+    class Probe(protocol.Record):
+        kind: ClassVar[str] = "test-probe"
+        job_id: int
+        why: Failure
+
+    try:
+        assert protocol.parse(Probe(1, Failure.OOM).wire()) == Probe(1, Failure.OOM)
+        with pytest.raises(ValueError, match="already Probe"):
+            protocol.register(dataclass(frozen=True)(type("Other", (protocol.Record,), {"kind": "test-probe"})))
+    finally:
+        protocol._KINDS.pop("test-probe")
+
+
+def test_a_worker_refuses_an_unknown_message_instead_of_looping():
+    from parallel_vae.worker import Worker
+
+    parent, child = Pipe()
+    worker = Worker(child)
+    parent.send(("bogus", 1))
+    with pytest.raises(ProtocolError, match="unknown message kind 'bogus'"):
+        worker.serve()
+    protocol.send(parent, protocol.Up(1))  # a record only workers send
+    with pytest.raises(ProtocolError, match="does not take Up records"):
+        worker.serve()
+    protocol.send(parent, protocol.Free(0))
+    protocol.send(parent, protocol.Quit())
+    worker.serve()
+    assert worker.free_slots == [0]
+
+
+ENGINE = Path(protocol.__file__).parent
+OURS = {"pool", "jobs", "processes", "protocol", "worker"}
+
+
+def _ours_imported_by(module: str) -> set[str]:
+    tree = ast.parse((ENGINE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parallel_vae"):
+            found.add(node.module.split(".")[1] if "." in node.module else "")
+    return found & OURS
+
+
+def test_the_pool_modules_import_one_way():
+    """pool -> jobs -> processes -> protocol; the worker process needs only the protocol."""
+    assert _ours_imported_by("protocol") == set()
+    assert _ours_imported_by("worker") == {"protocol"}
+    assert _ours_imported_by("processes") == {"protocol"}
+    assert _ours_imported_by("jobs") <= {"processes", "protocol"}
+    assert _ours_imported_by("pool") <= {"jobs", "processes", "protocol"}
