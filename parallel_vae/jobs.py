@@ -37,7 +37,7 @@ _job_ids = itertools.count(1)
 def wire_plan(plan: Plan) -> dict:
     """What a worker needs of a plan, as builtins: the pack's classes live under a path-shaped
     module name inside ComfyUI, which a worker cannot unpickle."""
-    return {"causal": plan.kind == CAUSAL, "step_frames": tuple(plan.step_frames),
+    return {"causal": plan.kind == CAUSAL, "step_frames": tuple(plan.step_frames), "exact": plan.exact,
             "tiles": [(t.batch, tuple(t.lat_start), tuple(t.lat_size)) for t in plan.tiles]}
 
 

@@ -7,6 +7,7 @@ exits when its parent dies). One job runs at a time. The parts behind it:
 
   processes.py   the worker processes and what each holds (start, health, models, slots, stop)
   jobs.py        one job: what to hand out, result slots, back-pressure, retries, cancel
+  lockstep_job.py  exact mode's GroupNorm bands in lock-step across workers
   protocol.py    the messages between parent and worker, as named records
   worker.py      the worker process itself
 """
@@ -21,7 +22,8 @@ import torch
 from .engine import Decoded
 from .errors import DecodeError
 from .jobs import LOOKAHEAD_STEPS, SLOTS, WAIT_S, TileJob, wire_plan
-from .plan import Plan
+from .lockstep_job import LockstepJob
+from .plan import CAUSAL, Plan
 from .processes import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Workers, WorkerSpec, WorkerState
 
 __all__ = ["WorkerPool", "WorkerSpec", "ModelSource", "PoolStats", "wire_plan",
@@ -90,10 +92,16 @@ class WorkerPool:
         The caller blends each result before advancing the iterator (the pixels are a view of a
         slot that is freed then). ``poll`` runs at least every WAIT_S seconds; an exception from
         it (ComfyUI's interrupt) cancels the job in the workers and propagates. ``order="frame"``
-        decodes causal video frame by frame (schedule.lane_groups), for streams.
+        decodes causal video frame by frame (schedule.lane_groups), for streams. Exact plans of
+        GroupNorm VAEs run in lock-step (lockstep_job.py); exact Wan bands need nothing from each
+        other and are scheduled like causal tiles.
         """
         with self._lock:
-            yield from TileJob(self.workers, plan, latent, source, poll, order).run()
+            if plan.exact and plan.kind != CAUSAL:
+                job = LockstepJob(self.workers, plan, latent, source, poll)
+            else:
+                job = TileJob(self.workers, plan, latent, source, poll, order)
+            yield from job.run()
 
     def shutdown(self) -> None:
         with self._lock:

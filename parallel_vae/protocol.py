@@ -241,3 +241,32 @@ class Failed(Record):
     key: int
     why: Failure
     message: str
+
+
+# -- exact mode: GroupNorm statistics in lock-step (lockstep_job.py) ----------------------------
+@register
+@dataclass(frozen=True)
+class GroupStats(Record):
+    """A task's bands reached GroupNorm ``k``: the moments of each band's own rows, in band order
+    (exact.stats.Moments.as_wire). The worker waits for SharedStats before going on."""
+
+    kind: ClassVar[str] = "gn"
+    job_id: int
+    key: int
+    k: int
+    name: str
+    eps: float
+    moments: list
+
+
+@register
+@dataclass(frozen=True)
+class SharedStats(Record):
+    """The global (mean, rstd) of GroupNorm ``k``, float64 [B, G] as bytes, the same for every band."""
+
+    kind: ClassVar[str] = "gn_all"
+    job_id: int
+    k: int
+    mean: bytes
+    rstd: bytes
+    shape: tuple

@@ -87,6 +87,9 @@ class Worker:
         self.job = None  # (job_id, fingerprint, plan, latent tensor, attached block)
         self.cancelled: set[int] = set()
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
+        self.shared: dict[tuple[int, int], msgs.SharedStats] = {}  # (job, GroupNorm k) -> statistics
+        self.families: dict[str, str] = {}  # fingerprint -> decoder family (for exact executors)
+        self.executors: dict[str, object] = {}  # fingerprint -> exact-mode band executor, built on first use
         self.fault = os.environ.get(FAULT_ENV, "")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -118,7 +121,8 @@ class Worker:
             self.cache.move_to_end(fingerprint)
             return 0.0
         while len(self.cache) >= MAX_CACHED_VAES:
-            self.cache.popitem(last=False)
+            gone, _ = self.cache.popitem(last=False)
+            self.executors.pop(gone, None)
             gc.collect()
             self._empty_cache()
         block = shm.Attached(block_name, nbytes)
@@ -141,6 +145,7 @@ class Worker:
                                pixel_dtype=recipe.get("pixel_dtype", torch.float32),
                                latent_channels=recipe.get("latent_channels"))
         self.cache[fingerprint] = (built, decoder, block if shared else None)
+        self.families[fingerprint] = recipe["family"]
         return time.perf_counter() - start
 
     def _empty_cache(self) -> None:
@@ -184,6 +189,8 @@ class Worker:
         """Records read while a tile is decoding: bookkeeping now, the rest later in order."""
         if isinstance(record, msgs.Free):
             self.free_slots.append(record.slot)
+        elif isinstance(record, msgs.SharedStats):
+            self.shared[(record.job_id, record.k)] = record
         elif isinstance(record, msgs.Cancel):
             self.cancelled.add(record.job_id)
         else:  # tasks, loads, jobs: in order, once the current task is over
@@ -223,6 +230,39 @@ class Worker:
                     raise RuntimeError(f"the VAE stopped after {step} latent frames on tile {t}")
                 yield t, step, pixels
 
+    def _exact_units(self, fingerprint: str, job_id: int, key: int, plan, latent, tiles):
+        """(band, step, pixels) of an exact-mode task, with the family's band executor."""
+        from .exact import executor
+        from .exact import task as exact_task
+
+        decoder = self.cache[fingerprint][1]
+        ex = self.executors.get(fingerprint)
+        if ex is None:
+            ex = self.executors[fingerprint] = executor(self.families[fingerprint], decoder.module, decoder.dtype,
+                                                        self.device,
+                                                        patch_size=int(getattr(decoder.module, "patch_size", 2)))
+        combine = lambda requests: self._combine(job_id, key, requests)  # noqa: E731
+        for index, step, pixels in exact_task.run(ex, plan, latent, tiles, combine, self._empty_cache):
+            yield index, step, decoder._out(pixels)
+
+    def _combine(self, job_id: int, key: int, requests):
+        """The lock-step's round trip: this task's moments out, the item's statistics back."""
+        import torch
+
+        from .exact import lockstep
+
+        lockstep.check_same(requests)
+        _, k, name, eps, _ = requests[0]
+        self.send(msgs.GroupStats(job_id, key, k, name, eps, [r[4].as_wire() for r in requests]))
+        while (job_id, k) not in self.shared:
+            self.handle(msgs.recv(self.conn))
+            if job_id in self.cancelled:
+                raise Cancelled
+        shared = self.shared.pop((job_id, k))
+        mean = torch.frombuffer(bytearray(shared.mean), dtype=torch.float64).reshape(shared.shape)
+        rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)
+        return mean, rstd
+
     def run_task(self, job_id: int, key: int, tiles) -> None:
         import torch
 
@@ -232,15 +272,19 @@ class Worker:
             self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "its job is gone"))
             return
         _, fingerprint, plan, latent, _ = self.job
+        self.shared = {k: v for k, v in self.shared.items() if k[0] == job_id}  # drop a cancelled job's
         units = None
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
             decoder = self.cache[fingerprint][1]
-            if self.fault.startswith("oom:"):
+            if self.fault.startswith("oom:") and plan.get("split", 1) == 1:  # a split retry is let through
                 _, t, who = self.fault.split(":", 2)
                 if (t == "*" or int(t) in tiles) and who == self.name:
                     raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated out of memory on tile {t}")
-            units = self._units(decoder, plan, latent, tiles)
+            if plan.get("exact"):
+                units = self._exact_units(fingerprint, job_id, key, plan, latent, tiles)
+            else:
+                units = self._units(decoder, plan, latent, tiles)
             for tile_index, step, pixels in units:
                 slot = self._take_slot(job_id)
                 shape = tuple(pixels.shape)
@@ -283,8 +327,8 @@ class Worker:
             action = run.get(type(record))
             if action is not None:
                 action(record)
-            elif isinstance(record, (msgs.Free, msgs.Cancel)):
-                self.handle(record)
+            elif isinstance(record, (msgs.Free, msgs.Cancel, msgs.SharedStats)):
+                self.handle(record)  # statistics can arrive after their task was cancelled
             else:
                 raise msgs.ProtocolError(f"a worker does not take {type(record).__name__} records")
 

@@ -32,24 +32,31 @@ def results(ex, plan: Plan, latent: torch.Tensor, out: Callable[[torch.Tensor], 
             empty_cache: Callable[[], None] = lambda: None) -> Iterator[Unit]:
     """Every (band tile, step) of ``plan`` once, pixels through ``out`` (cast, to the output device)."""
     for batch in range(plan.batch):
-        z = latent.narrow(0, batch, 1)
-        bands = bands_of(plan, batch)
-        delivered: set = set()
-        split = 1
-        while True:
-            try:
-                for index, step, pixels in attempt(ex, z, bands, split, order, poll):
-                    if (index, step) not in delivered:
-                        delivered.add((index, step))
-                        yield plan.tiles[index], step, out(pixels)
-                break
-            except torch.OutOfMemoryError as e:
-                if split >= min(e_ - a for _, a, e_ in bands):
-                    raise DecodeError(f"exact mode ran out of memory even with bands of one latent row: {e}; "
-                                      f"use mode=tiled with a smaller tile_size") from e
-                split *= 2
-                gc.collect()
-                empty_cache()
+        for index, step, pixels in item_results(ex, latent.narrow(0, batch, 1), bands_of(plan, batch), order,
+                                                poll, empty_cache):
+            yield plan.tiles[index], step, out(pixels)
+
+
+def item_results(ex, z: torch.Tensor, bands, order: str = "tile", poll=None,
+                 empty_cache: Callable[[], None] = lambda: None) -> Iterator[Unit]:
+    """(band index, step, pixels) of one batch item's ``bands``, each once; out of memory splits
+    every band in two and decodes the item again, skipping what was delivered."""
+    delivered: set = set()
+    split = 1
+    while True:
+        try:
+            for index, step, pixels in attempt(ex, z, bands, split, order, poll):
+                if (index, step) not in delivered:
+                    delivered.add((index, step))
+                    yield index, step, pixels
+            return
+        except torch.OutOfMemoryError as e:
+            if split >= min(e_ - a for _, a, e_ in bands):
+                raise DecodeError(f"exact mode ran out of memory even with bands of one latent row: {e}; "
+                                  f"use mode=tiled with a smaller tile_size") from e
+            split *= 2
+            gc.collect()
+            empty_cache()
 
 
 def attempt(ex, z, bands, split: int = 1, order: str = "tile", poll=None,

@@ -1,0 +1,180 @@
+"""Exact mode for GroupNorm VAEs on the workers: each batch item's bands decoded in lock-step.
+
+One item at a time, its bands are cut into one contiguous group per live worker. At every
+GroupNorm each worker sends the moments of its bands' own rows (GroupStats); once every group has
+reported, the parent combines them in band order (float64) and sends every worker the same
+statistics (SharedStats). Each band's own rows come back as an ordinary Result: no blending.
+
+A lock-step cannot lose a member: when a worker dies, falls silent for LOCKSTEP_TIMEOUT_S, or runs
+out of memory, the attempt is cancelled everywhere and the item decoded again (with a fresh job id,
+so late records of the old attempt are dropped) on the workers that are left, with every band split
+in two after an out-of-memory error. The output does not depend on how the bands are grouped or
+split, so a retry gives the same pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import protocol as msgs
+from . import shm
+from .engine import Decoded
+from .errors import DecodeError
+from .exact import stats
+from .exact.geometry import bands_of, split_rows
+from .jobs import SLOTS, Job, _job_ids, _slot_bytes, wire_plan
+from .plan import Plan
+from .processes import Death, Handle, ModelSource, Workers, WorkerState
+
+log = logging.getLogger("parallel_vae")
+
+LOCKSTEP_TIMEOUT_S = float(os.environ.get("PARALLEL_VAE_LOCKSTEP_TIMEOUT", "600"))
+MAX_ATTEMPTS = 6  # per item: lost workers and out-of-memory retries together
+
+
+class LockstepJob(Job):
+    def __init__(self, workers: Workers, plan: Plan, latent: torch.Tensor, source: ModelSource,
+                 poll: Callable[[], None]):
+        super().__init__(workers, latent, source, poll, wire_plan(plan))
+        self.plan = plan
+        self.slot_bytes = _slot_bytes(plan)
+        self.item = 0
+        self.split = 1
+        self.attempts = 0
+        self.groups: dict[int, tuple[Handle, tuple[int, ...]]] = {}  # key -> (worker, band indices)
+        self.pending: set[int] = set()  # groups of the running attempt not done yet
+        self.reported: dict[int, dict[int, msgs.GroupStats]] = {}  # GroupNorm k -> key -> stats
+        self.delivered: set[int] = set()
+        self.last_heard = time.monotonic()
+
+    def finished(self) -> bool:
+        return self.item >= self.plan.batch
+
+    # -- attempts --------------------------------------------------------------------------------
+    def assign(self) -> None:
+        if self.groups or self.finished():
+            return
+        handles = self.workers.handles
+        if any(h.state is WorkerState.STARTING or h.loading for h in handles):
+            return  # a (re)starting worker joins the next attempt
+        live = [h for h in handles if self.ready(h) and not h.tasks]
+        if not live or any(h.tasks for h in handles if h.state is WorkerState.UP):
+            return  # workers still finishing (cancelling) an earlier attempt
+        live = [h for h in live if self.workers.ensure_arena(h, self.slot_bytes, SLOTS)]
+        bands = bands_of(self.plan, self.item)
+        count = min(len(live), len(bands))
+        self.plan_wire = {**self.plan_wire, "split": self.split}
+        self.reported = {}
+        self.last_heard = time.monotonic()
+        for h, (p, q) in zip(live, split_rows(len(bands), count)):
+            indices = tuple(index for index, _, _ in bands[p:q])
+            key = indices[0]
+            self.groups[key] = (h, indices)
+            self.pending.add(key)
+            self.introduce(h)
+            h.tasks.append((self.id, key))
+            h.send(msgs.Task(self.id, key, indices))
+
+    def abort(self, why: str) -> None:
+        """Cancel the running attempt everywhere; the next round starts the item again."""
+        self.attempts += 1
+        log.warning("parallel_vae: exact decode of item %d restarts (%s)", self.item, why)
+        self.workers.stats.events.append((time.time(), f"exact item {self.item} restarts: {why}"))
+        if self.attempts > MAX_ATTEMPTS:
+            raise DecodeError(f"exact mode gave up on batch item {self.item} after {MAX_ATTEMPTS} attempts "
+                              f"(last: {why}); use mode=tiled")
+        for h, _ in self.groups.values():
+            if h.state is WorkerState.UP:
+                h.send(msgs.Cancel(self.id))
+        self.groups, self.pending, self.reported = {}, set(), {}
+        self.id = next(_job_ids)  # a fresh id: records of the cancelled attempt are strays now
+
+    def item_done(self) -> None:
+        missing = [i for i, _, _ in bands_of(self.plan, self.item) if i not in self.delivered]
+        if missing:
+            raise DecodeError(f"exact mode: bands {missing} of item {self.item} never arrived")
+        self.item += 1
+        self.split, self.attempts = 1, 0
+        self.groups = {}
+
+    # -- records -----------------------------------------------------------------------------------
+    def on_message(self, h: Handle, record: msgs.Record) -> Optional[Decoded]:
+        current = getattr(record, "job_id", None) == self.id
+        if isinstance(record, msgs.GroupStats):
+            if current:
+                self.last_heard = time.monotonic()
+                self.reported.setdefault(record.k, {})[record.key] = record
+                self._share(record.k)
+            return None
+        if isinstance(record, msgs.Result):
+            if not current or record.tile in self.delivered:
+                h.send(msgs.Free(record.slot))
+                return None
+            self.delivered.add(record.tile)
+            self.last_heard = time.monotonic()
+            pixels = shm.view(h.arena.buf, torch.float32, record.shape, record.slot * h.slot_bytes)
+            return Decoded(h.name, self.plan.tiles[record.tile], record.step, pixels, h.pid, borrowed=True)
+        if isinstance(record, msgs.Done):
+            h.task_over(record.job_id, record.key)
+            if current:
+                self.pending.discard(record.key)
+                if not self.pending:
+                    self.item_done()
+            return None
+        if isinstance(record, msgs.Failed):
+            h.task_over(record.job_id, record.key)
+            if not current or record.why is msgs.Failure.CANCELLED:
+                return None
+            if record.why is msgs.Failure.OOM:
+                rows = min(e - a for _, a, e in bands_of(self.plan, self.item))
+                if self.split >= rows:
+                    raise DecodeError(f"exact mode ran out of memory on {h.name} even with bands of one latent "
+                                      f"row: {record.message}; use mode=tiled with a smaller tile_size")
+                self.split *= 2
+                self.abort(f"{h.name} ran out of memory; bands split {self.split} ways")
+                return None
+            raise DecodeError(f"{h.name} failed on exact bands {self.groups[record.key][1]}: {record.message}")
+        self.workers.on_stray(h, record)
+        return None
+
+    def _share(self, k: int) -> None:
+        got = self.reported[k]
+        if len(got) < len(self.groups):
+            return
+        ordered = [got[key] for key in sorted(self.groups)]  # groups are contiguous: band order
+        if len({(r.name, r.eps) for r in ordered}) != 1:
+            raise DecodeError(f"exact mode: workers fell out of step at GroupNorm {k} "
+                              f"({sorted({r.name for r in ordered})})")
+        parts = [stats.Moments.from_wire(m) for r in ordered for m in r.moments]
+        mean, rstd = stats.combine(parts, ordered[0].eps)
+        shared = msgs.SharedStats(self.id, k, mean.numpy().tobytes(), rstd.numpy().tobytes(), tuple(mean.shape))
+        for key in sorted(self.groups):
+            self.groups[key][0].send(shared)
+        del self.reported[k]
+
+    def on_lost(self, h: Handle) -> None:
+        in_attempt = any(o is h for o, _ in self.groups.values())
+        h.tasks = []
+        if in_attempt:
+            self.abort(f"{h.name} {h.cause}")
+        self.restart(h)
+
+    def after_round(self) -> None:
+        super().after_round()
+        if self.groups and time.monotonic() - self.last_heard > LOCKSTEP_TIMEOUT_S:
+            waiting = max(self.reported, default=None)
+            quiet = [h for key, (h, _) in self.groups.items()
+                     if key in self.pending and (waiting is None or key not in self.reported[waiting])]
+            for h in quiet:
+                log.warning("parallel_vae: %s was silent for %.0f s in an exact decode; stopping it",
+                            h.name, LOCKSTEP_TIMEOUT_S)
+                if h.proc is not None:
+                    h.proc.kill()
+                self.workers.died(h, Death.CRASHED, f"was silent for {LOCKSTEP_TIMEOUT_S:.0f} s in an exact decode")
+                self.on_lost(h)
+            if not quiet:
+                self.abort(f"no progress for {LOCKSTEP_TIMEOUT_S:.0f} s")

@@ -1,0 +1,126 @@
+"""Exact mode on worker processes (cpu:N): equal to the untiled VAE Decode, bit for bit the same as
+in ComfyUI's process at the workers' thread count whatever the number of workers, and unchanged by
+a worker killed mid lock-step, an out-of-memory band, or an interrupt."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from testkit.compare import TOL, latent, max_diff
+
+SD_Z = (2, 4, 21, 14)
+
+
+@pytest.fixture(scope="module")
+def workers(pack):
+    yield pack.nodes.workers
+    pack.nodes.workers.shutdown_pool()
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def worker_threads(pack, devices: str) -> int:
+    return pack.nodes.workers.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads
+
+
+def test_sd_exact_on_two_and_three_workers_equals_untiled_and_in_process_bit_for_bit(
+        pack, load_vae, decode, core_decode, workers, torch_threads):
+    vae, z = load_vae("sd"), latent(SD_Z, 3)
+    two = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")  # 3 bands per item: groups of 2 and 1
+    pids_two = pack.nodes.lanes.last_report.pids()
+    three = decode(z, vae, 96, 16, devices="cpu:3", mode="exact")  # one band per worker
+    assert len(pids_two) == 2 and len(pack.nodes.lanes.last_report.pids()) == 3
+    assert max_diff(two, core_decode(z, vae)) <= TOL
+    assert torch.equal(two, three)
+    assert worker_threads(pack, "cpu:2") == worker_threads(pack, "cpu:3")
+    torch_threads(worker_threads(pack, "cpu:3"))
+    assert torch.equal(three, decode(z, vae, 512, 16, devices="cpu", mode="exact")), "one band in-process"
+
+
+def test_wan_exact_on_two_workers_equals_untiled_and_streams_in_frame_order(
+        pack, load_vae, decode, core_decode, stream_of, to_images, workers):
+    vae, z = load_vae("wan21"), latent((1, 16, 4, 19, 8), 5)
+    ours = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
+    assert len(pack.nodes.lanes.last_report.pids()) == 2
+    assert max_diff(ours, core_decode(z, vae)) <= TOL
+    streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu:2", mode="exact"))
+    assert max_diff(streamed, ours) == 0.0
+
+
+def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(pack, load_vae, decode, workers):
+    vae, z = load_vae("sd"), latent((1, 4, 30, 8), 6)
+    clean = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
+    pool = workers.current_pool()
+    victim = pool.pids()["cpu[1]"]
+    restarts = pool.stats.restarts
+    seen = []
+
+    def kill_mid_lockstep():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            h = next(h for h in pool.handles if h.name == "cpu[1]")
+            if h.tasks:
+                time.sleep(0.3)  # inside the lock-step by now (it takes seconds)
+                seen.append(list(h.tasks))
+                os.kill(victim, signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_mid_lockstep)
+    killer.start()
+    again = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
+    killer.join()
+    assert seen, "the worker never got a task"
+    assert pool.stats.restarts == restarts + 1
+    assert any("restarts" in text for _, text in pool.stats.events)
+    assert torch.equal(again, clean)
+    source = workers.model_source(vae, pack.nodes.vae_info.describe(vae), pack.parallel_vae.devices.parse("cpu:2"))
+    ready = pool.wait_ready(source)
+    assert len(ready) == 2 and victim not in ready.values()
+
+
+def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_output(
+        pack, load_vae, decode, workers, monkeypatch):
+    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
+
+    vae, z = load_vae("sd"), latent((1, 4, 30, 8), 7)
+    clean = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
+    workers.shutdown_pool()
+    monkeypatch.setenv(FAULT_ENV, "oom:2:cpu[1]")  # the group holding band 2 fails until split
+    try:
+        again = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
+        events = [text for _, text in workers.current_pool().stats.events]
+    finally:
+        workers.shutdown_pool()
+        monkeypatch.delenv(FAULT_ENV)
+    assert any("out of memory; bands split 2 ways" in text for text in events), events
+    assert torch.equal(again, clean)
+
+
+def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succeeds(
+        comfy, pack, load_vae, decode, core_decode, workers):
+    import comfy.model_management as mm
+
+    vae = load_vae("sd")
+    decode(latent((1, 4, 8, 8), 19), vae, 64, 16, devices="cpu:2", mode="exact")  # warm
+    z = latent((1, 4, 64, 40), 20)  # tens of seconds on two CPU workers
+    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(mm.InterruptProcessingException):
+        decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
+    returned = time.monotonic() - start
+    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
+    assert not mm.processing_interrupted()
+    small = latent((1, 4, 10, 10), 21)
+    assert max_diff(decode(small, vae, 64, 16, devices="cpu:2", mode="exact"), core_decode(small, vae)) <= TOL
