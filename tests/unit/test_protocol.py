@@ -34,6 +34,8 @@ EXAMPLES = [
     protocol.Result(7, 3, 0, 1, (1, 3, 64, 64)),
     protocol.Done(7, 3),
     *[protocol.Failed(7, 3, why, "text") for why in Failure],
+    protocol.GroupStats(7, 3, 0, "up.0.norm1", 1e-6, [(64, b"\x00" * 16, b"\x00" * 16, (1, 2))]),  # Moments.as_wire
+    protocol.SharedStats(7, 0, b"\x00" * 16, b"\x00" * 16, (1, 2)),
 ]
 
 
