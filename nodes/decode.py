@@ -44,6 +44,11 @@ TOOLTIPS = {
                "cpu:N, decode on persistent worker processes (one per device, kept between prompts; tiles go to "
                "whichever is free). One device (cpu, or a single GPU) decodes inside ComfyUI. A device that is "
                "not visible is an error.",
+    "mode": "exact: the same image as the untiled VAE Decode (no seams), computed in row bands spread over the "
+            "devices; each band decodes its rows plus a margin as wide as the decoder's reach, and image VAEs "
+            "share their normalisation statistics across bands. Supported: " + "; ".join(exact.SUPPORTED) + ". "
+            "tiled: the same result as VAE Decode (Tiled), seams included. auto: exact where the VAE supports "
+            "it, else tiled.",
 }
 
 

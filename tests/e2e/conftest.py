@@ -10,7 +10,7 @@ from testkit.server import ComfyServer, prepare_base
 
 def new_server(base, vae_dir) -> ComfyServer:
     base = prepare_base(base)
-    for family in ("sd", "wan21"):
+    for family in ("sd", "wan21", "taehv"):  # taehv: a VAE without an exact executor
         path = random_vaes.ensure_vae_file(family, vae_dir)
         (base / "models" / "vae" / path.name).symlink_to(path)
     return ComfyServer(base)

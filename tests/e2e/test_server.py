@@ -21,6 +21,9 @@ def test_object_info_lists_the_node_with_its_inputs(server):
     assert [required[n][1]["default"] for n in INPUTS[3:]] == [64, 64, 8, "auto"]
     assert all(required[n][1].get("tooltip") for n in INPUTS)
     assert "never cut in time" in required["temporal_size"][1]["tooltip"]
+    mode = info["input"]["optional"]["mode"]  # optional: prompts written before it still validate
+    assert all(m in json.dumps(mode) for m in ('"auto"', '"exact"', '"tiled"'))
+    assert mode[-1]["default"] == "auto" and "untiled VAE Decode" in mode[-1]["tooltip"]
     assert info["output"] == ["IMAGE"]
 
 
@@ -37,7 +40,7 @@ def test_image_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_
     values = [p["value"] for p in progress]  # ComfyUI 0.9.2+ throttles updates: some values, in order
     assert values and values == sorted(set(values)) and set(values) <= set(range(1, 29))
     assert values[-1] == 28 and {p["max"] for p in progress} == {28}
-    assert run.progress_texts("3")[-1] == "cpu 28/28 (in-process)"
+    assert run.progress_texts("3")[-1] == "cpu 28/28 (tiled, 28 tiles, in-process)"
 
 
 def test_wan_video_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_latent):
