@@ -1,9 +1,10 @@
 """make demo: run the example workflows on a real headless ComfyUI.
 
 Starts ComfyUI (CPU when there is no GPU) with the pack and posts to /prompt:
-1. example_workflows/parallel_vae_decode_api.json, then the same graph with VAE Decode (Tiled) in
-   place of Parallel Tiled VAE Decode; prints where the images landed, how long each decode took,
-   and the largest pixel difference between the two.
+1. example_workflows/parallel_vae_decode_api.json (mode auto), then the same graph with ComfyUI's
+   own node for the mode that ran in place of Parallel Tiled VAE Decode: VAE Decode for exact mode,
+   VAE Decode (Tiled) for tiled mode; prints where the images landed, how long each decode took, and
+   the largest pixel difference between the two.
 2. example_workflows/parallel_vae_video_api.json (Parallel Tiled VAE Decode (Stream) -> Save Video
    (Stream)); prints the saved video, read back with PyAV, and when the first preview frame arrived.
 """
@@ -60,24 +61,37 @@ def main() -> int:
 
     ours = prompts.example_prompt(assets.vae_name, assets.latent_name)
     settings = {k: ours["3"]["inputs"][k] for k in prompts.SETTINGS}
-    core = prompts.example_prompt(assets.vae_name, assets.latent_name)
-    core["3"] = prompts.vae_decode_tiled(settings)
+    tiled = prompts.example_prompt(assets.vae_name, assets.latent_name)
+    tiled["3"] = prompts.vae_decode_tiled(settings)
     if assets.causal:  # compare with a temporal tile covering every frame: ours never cuts time
-        core["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.latent_shape[2])
-        print(f"causal video VAE: VAE Decode (Tiled) runs with temporal_size={core['3']['inputs']['temporal_size']} "
-              f"so that it does not cut time either")
-    core["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode_tiled"
+        tiled["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.latent_shape[2])
+    tiled["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode_tiled"
+    untiled = prompts.example_prompt(assets.vae_name, assets.latent_name)
+    untiled["3"] = {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}}
+    untiled["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode"
 
     video = demo_assets.prepare_video(BASE)
     t0 = time.monotonic()
     with ComfyServer(BASE) as server:
         print(f"ComfyUI started in {time.monotonic() - t0:.1f} s at {server.url} (log: {server.log_path})")
+        run = server.run(ours)
+        if not run.ok:
+            print(f"Parallel Tiled VAE Decode failed: {run.error or run.response}\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        text = run.progress_texts("3")[-1]
+        exact = "(exact," in text
+        core_label = "VAE Decode" if exact else "VAE Decode (Tiled)"
+        print(f"Parallel Tiled VAE Decode ran in {'exact' if exact else 'tiled'} mode ({text}); comparing with "
+              f"{core_label}" + ("" if exact or not assets.causal else
+                                 f" with temporal_size={tiled['3']['inputs']['temporal_size']}, so that it does not "
+                                 f"cut time either"))
         results = {}
-        for label, prompt in (("Parallel Tiled VAE Decode", ours), ("VAE Decode (Tiled)", core)):
-            run = server.run(prompt)
-            if not run.ok:
-                print(f"{label} failed: {run.error or run.response}\n{server.log_tail()}", file=sys.stderr)
-                return 1
+        for label, prompt in (("Parallel Tiled VAE Decode", None), (core_label, untiled if exact else tiled)):
+            if prompt is not None:
+                run = server.run(prompt)
+                if not run.ok:
+                    print(f"{label} failed: {run.error or run.response}\n{server.log_tail()}", file=sys.stderr)
+                    return 1
             images = saved_images(server, run, "4")
             files = [BASE / "output" / f["subfolder"] / f["filename"] for f in run.outputs("4")["images"]]
             results[label] = images
@@ -85,7 +99,7 @@ def main() -> int:
                   f"{run.node_seconds('3'):.2f} s -> {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""))
         a, b = results.values()
         diff = abs(a - b)
-        print(f"max abs difference vs VAE Decode (Tiled): {int(diff.max())}/255 on 8-bit PNGs; "
+        print(f"max abs difference vs {core_label}: {int(diff.max())}/255 on 8-bit PNGs; "
               f"identical pixels: {100 * (diff == 0).mean():.2f}%")
         print("(float32 equality within 1e-4 is what `make test` checks; see README 'Correctness')\n")
         return video_demo(server, video)

@@ -11,18 +11,18 @@ from testkit.compare import TOL, latent, max_diff
 SD_Z = (2, 4, 21, 14)  # batch 2, not square, 21 rows: no band count here divides it
 
 
-# a band's own rows hold at most tile_size^2 pixels: 14 latent columns are 112 px wide
-@pytest.mark.parametrize("tile_size,bands", [(512, 1), (128, 2), (96, 3)])
-def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_counts(
-        pack, load_vae, decode, core_decode, tile_size, bands):
+def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_counts(pack, load_vae, decode,
+                                                                                      core_decode):
     vae = load_vae("sd")
     z = latent(SD_Z, 3)
-    ours = decode(z, vae, tile_size, 16, devices="cpu", mode="exact")
-    assert len(pack.nodes.lanes.last_report.units) == bands * SD_Z[0], "band count"
     ref = core_decode(z, vae)
-    assert max_diff(ours, ref) <= TOL
-    one_band = decode(z, vae, 512, 64, devices="cpu", mode="exact")
-    assert torch.equal(ours, one_band), f"{bands} bands differ from one band"
+    outputs = {}
+    # a band's own rows hold at most tile_size^2 pixels: 14 latent columns are 112 px wide
+    for tile_size, bands in ((512, 1), (128, 2), (96, 3)):
+        outputs[bands] = decode(z, vae, tile_size, 64, devices="cpu", mode="exact")
+        assert len(pack.nodes.lanes.last_report.units) == bands * SD_Z[0], "band count"
+        assert max_diff(outputs[bands], ref) <= TOL, f"{bands} bands"
+    assert torch.equal(outputs[2], outputs[1]) and torch.equal(outputs[3], outputs[1])
 
 
 def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode):
@@ -34,20 +34,20 @@ def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core
     assert torch.equal(three, decode(z, vae, 512, 64, devices="cpu", mode="exact"))
 
 
-@pytest.mark.parametrize("family,shape,tile_size,bands", [
-    ("wan21", (1, 16, 4, 19, 8), 64, 3),
-    ("wan22", (1, 48, 2, 9, 2), 64, 2),
+@pytest.mark.parametrize("family,shape,bands", [
+    ("wan21", (1, 16, 4, 19, 4), 2),  # 4 latent frames: 1, then pairs or singles (as the decoder takes them)
+    ("wan22", (1, 48, 2, 9, 2), 2),
 ])
 def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, stream_of, to_images,
-                                             family, shape, tile_size, bands):
+                                             family, shape, bands):
     vae = load_vae(family)
     z = latent(shape, 5)
-    ours = decode(z, vae, tile_size, 16, devices="cpu", mode="exact")
+    ours = decode(z, vae, 64, 16, devices="cpu", mode="exact")
     assert len({t for t, *_ in pack.nodes.lanes.last_report.units}) == bands
-    ref = core_decode(z, vae)
-    assert max_diff(ours, ref) <= TOL
-    streamed = to_images(stream_of(z, vae, tile_size, 16, devices="cpu", mode="exact"))
-    assert torch.equal(streamed, ours), "the stream (frame order) differs from the IMAGE node (band order)"
+    assert max_diff(ours, core_decode(z, vae)) <= TOL
+    if family == "wan21":  # the stream walks frames (every band's cache alive), the IMAGE node bands
+        streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu", mode="exact"))
+        assert torch.equal(streamed, ours), "the stream (frame order) differs from the IMAGE node (band order)"
 
 
 def test_the_default_mode_is_exact_for_sd_and_tiled_for_taehv(pack, load_vae, decode, core_decode, core_tiled):
