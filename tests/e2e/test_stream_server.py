@@ -48,7 +48,7 @@ def test_png_sequence_equals_parallel_decode_frame_for_frame_with_live_previews_
     prompt = video_prompt(WAN, "stream_png.latent", "e2e/stream_png/video", format="png", devices="cpu:2", **SMALL)
     prompt["5"] = {"class_type": "ParallelVAEDecode",
                    "inputs": {"samples": ["2", 0], "vae": ["1", 0], "tile_size": 64, "overlap": 16,
-                              "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu:2"}}
+                              "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu:2", "mode": "tiled"}}
     # (the same devices as the stream: one CPU thread per worker sums in another order than two)
     prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "e2e/stream_png/img"}}
     run = server.run(prompt)
