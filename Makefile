@@ -39,6 +39,7 @@ bench: setup
 	$(VPY) benchmarks/bench_decode.py
 	$(VPY) benchmarks/bench_workers.py
 	$(VPY) benchmarks/bench_stream.py
+	$(VPY) benchmarks/bench_exact.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis
