@@ -154,11 +154,5 @@ def bands_of(plan: Plan, batch: int) -> list[tuple[int, int, int]]:
     return [(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
 
 
-def resplit(plan: Plan, bands: int) -> Plan:
-    """The same plan with more bands (the output does not depend on the band count)."""
-    scales = plan.scales
-    return plan_exact(plan.latent_shape, scales, plan.out_shape[1], bands, plan.halo)
-
-
 __all__ = ["Window", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
-           "resplit", "split_rows"]
+           "split_rows"]

@@ -94,3 +94,11 @@ def to_images(pack):
             return pack.nodes.ParallelVAEStreamToImages.execute(stream).result[0]
 
     return run
+
+
+@pytest.fixture
+def torch_threads():
+    """Run a block with another torch thread count (float sums depend on it), restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

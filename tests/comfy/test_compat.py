@@ -65,14 +65,6 @@ def test_a_stepper_that_disagrees_with_decode_falls_back_to_whole_tiles(pack, lo
     assert models.make_decoder("wan21", vae.first_stage_model, vae.vae_dtype, vae.device, latent_channels=16).can_step
 
 
-@pytest.fixture
-def torch_threads():
-    """Run a block with another torch thread count (float sums depend on it), restored after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("family", sorted(CHANNELS))
 @pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
 def test_causal_decode_with_a_whole_frame_tile_is_bit_identical_to_vae_decode(pack, load_vae, decode, core_decode,

@@ -22,13 +22,6 @@ def workers(pack):
     pack.nodes.workers.shutdown_pool()
 
 
-@pytest.fixture
-def torch_threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def worker_threads(pack, devices: str) -> int:
     return pack.nodes.workers.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads
 
