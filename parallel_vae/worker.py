@@ -79,7 +79,8 @@ class Heap:
     glibc returns the top of its heap to the kernel whenever more than 32 MiB of it are free
     (twice its adaptive mmap threshold), and a decode crosses that mark several times per tile:
     every regrowth is fresh zeroed pages, about 25,000 page faults (100 MiB) per 128-pixel SD tile
-    on the CPU, a few percent of the decode. Blocks over 32 MiB are mapped afresh either way.
+    on the CPU. Keeping them made a 2-thread CPU worker about 7% faster (docs/BENCHMARKS.md).
+    Blocks over 32 MiB are mapped afresh either way.
     ``PARALLEL_VAE_KEEP_HEAP=0`` leaves glibc's defaults (benchmarks compare the two).
     """
 
