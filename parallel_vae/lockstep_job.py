@@ -1,9 +1,11 @@
 """Exact mode for GroupNorm VAEs on the workers: each batch item's bands decoded in lock-step.
 
 One item at a time, its bands are cut into one contiguous group per live worker. At every
-GroupNorm each worker sends the moments of its bands' own rows (GroupStats); once every group has
-reported, the parent combines them in band order (float64) and sends every worker the same
-statistics (SharedStats). Each band's own rows come back as an ordinary Result: no blending.
+GroupNorm each worker sends the row moments of its bands (GroupStats); once every group has
+reported, the parent combines them in row order (float64) and sends every worker the same
+statistics (SharedStats). Before every conv that reads across band edges each worker sends the
+outer edge rows of its group (GroupRows) and gets its neighbours' back (SharedRows). Each band's
+rows come back as an ordinary Result: no blending.
 
 A lock-step cannot lose a member: when a worker dies, falls silent for LOCKSTEP_TIMEOUT_S, or runs
 out of memory, the attempt is cancelled everywhere and the item decoded again (with a fresh job id,
@@ -47,7 +49,7 @@ class LockstepJob(Job):
         self.attempts = 0
         self.groups: dict[int, tuple[Handle, tuple[int, ...]]] = {}  # key -> (worker, band indices)
         self.pending: set[int] = set()  # groups of the running attempt not done yet
-        self.reported: dict[int, dict[int, msgs.GroupStats]] = {}  # GroupNorm k -> key -> stats
+        self.reported: dict[int, dict[int, msgs.Record]] = {}  # sync point k -> key -> GroupStats/GroupRows
         self.delivered: set[int] = set()
         self.last_heard = time.monotonic()
 
@@ -104,7 +106,7 @@ class LockstepJob(Job):
     # -- records -----------------------------------------------------------------------------------
     def on_message(self, h: Handle, record: msgs.Record) -> Optional[Decoded]:
         current = getattr(record, "job_id", None) == self.id
-        if isinstance(record, msgs.GroupStats):
+        if isinstance(record, (msgs.GroupStats, msgs.GroupRows)):
             if current:
                 self.last_heard = time.monotonic()
                 self.reported.setdefault(record.k, {})[record.key] = record
@@ -145,16 +147,23 @@ class LockstepJob(Job):
         got = self.reported[k]
         if len(got) < len(self.groups):
             return
-        ordered = [got[key] for key in sorted(self.groups)]  # groups are contiguous: band order
-        if len({(r.name, r.eps) for r in ordered}) != 1:
-            raise DecodeError(f"exact mode: workers fell out of step at GroupNorm {k} "
+        keys = sorted(self.groups)  # groups are contiguous: band order
+        ordered = [got[key] for key in keys]
+        if len({(type(r), r.name) for r in ordered}) != 1:
+            raise DecodeError(f"exact mode: workers fell out of step at sync point {k} "
                               f"({sorted({r.name for r in ordered})})")
+        del self.reported[k]
+        if isinstance(ordered[0], msgs.GroupRows):
+            for i, key in enumerate(keys):
+                above = ordered[i - 1].bottom if i else None
+                below = ordered[i + 1].top if i + 1 < len(ordered) else None
+                self.groups[key][0].send(msgs.SharedRows(self.id, k, above, below))
+            return
         parts = [stats.Moments.from_wire(m) for r in ordered for m in r.moments]
         mean, rstd = stats.combine(parts, ordered[0].eps)
         shared = msgs.SharedStats(self.id, k, mean.numpy().tobytes(), rstd.numpy().tobytes(), tuple(mean.shape))
-        for key in sorted(self.groups):
+        for key in keys:
             self.groups[key][0].send(shared)
-        del self.reported[k]
 
     def on_lost(self, h: Handle) -> None:
         in_attempt = any(o is h for o, _ in self.groups.values())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 MAX_CACHED_VAES = 2  # VAEs a worker keeps built (least recently used goes first); the parent mirrors it
 
@@ -243,7 +243,7 @@ class Failed(Record):
     message: str
 
 
-# -- exact mode: GroupNorm statistics in lock-step (lockstep_job.py) ----------------------------
+# -- exact mode: GroupNorm statistics and conv edge rows in lock-step (lockstep_job.py) ----------
 @register
 @dataclass(frozen=True)
 class GroupStats(Record):
@@ -270,3 +270,31 @@ class SharedStats(Record):
     mean: bytes
     rstd: bytes
     shape: tuple
+
+
+@register
+@dataclass(frozen=True)
+class GroupRows(Record):
+    """A task's bands reached the conv at sync point ``k``: the top rows of its first band and the
+    bottom rows of its last (exact.lockstep.rows_to_wire). The worker waits for SharedRows."""
+
+    kind: ClassVar[str] = "rows"
+    job_id: int
+    key: int
+    k: int
+    name: str
+    top: tuple
+    bottom: tuple
+
+
+@register
+@dataclass(frozen=True)
+class SharedRows(Record):
+    """What lies beyond a task's bands at sync point ``k``: the bottom rows of the group above and
+    the top rows of the group below (None at the image's edge)."""
+
+    kind: ClassVar[str] = "rows_all"
+    job_id: int
+    k: int
+    above: Optional[tuple]
+    below: Optional[tuple]

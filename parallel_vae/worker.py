@@ -123,7 +123,7 @@ class Worker:
         self.job = None  # (job_id, fingerprint, plan, latent tensor, attached block)
         self.cancelled: set[int] = set()
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
-        self.shared: dict[tuple[int, int], msgs.SharedStats] = {}  # (job, GroupNorm k) -> statistics
+        self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> SharedStats/SharedRows
         self.families: dict[str, str] = {}  # fingerprint -> decoder family (for exact executors)
         self.executors: dict[str, object] = {}  # fingerprint -> exact-mode band executor, built on first use
         self.fault = os.environ.get(FAULT_ENV, "")
@@ -227,7 +227,7 @@ class Worker:
         """Records read while a tile is decoding: bookkeeping now, the rest later in order."""
         if isinstance(record, msgs.Free):
             self.free_slots.append(record.slot)
-        elif isinstance(record, msgs.SharedStats):
+        elif isinstance(record, (msgs.SharedStats, msgs.SharedRows)):
             self.shared[(record.job_id, record.k)] = record
         elif isinstance(record, msgs.Cancel):
             self.cancelled.add(record.job_id)
@@ -279,27 +279,36 @@ class Worker:
             ex = self.executors[fingerprint] = executor(self.families[fingerprint], decoder.module, decoder.dtype,
                                                         self.device,
                                                         patch_size=int(getattr(decoder.module, "patch_size", 2)))
-        combine = lambda requests: self._combine(job_id, key, requests)  # noqa: E731
-        for index, step, pixels in exact_task.run(ex, plan, latent, tiles, combine, self._empty_cache):
+        answer = lambda requests: self._answer(job_id, key, requests)  # noqa: E731
+        for index, step, pixels in exact_task.run(ex, plan, latent, tiles, answer, self._empty_cache):
             yield index, step, decoder._out(pixels)
 
-    def _combine(self, job_id: int, key: int, requests):
-        """The lock-step's round trip: this task's moments out, the item's statistics back."""
+    def _answer(self, job_id: int, key: int, requests) -> list:
+        """The lock-step's round trip: this task's part out (moments, or its outer edge rows), the
+        item's statistics or the neighbouring groups' edge rows back; one answer per band."""
         import torch
 
         from .exact import lockstep
 
         lockstep.check_same(requests)
-        _, k, name, eps, _ = requests[0]
-        self.send(msgs.GroupStats(job_id, key, k, name, eps, [r[4].as_wire() for r in requests]))
+        what, k, name = requests[0][:3]
+        if what == "rows":
+            self.send(msgs.GroupRows(job_id, key, k, name, lockstep.rows_to_wire(requests[0][3]),
+                                     lockstep.rows_to_wire(requests[-1][4])))
+        else:
+            self.send(msgs.GroupStats(job_id, key, k, name, requests[0][3], [r[4].as_wire() for r in requests]))
         while (job_id, k) not in self.shared:
             self.handle(msgs.recv(self.conn))
             if job_id in self.cancelled:
                 raise Cancelled
         shared = self.shared.pop((job_id, k))
+        if what == "rows":
+            device = requests[0][3].device
+            return lockstep.neighbours(requests, lockstep.rows_from_wire(shared.above, device),
+                                       lockstep.rows_from_wire(shared.below, device))
         mean = torch.frombuffer(bytearray(shared.mean), dtype=torch.float64).reshape(shared.shape)
         rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)
-        return mean, rstd
+        return [(mean, rstd)] * len(requests)
 
     def run_task(self, job_id: int, key: int, tiles) -> None:
         import torch
@@ -369,8 +378,8 @@ class Worker:
             if action is not None:
                 action(record)
                 self.busy = True
-            elif isinstance(record, (msgs.Free, msgs.Cancel, msgs.SharedStats)):
-                self.handle(record)  # statistics can arrive after their task was cancelled
+            elif isinstance(record, (msgs.Free, msgs.Cancel, msgs.SharedStats, msgs.SharedRows)):
+                self.handle(record)  # statistics and rows can arrive after their task was cancelled
             else:
                 raise msgs.ProtocolError(f"a worker does not take {type(record).__name__} records")
 

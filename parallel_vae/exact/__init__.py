@@ -49,11 +49,11 @@ __all__ = ["SUPPORTED", "SdExact", "Unsupported", "WanExact", "executor", "plan"
 
 def plan(family: str, model, latent_shape, scales, out_channels: int, tile_size: int, lanes: int):
     """The exact plan: bands sized by ``tile_size`` (a band's own rows hold at most tile_size^2
-    output pixels) and spread over ``lanes``, with the halo the decoder's layers need."""
+    output pixels) and spread over ``lanes``, with the halo the decoder's layers need (none where
+    bands exchange their conv edges)."""
     from .geometry import band_count, halo_rows, plan_exact
 
-    rf = SdExact.rf_rows(model.decoder) if family == "image" else WanExact.rf_rows(model.decoder)
-    halo = halo_rows(rf)
+    halo = SdExact.halo if family == "image" else halo_rows(WanExact.rf_rows(model.decoder))
     height, width = latent_shape[-2], latent_shape[-1]
     bands = band_count(height, width, scales[-1].factor, tile_size, lanes, halo)
     return plan_exact(latent_shape, scales, out_channels, bands, halo)

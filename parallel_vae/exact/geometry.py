@@ -1,44 +1,22 @@
 """Exact mode geometry: row bands, their halo, and the plan that carries them.
 
-A band owns latent rows ``[a, e)`` of one batch item and reads the mid-block output rows
-``[a - halo, e + halo)`` (clipped at the image). The halo covers the up path's receptive field,
-worked out from the layers themselves (``receptive_rows``), never tuned: a smaller halo only
-looks right for some weights.
+A band owns latent rows ``[a, e)`` of one batch item. Where bands cannot exchange rows as they go
+(Wan's causal caches), a band reads the mid-block output rows ``[a - halo, e + halo)`` (clipped at
+the image). The halo covers the up path's receptive field, worked out from the layers themselves
+(``receptive_rows``), never tuned: a smaller halo only looks right for some weights.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from ..plan import CAUSAL, IMAGE, AxisScale, Plan, Tile
 
 MIN_ROWS_PER_HALO = 2  # bands much shorter than their halo mostly recompute their neighbours
-
-
-@dataclass(frozen=True)
-class Window:
-    """Global rows ``[g0, g1)`` of a band's tensor at one scale, of ``height`` rows in all."""
-
-    g0: int
-    g1: int
-    height: int
-
-    @property
-    def top_inside(self) -> bool:  # an interior edge: its rows go bad as convs zero-pad there
-        return self.g0 > 0
-
-    @property
-    def bottom_inside(self) -> bool:
-        return self.g1 < self.height
-
-    def shrink(self, rows: int) -> "Window":
-        """After a conv that spreads ``rows`` rows: interior edges lose them (they are cropped)."""
-        return Window(self.g0 + (rows if self.top_inside else 0), self.g1 - (rows if self.bottom_inside else 0),
-                      self.height)
-
-    def scaled(self, factor: int) -> "Window":
-        return Window(self.g0 * factor, self.g1 * factor, self.height * factor)
+# oneDNN takes another conv algorithm for inputs a few rows high, whose rows differ from a tall
+# input's in the last bit: bands of at least this many latent rows keep the output bit-identical
+# whatever the band count (unless tile_size asks for smaller ones)
+MIN_BAND_ROWS = 8
 
 
 def conv_spread(module) -> int:
@@ -111,10 +89,11 @@ def split_rows(height: int, bands: int) -> list[tuple[int, int]]:
 def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: int, halo: int) -> int:
     """How many bands: at least enough that a band's own rows hold at most tile_size x tile_size
     output pixels (the memory bound, as a tile), and one per lane where the rows allow bands of
-    at least MIN_ROWS_PER_HALO halos (more lanes than that would mostly recompute halos)."""
+    at least MIN_BAND_ROWS rows and MIN_ROWS_PER_HALO halos (more lanes than that would mostly
+    recompute halos)."""
     rows_max = max(1, (tile_size * tile_size) // max(1, width * px_per_row * px_per_row))
     for_memory = -(-height // rows_max)
-    for_lanes = min(max(1, lanes), max(1, height // max(1, MIN_ROWS_PER_HALO * halo)))
+    for_lanes = min(max(1, lanes), max(1, height // max(MIN_BAND_ROWS, MIN_ROWS_PER_HALO * halo)))
     return min(height, max(for_memory, for_lanes))
 
 
@@ -154,5 +133,5 @@ def bands_of(plan: Plan, batch: int) -> list[tuple[int, int, int]]:
     return [(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["Window", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
+__all__ = ["band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
            "split_rows"]

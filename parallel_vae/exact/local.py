@@ -60,20 +60,21 @@ def item_results(ex, z: torch.Tensor, bands, order: str = "tile", poll=None,
 
 
 def attempt(ex, z, bands, split: int = 1, order: str = "tile", poll=None,
-            combine: Callable = lockstep.combined) -> Iterator[Unit]:
+            answer: Callable = lockstep.answers) -> Iterator[Unit]:
     """(band index, step, pixels) of ``bands`` [(index, a, e)] of one batch item ``z``, each band cut
-    into ``split`` sub-bands (concatenated again); ``combine`` shares GroupNorm statistics."""
+    into ``split`` sub-bands (concatenated again); ``answer`` answers the bands' sync points
+    (GroupNorm statistics, conv edge rows)."""
     if ex.sync == "groupnorm":
-        return _sd_item(ex, z, bands, split, poll, combine)
+        return _sd_item(ex, z, bands, split, poll, answer)
     return _wan_item(ex, z, bands, split, order, poll)
 
 
-def _sd_item(ex, z, bands, split: int, poll, combine) -> Iterator[Unit]:
+def _sd_item(ex, z, bands, split: int, poll, answer) -> Iterator[Unit]:
     mid = ex.prefix(z)
     pieces = [(index, sub_bands(a, e, split)) for index, a, e in bands]
     gens = [ex.band(mid, p, q) for _, subs in pieces for p, q in subs]
     del mid  # each band holds its own rows of it
-    done = iter(lockstep.run(gens, between=poll, combine=combine))
+    done = iter(lockstep.run(gens, between=poll, answer=answer))
     for index, subs in pieces:
         parts = [next(done) for _ in subs]
         yield index, 0, parts[0] if len(parts) == 1 else torch.cat(parts, -2)

@@ -1,34 +1,61 @@
-"""Run bands that exchange GroupNorm statistics in lock-step, in one thread (one device).
+"""Run bands that exchange GroupNorm statistics and conv edge rows in lock-step, in one thread.
 
-Every band is a generator (sd.SdExact.band) that yields ("gn", k, name, eps, Moments) and waits
-for (mean, rstd). The coordinator checks that all bands reached the same GroupNorm, combines
-their moments in band order and sends every band the same statistics.
+Every band is a generator (sd.SdExact.band) that yields a request at each sync point:
+("gn", k, name, eps, Moments), answered with the global (mean, rstd), or
+("rows", k, name, top, bottom), answered with (the band above's bottom rows, the band below's top
+rows). The coordinator checks that all bands reached the same sync point and answers each band.
 """
 from __future__ import annotations
 
 from typing import Callable, Generator, Optional, Sequence
+
+import torch
 
 from ..errors import DecodeError
 from . import stats
 
 
 def check_same(requests: Sequence[tuple]) -> None:
-    keys = {(r[1], r[2]) for r in requests}
+    keys = {(r[0], r[1], r[2]) for r in requests}
     if len(keys) != 1:
-        raise DecodeError(f"exact mode: bands fell out of step at GroupNorm {sorted(keys)}")
+        raise DecodeError(f"exact mode: bands fell out of step at {sorted(keys)}")
 
 
-def combined(requests: Sequence[tuple]):
-    """(mean, rstd) for the bands' requests, in the order given (band order)."""
+def neighbours(requests: Sequence[tuple], above=None, below=None) -> list:
+    """(rows above, rows below) for each of the contiguous bands of ``requests``; ``above`` and
+    ``below`` are what lies beyond the first and the last (None at the image's edge)."""
+    n = len(requests)
+    return [(requests[i - 1][4] if i else above, requests[i + 1][3] if i + 1 < n else below) for i in range(n)]
+
+
+def rows_to_wire(rows: torch.Tensor) -> tuple:
+    """Edge rows as plain data: (bytes, shape, dtype name); any dtype, any device."""
+    raw = rows.detach().contiguous().cpu()
+    return raw.view(torch.uint8).numpy().tobytes(), tuple(raw.shape), str(raw.dtype).removeprefix("torch.")
+
+
+def rows_from_wire(wire: Optional[tuple], device) -> Optional[torch.Tensor]:
+    if wire is None:
+        return None
+    data, shape, dtype = wire
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype))
+    return flat.reshape(shape).to(device)
+
+
+def answers(requests: Sequence[tuple]) -> list:
+    """Each band's answer, for bands that are the whole item, in band order."""
     check_same(requests)
-    return stats.combine([r[4] for r in requests], requests[0][3])
+    if requests[0][0] == "rows":
+        return neighbours(requests)
+    shared = stats.combine([r[4] for r in requests], requests[0][3])
+    return [shared] * len(requests)
 
 
 def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
-        combine: Callable[[Sequence[tuple]], tuple] = combined) -> list:
-    """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each
-    GroupNorm (interrupt checks); ``combine`` turns the bands' requests into the shared
-    statistics (in a worker: a round trip to the parent, which also has the other workers' bands)."""
+        answer: Callable[[Sequence[tuple]], list] = answers) -> list:
+    """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each sync
+    point (interrupt checks); ``answer`` turns the bands' requests into one answer per band (in a
+    worker: a round trip to the parent, which also has the other workers' bands)."""
     requests: list = [None] * len(bands)
     results: list = [None] * len(bands)
     for i, g in enumerate(bands):
@@ -36,9 +63,11 @@ def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None
     while any(r is not None for r in requests):
         if any(r is None for r in requests):
             raise DecodeError("exact mode: a band finished before the others")
-        answer = combine(requests)
+        replies = answer(requests)
+        requests = [None] * len(bands)  # drop the edge rows before the bands go on
         for i, g in enumerate(bands):
-            requests[i] = _advance(g, answer, results, i)
+            requests[i] = _advance(g, replies[i], results, i)
+            replies[i] = None
         if between is not None:
             between()
     return results

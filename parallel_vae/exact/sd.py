@@ -2,11 +2,15 @@
 16-channel variants), walked module by module without importing ComfyUI.
 
 The prefix (``post_quant_conv``, ``conv_in``, the mid block with its global attention) runs on the
-whole latent. A band then walks the up path on its rows plus halo. After each conv that spreads
-rows, the rows the zero padding spoilt at an interior edge are cropped ("valid" convolution at
-interior edges, ordinary padding at the image's own borders), and a ResnetBlock's skip is cropped
-to match, so the tensor shrinks as its halo stops being valid. At every GroupNorm the band yields
-the moments of its own rows and waits for the global statistics (``stats.combine``).
+whole latent. A band then walks the up path on its own rows only, and exchanges with its
+neighbours whatever crosses its edges:
+- at every GroupNorm it yields the moments of its rows and waits for the global statistics
+  (``stats.combine``);
+- before every conv that reads beyond its output row it yields its edge rows of the conv's input
+  and waits for its neighbours' (``"rows"``); the conv runs on [above; own; below] and keeps its
+  own output rows.
+Nothing is computed twice (no halo), and every conv sees the very inputs the untiled decode gives
+it, so the output does not depend on the band count.
 """
 from __future__ import annotations
 
@@ -16,18 +20,26 @@ import torch
 import torch.nn.functional as F
 
 from . import stats
-from .geometry import Window, conv_spread, halo_rows, receptive_rows
+from .geometry import conv_spread
 
-Request = tuple  # ("gn", index, name, eps, Moments): what a band yields at each GroupNorm
+Request = tuple  # ("gn", k, name, eps, Moments) or ("rows", k, name, top, bottom): a band's sync point
 
 
-class _Own:
-    """A band's own latent rows and how many GroupNorms it has passed (one per generator)."""
+class _Sync:
+    """A band's place: own latent rows, the image height, and its sync points so far."""
 
-    __slots__ = ("a", "e", "k")
+    __slots__ = ("a", "e", "height", "k")
 
-    def __init__(self, a: int, e: int):
-        self.a, self.e, self.k = a, e, 0
+    def __init__(self, a: int, e: int, height: int):
+        self.a, self.e, self.height, self.k = a, e, height, 0
+
+    @property
+    def alone(self) -> bool:  # the only band: no neighbours to exchange rows with
+        return self.a == 0 and self.e == self.height
+
+    def next(self) -> int:
+        self.k += 1
+        return self.k - 1
 
 
 def _resblocks(decoder):
@@ -40,10 +52,12 @@ def _resblocks(decoder):
 
 
 class SdExact:
-    """Bands of one SD-family ``first_stage_model``; ``sync`` says bands exchange GroupNorm moments."""
+    """Bands of one SD-family ``first_stage_model``; ``sync`` says bands exchange GroupNorm moments
+    and conv edge rows."""
 
     sync = "groupnorm"
     causal = False
+    halo = 0  # a band reads no rows beyond its own: its neighbours send the edges each conv needs
 
     def __init__(self, model, dtype: torch.dtype, device):
         self.model = model
@@ -51,11 +65,11 @@ class SdExact:
         self.dtype = dtype
         self.device = torch.device(device)
         self.px_per_row = 2 ** (self.decoder.num_resolutions - 1)
-        self.halo = halo_rows(self.rf_rows(self.decoder))
 
     @staticmethod
-    def rf_rows(decoder) -> float:
-        return receptive_rows([*_resblocks(decoder), decoder.norm_out, decoder.conv_out])
+    def up_path(decoder) -> list:
+        """The up path's layers in execution order (what a band runs)."""
+        return [*_resblocks(decoder), decoder.norm_out, decoder.conv_out]
 
     @staticmethod
     def refusal(model) -> str | None:
@@ -76,6 +90,10 @@ class SdExact:
         up = getattr(dec.up[-1], "upsample", None)
         if up is not None and (not getattr(up, "with_conv", True) or getattr(up, "scale_factor", 2.0) not in (2, 2.0)):
             return "its upsampling is not a nearest x2 followed by a conv"
+        for layer in SdExact.up_path(dec):
+            for m in layer.modules():
+                if hasattr(m, "kernel_size") and not _same_rows(m):
+                    return "its up path has a conv that is strided or not row-aligned"
         return None
 
     # -- prefix ----------------------------------------------------------------------------------
@@ -92,62 +110,66 @@ class SdExact:
         return dec.mid.block_2(h, None)
 
     # -- one band --------------------------------------------------------------------------------
-    def band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, tuple, torch.Tensor]:
-        """Own rows ``[a, e)``: yields ("gn", k, name, eps, Moments) at each GroupNorm and is sent back
-        (mean, rstd); returns the band's pixels ``[1, C, px*(e-a), W*px]`` on the device."""
-        height = mid.shape[-2]
-        g0, g1 = max(0, a - self.halo), min(height, e + self.halo)
-        x = mid[:, :, g0:g1].contiguous()
-        own = _Own(a, e)
-        win = Window(g0, g1, height)
-        scale = 1
+    def band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
+        """Own rows ``[a, e)``: yields a Request at each sync point and is sent back (mean, rstd) for
+        "gn", (rows above or None, rows below or None) for "rows"; returns the band's pixels
+        ``[1, C, px*(e-a), W*px]`` on the device."""
+        me = _Sync(a, e, mid.shape[-2])
+        x = mid[:, :, a:e].contiguous()
         for layer in _resblocks(self.decoder):
-            if not hasattr(layer, "norm1"):  # an Upsample
+            if not hasattr(layer, "norm1"):  # an Upsample: nearest x2, then its conv
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-                scale *= 2
-                win = win.scaled(2)
-                x, win = self._conv(layer.conv, x, win)
+                x = yield from self._conv(me, layer.conv, x, "upsample")
             else:
-                x, win = yield from self._resblock(own, layer, x, win, scale)
-        x = yield from self._norm(own, self.decoder.norm_out, x, win, scale, "norm_out", inplace=True)
+                x = yield from self._resblock(me, layer, x)
+        x = yield from self._norm(me, self.decoder.norm_out, x, "norm_out", inplace=True)
         x = F.silu(x, inplace=True)
-        x, win = self._conv(self.decoder.conv_out, x, win)
+        x = yield from self._conv(me, self.decoder.conv_out, x, "conv_out")
         if getattr(self.decoder, "tanh_out", False):
             x = torch.tanh(x)
-        own0, own1 = a * scale, e * scale
-        if own0 < win.g0 or own1 > win.g1:
-            raise RuntimeError(f"exact band [{a}, {e}) lost its own rows: halo {self.halo} is too small")
-        return x[:, :, own0 - win.g0:own1 - win.g0]
+        return x
 
-    def _conv(self, conv, x, win: Window):
-        x = conv(x)
+    def _conv(self, me: _Sync, conv, x: torch.Tensor, name: str):
         spread = conv_spread(conv)
-        top = spread if win.top_inside else 0
-        bottom = spread if win.bottom_inside else 0
-        if top or bottom:
-            # contiguous again: on a cropped view, elementwise kernels take their scalar tail path
-            # on other elements than in a whole tensor (SiLU's exp differs there in the last bit),
-            # and the output would depend on the band count
-            x = x[:, :, top:x.shape[-2] - bottom].contiguous()
-        return x, win.shrink(spread)
+        if spread == 0 or me.alone:
+            return conv(x)
+        rows = x.shape[-2]
+        if rows < spread:
+            raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
+        # clones: a view would keep this band's whole tensor alive in the neighbour's hands
+        above, below = yield ("rows", me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
+        parts = [p for p in (above, x, below) if p is not None]
+        if len(parts) == 1:
+            return conv(x)
+        y = conv(torch.cat(parts, -2))
+        del parts
+        top = 0 if above is None else above.shape[-2]
+        # contiguous again: on a view, elementwise kernels take their scalar tail path on other
+        # elements than in a whole tensor (SiLU's exp differs there in the last bit), and the
+        # output would depend on the band count
+        return y[:, :, top:top + rows].contiguous()
 
-    def _norm(self, own: "_Own", norm, x, win: Window, scale: int, name: str, inplace: bool = False):
-        r0, r1 = own.a * scale - win.g0, own.e * scale - win.g0
-        if r0 < 0 or r1 > x.shape[-2]:
-            raise RuntimeError(f"exact band [{own.a}, {own.e}) lost its own rows before {name}")
-        k = own.k
-        own.k += 1
-        mean, rstd = yield ("gn", k, name, norm.eps, stats.moments(x, norm.num_groups, r0, r1))
+    def _norm(self, me: _Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
+        mean, rstd = yield ("gn", me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
         return stats.normalize(x, norm, mean, rstd, inplace=inplace)
 
-    def _resblock(self, own: "_Own", block, x, win: Window, scale: int):
-        h = yield from self._norm(own, block.norm1, x, win, scale, "norm1")
+    def _resblock(self, me: _Sync, block, x: torch.Tensor):
+        h = yield from self._norm(me, block.norm1, x, "norm1")
         h = F.silu(h, inplace=True)
-        h, hwin = self._conv(block.conv1, h, win)
-        h = yield from self._norm(own, block.norm2, h, hwin, scale, "norm2", inplace=True)
+        h = yield from self._conv(me, block.conv1, h, "conv1")
+        h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
         h = F.silu(h, inplace=True)
-        h, hwin = self._conv(block.conv2, h, hwin)
+        h = yield from self._conv(me, block.conv2, h, "conv2")
         if block.in_channels != block.out_channels:
             x = block.nin_shortcut(x)
-        x = x[:, :, hwin.g0 - win.g0:hwin.g1 - win.g0]
-        return h.add_(x), hwin
+        return h.add_(x)
+
+
+def _same_rows(conv) -> bool:
+    """Output row i is centred on input row i: stride 1, padding equal to the spread."""
+    stride = conv.stride[-2] if isinstance(conv.stride, (tuple, list)) else conv.stride
+    pad = conv.padding
+    if isinstance(pad, str):
+        return pad == "same"
+    pad = pad[-2] if isinstance(pad, (tuple, list)) else pad
+    return stride == 1 and pad == conv_spread(conv)

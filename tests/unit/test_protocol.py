@@ -36,6 +36,8 @@ EXAMPLES = [
     *[protocol.Failed(7, 3, why, "text") for why in Failure],
     protocol.GroupStats(7, 3, 0, "up.0.norm1", 1e-6, [(64, b"\x00" * 16, b"\x00" * 16, (1, 2))]),  # Moments.as_wire
     protocol.SharedStats(7, 0, b"\x00" * 16, b"\x00" * 16, (1, 2)),
+    protocol.GroupRows(7, 3, 1, "conv1", (b"\x00" * 8, (1, 2, 1, 1), "float32"), (b"\x00" * 8, (1, 2, 1, 1), "float32")),
+    protocol.SharedRows(7, 1, None, (b"\x00" * 8, (1, 2, 1, 1), "float32")),
 ]
 
 
