@@ -118,18 +118,22 @@ class SdExact:
         x = mid[:, :, a:e].contiguous()
         for layer in _resblocks(self.decoder):
             if not hasattr(layer, "norm1"):  # an Upsample: nearest x2, then its conv
-                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-                x = yield from self._conv(me, layer.conv, x, "upsample")
+                box, x = [F.interpolate(x, scale_factor=2.0, mode="nearest")], None
+                x = yield from self._conv(me, layer.conv, box, "upsample")
             else:
                 x = yield from self._resblock(me, layer, x)
         x = yield from self._norm(me, self.decoder.norm_out, x, "norm_out", inplace=True)
-        x = F.silu(x, inplace=True)
-        x = yield from self._conv(me, self.decoder.conv_out, x, "conv_out")
+        box, x = [F.silu(x, inplace=True)], None
+        x = yield from self._conv(me, self.decoder.conv_out, box, "conv_out")
         if getattr(self.decoder, "tanh_out", False):
             x = torch.tanh(x)
         return x
 
-    def _conv(self, me: _Sync, conv, x: torch.Tensor, name: str):
+    def _conv(self, me: _Sync, conv, box: list, name: str):
+        """``conv`` on the tensor in ``box`` (taken out of it, so the caller holds no reference
+        and it is freed once copied next to its neighbours' rows: one band-sized tensor less at
+        the peak)."""
+        x = box.pop()
         spread = conv_spread(conv)
         if spread == 0 or me.alone:
             return conv(x)
@@ -141,8 +145,10 @@ class SdExact:
         parts = [p for p in (above, x, below) if p is not None]
         if len(parts) == 1:
             return conv(x)
-        y = conv(torch.cat(parts, -2))
-        del parts
+        joined = torch.cat(parts, -2)
+        del parts, x
+        y = conv(joined)
+        del joined
         top = 0 if above is None else above.shape[-2]
         # contiguous again: on a view, elementwise kernels take their scalar tail path on other
         # elements than in a whole tensor (SiLU's exp differs there in the last bit), and the
@@ -155,11 +161,11 @@ class SdExact:
 
     def _resblock(self, me: _Sync, block, x: torch.Tensor):
         h = yield from self._norm(me, block.norm1, x, "norm1")
-        h = F.silu(h, inplace=True)
-        h = yield from self._conv(me, block.conv1, h, "conv1")
+        box, h = [F.silu(h, inplace=True)], None
+        h = yield from self._conv(me, block.conv1, box, "conv1")
         h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
-        h = F.silu(h, inplace=True)
-        h = yield from self._conv(me, block.conv2, h, "conv2")
+        box, h = [F.silu(h, inplace=True)], None
+        h = yield from self._conv(me, block.conv2, box, "conv2")
         if block.in_channels != block.out_channels:
             x = block.nin_shortcut(x)
         return h.add_(x)
