@@ -5,12 +5,14 @@
 #             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
 # make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser
 # make bench  set up, run the benchmarks against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
+# make gpu-check  everything that needs a GPU, as one table (prints a line and exits 0 without one)
+# make soak   100 prompts through a real server on cpu:2, two VAEs, /free every 25 (figures)
 SHELL := /bin/bash
 VPY := .venv/bin/python
 PORT ?= 8188
 VAE ?=
 
-.PHONY: setup test test-unit test-comfy test-e2e demo run bench clean
+.PHONY: setup test test-unit test-comfy test-e2e demo run bench gpu-check soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -40,6 +42,12 @@ bench: setup
 	$(VPY) benchmarks/bench_workers.py
 	$(VPY) benchmarks/bench_stream.py
 	$(VPY) benchmarks/bench_exact.py
+
+gpu-check: setup
+	$(VPY) benchmarks/gpu_check.py
+
+soak: setup
+	$(VPY) benchmarks/soak_free.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

@@ -1,7 +1,7 @@
 """ComfyUI glue: the only code in the pack that imports ``comfy``."""
 import logging
 
-from . import compat
+from . import compat, live, server_hooks
 from ._api import ComfyExtension, io
 from .decode import ParallelVAEDecode
 from .save_video import ParallelVAESaveVideo
@@ -12,6 +12,7 @@ NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEDecodeStream, P
 
 
 logging.getLogger("parallel_vae").info("parallel_vae: %s", compat.summary())  # for bug reports
+server_hooks.install(live.server())
 
 
 class ParallelVAEExtension(ComfyExtension):

@@ -5,11 +5,11 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..parallel_vae import blend, engine, exact
+from ..parallel_vae import blend, engine, exact, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.inputs import check_latent
-from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_MAX, TILE_MIN,
+from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX,
                                  validate_settings)
 from ._api import io
 from . import compat, lanes, vae_info, workers
@@ -29,6 +29,8 @@ TOOLTIPS = {
                "this VAE.",
     "vae": "The VAE to decode with (Load VAE, or the VAE output of a checkpoint loader).",
     "tile_size": "Tile width and height in pixels, as in VAE Decode (Tiled). Smaller tiles need less memory. "
+                 "0 = auto: the largest tile every device has memory for (from its free memory and ComfyUI's "
+                 "estimate of the VAE's memory per pixel); the progress text says what was chosen and why. "
                  "Image VAEs average three tile grids (t/2 x 2t, 2t x t/2, t x t) exactly like VAE Decode (Tiled). "
                  "In exact mode it bounds a band instead: a band's own rows hold at most tile_size x tile_size "
                  "pixels, so a wide image gets more bands than devices when memory asks for it.",
@@ -45,8 +47,8 @@ TOOLTIPS = {
                "whichever is free). One device (cpu, or a single GPU) decodes inside ComfyUI. A device that is "
                "not visible is an error.",
     "mode": "exact: the same image as the untiled VAE Decode (no seams), computed in row bands spread over the "
-            "devices; each band decodes its rows plus a margin as wide as the decoder's reach, and image VAEs "
-            "share their normalisation statistics across bands. Supported: " + "; ".join(exact.SUPPORTED) + ". "
+            "devices; image VAE bands pass each other their edge rows and normalisation statistics, Wan bands "
+            "decode their rows plus a margin as wide as the decoder's reach. Supported: " + "; ".join(exact.SUPPORTED) + ". "
             "tiled: the same result as VAE Decode (Tiled), seams included. auto: exact where the VAE supports "
             "it, else tiled.",
 }
@@ -56,7 +58,7 @@ def decode_inputs() -> list:
     return [
         io.Latent.Input("samples", tooltip=TOOLTIPS["samples"]),
         io.Vae.Input("vae", tooltip=TOOLTIPS["vae"]),
-        io.Int.Input("tile_size", default=512, min=TILE_MIN, max=TILE_MAX, step=32, tooltip=TOOLTIPS["tile_size"]),
+        io.Int.Input("tile_size", default=512, min=TILE_AUTO, max=TILE_MAX, step=32, tooltip=TOOLTIPS["tile_size"]),
         io.Int.Input("overlap", default=64, min=0, max=TILE_MAX, step=32, tooltip=TOOLTIPS["overlap"]),
         io.Int.Input("temporal_size", default=64, min=TEMPORAL_MIN, max=TEMPORAL_MAX, step=4,
                      tooltip=TOOLTIPS["temporal_size"]),
@@ -125,6 +127,19 @@ def exact_refusal(spec, vae) -> str | None:
     return exact.refusal(spec.family, vae.first_stage_model)
 
 
+def auto_tile(vae, spec, named) -> sizing.Choice:
+    """tile_size 0: the largest tile all ``named`` devices have memory for. ComfyUI's own device
+    counts its free memory as ComfyUI does (what it could free too); worker devices are measured."""
+    cost = vae_info.decode_cost(vae, spec)
+    if device_lists.uses_workers(named):
+        on_cpu = sum(d.kind == "cpu" for d in named)
+        frees = [(d.name, sizing.free_bytes(d, on_cpu)) for d in named]
+    else:
+        device = lanes.choose(named, vae)
+        frees = [(device.name, sizing.free_bytes(device, own=lanes.free_memory(device.torch_device)))]
+    return sizing.choose(cost, frees)
+
+
 def first_part(samples):
     """A nested (audio+video) latent's first part where core's VAE Decode (Tiled) decodes that
     (ComfyUI 0.32+); older ComfyUI fails on them, and so does check_latent, with a clear message."""
@@ -148,6 +163,7 @@ class DecodeJob:
     plan: object
     devices: list
     node_id: object
+    sized: str = ""  # why tile_size 0 became the size used
 
     @classmethod
     def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
@@ -157,8 +173,13 @@ class DecodeJob:
         if not isinstance(samples, dict) or "samples" not in samples:
             raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
         latent = check_latent(first_part(samples["samples"]), spec)
-        settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         named = device_lists.parse(devices)
+        sized = ""
+        if tile_size == TILE_AUTO:
+            choice = auto_tile(vae, spec, named)
+            tile_size, sized = choice.tile_size, choice.why
+            overlap = min(overlap, tile_size // 4)  # what VAE Decode (Tiled) makes of a larger one
+        settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
         refusal = exact_refusal(spec, vae) if mode != "tiled" else None
         if mode == "exact" and refusal is not None:
             raise InputError("mode", f"exact is not available for {spec.label}: {refusal}. Exact mode supports "
@@ -171,7 +192,7 @@ class DecodeJob:
                               tile_size, lanes_n)
         else:
             plan = spec.plan(shape, settings)
-        return cls(vae, spec, latent, plan, named, node_id)
+        return cls(vae, spec, latent, plan, named, node_id, sized)
 
     def start(self, poll: Callable[[], None]):
         """The lane to decode on (workers wait with ``poll``) and the node's progress reporter."""
@@ -183,10 +204,10 @@ class DecodeJob:
             lane = lanes.local_lane(self.vae, self.spec, lanes.choose(self.devices, self.vae), self.plan, poll)
             note = "in-process"
         what = f"{len(self.plan.tiles)} bands" if self.plan.exact else f"{len(self.plan.tiles)} tiles"
-        note = f"{self.plan.mode}, {what}, {note}"
+        note = f"{self.plan.mode}, {what}, {note}" + (f"; {self.sized}" if self.sized else "")
         log.info("parallel_vae: %s, latent %s -> %s mode, %s x %d steps on %s", self.spec.label,
                  list(self.latent.shape), self.plan.mode, what, self.plan.steps, ", ".join(lane.names))
-        return lane, NodeProgress(self.plan, self.node_id, lane.names, note)
+        return lane, NodeProgress(self.plan, self.node_id, lane.names, note, self.sized)
 
     def finisher(self, progress: NodeProgress) -> Callable:
         """The blender's hook for each finished segment: ComfyUI's post-processing of the pixels (to

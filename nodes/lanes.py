@@ -35,6 +35,11 @@ def _same_device(a, b: torch.device) -> bool:
     return True
 
 
+def free_memory(device: str) -> int:
+    """What ComfyUI counts as free on its own device (it could free more by unloading models)."""
+    return int(mm.get_free_memory(torch.device(device)))
+
+
 def choose(devices: list[Device], vae) -> Device:
     """In-process decoding runs on one device: the VAE's own when it is named, else the first."""
     for d in devices:

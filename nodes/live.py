@@ -16,7 +16,7 @@ EVENT_INTERVAL_S = 0.25
 PREVIEW_SIZE = 512  # longest side of a preview, as ComfyUI's own previews
 
 
-def _server():
+def server():
     try:
         from server import PromptServer
     except ImportError:
@@ -34,9 +34,9 @@ def _prompt_id() -> Optional[str]:
 
 
 def send_event(name: str, data: dict) -> None:
-    server = _server()
-    if server is not None:
-        server.send_sync(f"parallel_vae.{name}", data, server.client_id)
+    instance = server()
+    if instance is not None:
+        instance.send_sync(f"parallel_vae.{name}", data, instance.client_id)
 
 
 def preview_image(frame) -> "object":
@@ -49,9 +49,9 @@ def preview_image(frame) -> "object":
 class LiveView:
     """Events and previews of one decode on node ``node_id``."""
 
-    def __init__(self, plan: Plan, node_id, done: dict[str, int]):
+    def __init__(self, plan: Plan, node_id, done: dict[str, int], sized: str = ""):
         self.plan, self.node_id = plan, node_id
-        self.enabled = node_id is not None and _server() is not None
+        self.enabled = node_id is not None and server() is not None
         self.prompt_id = _prompt_id()
         self.done = done  # units per lane, counted by the caller (NodeProgress)
         self.per_tile = len(plan.tiles) // plan.batch
@@ -65,7 +65,8 @@ class LiveView:
         if self.enabled:
             send_event("plan", {**self._ids(), "width": out[-1], "height": out[-2], "frames": plan.frames,
                                 "tiles": [[*self._rect(t), t.pass_index] for t in plan.tiles_of(0)],
-                                "steps": plan.steps, "lanes": list(done), "units": plan.units, "mode": plan.mode})
+                                "steps": plan.steps, "lanes": list(done), "units": plan.units, "mode": plan.mode,
+                                "sized": sized})
 
     def _ids(self) -> dict:
         return {"node": str(self.node_id), "prompt_id": self.prompt_id}

@@ -24,13 +24,13 @@ def send_text(text: str, node_id) -> None:
 
 
 class NodeProgress:
-    def __init__(self, plan: Plan, node_id, lanes: list[str], note: str = ""):
+    def __init__(self, plan: Plan, node_id, lanes: list[str], note: str = "", sized: str = ""):
         self.total = plan.units
         self.node_id = node_id
         self.done = dict.fromkeys(lanes, 0)
         self.note = note
         self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
-        self.live = LiveView(plan, node_id, self.done)
+        self.live = LiveView(plan, node_id, self.done, sized)
         self._preview = None  # goes out with the next progress update, not as a message of its own
         self._last_text = 0.0
         self.text()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.plan import AxisScale
+from ..parallel_vae.sizing import Cost
 from ..parallel_vae.spec import CAUSAL_FAMILIES, GENERIC_FAMILIES, VaeSpec
 from . import compat
 
@@ -67,3 +68,17 @@ def _video_scales(vae, name: str) -> tuple[AxisScale, ...]:
         raise InputError("vae", f"{name} maps latent frames to pixels in a way this node cannot tile "
                                 f"(upscale_ratio={up!r}, index formula={index!r})")
     return time_scale, AxisScale(int(up[1])), AxisScale(int(up[2]))
+
+
+
+def decode_cost(vae, spec: VaeSpec) -> Cost:
+    """Bytes to decode one tile (one latent frame of it for video), fitted to ComfyUI's own
+    estimate ``memory_used_decode`` at two tile sizes: ``fixed + per_px * tile^2``."""
+    scale = spec.scales[-1].factor
+    points = []
+    for side in (16, 32):  # latent pixels
+        shape = (1, spec.latent_channels) + ((1,) if spec.latent_dim == 3 else ()) + (side, side)
+        points.append(((side * scale) ** 2, float(vae.memory_used_decode(shape, vae.vae_dtype))))
+    (p1, b1), (p2, b2) = points
+    per_px = (b2 - b1) / (p2 - p1)
+    return Cost(max(0.0, b1 - per_px * p1), per_px)

@@ -127,6 +127,31 @@ def current_pool() -> WorkerPool | None:
     return _pool
 
 
+def report() -> dict:
+    """The workers for the /parallel_vae/workers route (no pool yet: none)."""
+    pool = _pool
+    if pool is None:
+        return {"busy": False, "workers": []}
+    return {"devices": pool.names, **pool.report()}
+
+
+def release(why: str) -> int:
+    """Stop the workers once the running decode ends, giving back all they hold (ComfyUI's
+    "free" and the stop route); the next decode starts them again. Returns how many ran."""
+    pool = _pool
+    if pool is None:
+        return 0
+    running = pool.release()
+    if running:
+        log.info("parallel_vae: stopped %d worker(s) (%s)", running, why)
+    return running
+
+
+def release_soon(why: str) -> None:
+    """``release`` in a thread: a decode may be running, and the caller is the server's loop."""
+    threading.Thread(target=release, args=(why,), daemon=True, name="pvae-release").start()
+
+
 def shutdown_pool() -> None:
     """Stop the workers now (tests; they also stop when ComfyUI exits)."""
     global _pool

@@ -21,7 +21,7 @@ from . import shm
 from .engine import Decoded
 from .errors import DecodeError
 from .plan import CAUSAL, Plan
-from .processes import Handle, ModelSource, Workers, WorkerState
+from .processes import Death, Handle, ModelSource, Workers, WorkerState
 from .schedule import Group, TileQueue, largest_first, lane_groups
 
 log = logging.getLogger("parallel_vae")
@@ -101,6 +101,14 @@ class Job:
             h.send(msgs.JobData(self.id, self.source.fingerprint, self.plan_wire, self.latent_ref))
             h.job_id = self.id
 
+    def threads_for(self, h: Handle, units: int) -> int:
+        """Torch threads for a CPU task of a job that has fewer units than live CPU workers: the
+        idle workers' cores are lent to the busy ones (0: the worker's own threads)."""
+        cpu = [x for x in self.workers.handles if x.spec.device == "cpu" and x.live]
+        if h.spec.device != "cpu" or units >= len(cpu):
+            return 0
+        return max(h.spec.threads, sum(x.spec.threads for x in cpu) // max(1, units))
+
     def restart(self, h: Handle) -> None:
         """Start a dead worker again, unless it could not start or this job restarted enough."""
         if h.death is None or not h.death.restartable:
@@ -127,7 +135,9 @@ class Job:
                 for h, record in workers.receive(WAIT_S):
                     if record is None:
                         self.on_lost(h)
-                    elif not workers.on_common(h, record):
+                        continue
+                    workers.watchdog.heard(h.name, isinstance(record, msgs.Result))
+                    if not workers.on_common(h, record):
                         result = self.on_message(h, record)
                         if result is not None:
                             try:
@@ -201,8 +211,11 @@ class TileJob(Job):
             if group is None:
                 continue
             self.introduce(h)
+            if not h.tasks:
+                self.workers.watchdog.started(h.name)
             h.tasks.append((self.id, group.index))
-            h.send(msgs.Task(self.id, group.index, tuple(t.index for t in group.tiles)))
+            h.send(msgs.Task(self.id, group.index, tuple(t.index for t in group.tiles),
+                             self.threads_for(h, len(self.groups))))
 
     # -- back-pressure (frame order) ---------------------------------------------------------------
     def _progress_of(self, h: Handle) -> Optional[int]:
@@ -295,11 +308,29 @@ class TileJob(Job):
             else:
                 h.send(msgs.Free(slot))
         self.held = keep
+        self._kill_silent()
         super().after_round()
         live = [h.name for h in self.workers.handles if h.state is not WorkerState.DEAD]
         stuck = self.queue.unrunnable(live)
         if stuck and not any(h.tasks for h in self.workers.handles if h.state is WorkerState.UP):
             raise _oom_error(stuck[0], ", ".join(live))
+
+    def _kill_silent(self) -> None:
+        """A busy worker silent past its deadline is stopped and its tiles requeued (a worker held
+        back in frame order waits for slots: that silence is ours)."""
+        dog = self.workers.watchdog
+        for h in self.workers.handles:
+            if h.state is not WorkerState.UP or not any(j == self.id for j, _ in h.tasks) \
+                    or any(o is h for o, _ in self.held):
+                continue
+            silent, deadline = dog.silent_s(h.name), dog.deadline(h.name)
+            if silent > deadline:
+                log.warning("parallel_vae: %s was silent for %.0f s (deadline %.0f s); stopping it",
+                            h.name, silent, deadline)
+                if h.proc is not None:
+                    h.proc.kill()
+                self.workers.died(h, Death.CRASHED, f"was silent for {silent:.0f} s (deadline {deadline:.0f} s)")
+                self.on_lost(h)
 
     def close(self, finished: bool) -> None:
         for h, slot in self.held:

@@ -79,7 +79,7 @@ class LockstepJob(Job):
             self.pending.add(key)
             self.introduce(h)
             h.tasks.append((self.id, key))
-            h.send(msgs.Task(self.id, key, indices))
+            h.send(msgs.Task(self.id, key, indices, self.threads_for(h, count)))
 
     def abort(self, why: str) -> None:
         """Cancel the running attempt everywhere; the next round starts the item again."""

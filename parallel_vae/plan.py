@@ -18,6 +18,7 @@ IMAGE, VIDEO, CAUSAL = "image", "video", "causal"
 
 # The node's limits, shared with its schema so validation and UI agree (VAEDecodeTiled's values).
 TILE_MIN, TILE_MAX = 64, 4096
+TILE_AUTO = 0  # tile_size 0: chosen per decode from free memory (sizing.py)
 TEMPORAL_MIN, TEMPORAL_MAX, TEMPORAL_OVERLAP_MIN = 8, 4096, 4
 
 
@@ -129,11 +130,12 @@ def validate_settings(tile_size: int, overlap: int, temporal_size: int, temporal
                         ("temporal_size", temporal_size), ("temporal_overlap", temporal_overlap)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(name, f"must be an integer, got {value!r}")
-    if not TILE_MIN <= tile_size <= TILE_MAX:
-        raise InputError("tile_size", f"{tile_size} px is outside the allowed {TILE_MIN}..{TILE_MAX} px")
+    if tile_size != TILE_AUTO and not TILE_MIN <= tile_size <= TILE_MAX:
+        raise InputError("tile_size", f"{tile_size} px is outside the allowed {TILE_MIN}..{TILE_MAX} px "
+                                      f"(or 0: auto, from free memory)")
     if overlap < 0:
         raise InputError("overlap", f"{overlap} px is negative; use 0..tile_size-1")
-    if overlap >= tile_size:
+    if tile_size != TILE_AUTO and overlap >= tile_size:
         raise InputError("overlap", f"{overlap} px must be smaller than tile_size ({tile_size} px); "
                                     f"values above tile_size/4 are clamped to tile_size/4 like VAEDecodeTiled")
     if not TEMPORAL_MIN <= temporal_size <= TEMPORAL_MAX:

@@ -13,8 +13,11 @@ exits when its parent dies). One job runs at a time. The parts behind it:
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
+import weakref
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -27,7 +30,31 @@ from .plan import CAUSAL, Plan
 from .processes import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Workers, WorkerSpec, WorkerState
 
 __all__ = ["WorkerPool", "WorkerSpec", "ModelSource", "PoolStats", "wire_plan",
-           "LOOKAHEAD_STEPS", "SLOTS", "WAIT_S", "START_TIMEOUT_S"]
+           "LOOKAHEAD_STEPS", "SLOTS", "WAIT_S", "START_TIMEOUT_S", "idle_limits"]
+
+log = logging.getLogger("parallel_vae")
+
+IDLE_DROP_ENV = "PARALLEL_VAE_IDLE_DROP_S"  # idle workers forget their VAEs after this (0: never)
+IDLE_EXIT_ENV = "PARALLEL_VAE_IDLE_EXIT_S"  # ... and exit after this (0: never)
+TIDY_EVERY_S = 5.0
+
+
+def idle_limits() -> tuple[float, float]:
+    """(seconds idle before workers drop their VAEs, seconds before they exit), from the environment."""
+    return (float(os.environ.get(IDLE_DROP_ENV) or 300), float(os.environ.get(IDLE_EXIT_ENV) or 1800))
+
+
+def _tidy_loop(pool_ref, stop: threading.Event) -> None:
+    """The pool's janitor: applies the idle limits without keeping the pool alive."""
+    while not stop.wait(TIDY_EVERY_S):
+        pool = pool_ref()
+        if pool is None:
+            return
+        try:
+            pool.tidy()
+        except Exception:  # a worker's late failure report: the next job sees the state anyway
+            log.exception("parallel_vae: tidying the idle workers failed")
+        del pool
 
 
 class WorkerPool:
@@ -37,6 +64,12 @@ class WorkerPool:
                  max_restarts: Optional[int] = None):
         self.workers = Workers(specs, python_path, imports, max_restarts)
         self._lock = threading.Lock()  # one job (or warm-up) at a time
+        self.idle_drop_s, self.idle_exit_s = idle_limits()
+        self.last_used = time.monotonic()
+        self._stop_tidy = threading.Event()
+        weakref.finalize(self, self._stop_tidy.set)
+        threading.Thread(target=_tidy_loop, args=(weakref.ref(self), self._stop_tidy), daemon=True,
+                         name="pvae-pool-tidy").start()
 
     @property
     def specs(self) -> list[WorkerSpec]:
@@ -73,6 +106,7 @@ class WorkerPool:
                             workers.on_stray(h, record)
             finally:
                 workers.weights_done(source.fingerprint)
+                self.last_used = time.monotonic()
             workers.raise_if_none_can_start()
             return workers.pids()
 
@@ -101,8 +135,50 @@ class WorkerPool:
                 job = LockstepJob(self.workers, plan, latent, source, poll)
             else:
                 job = TileJob(self.workers, plan, latent, source, poll, order)
-            yield from job.run()
+            try:
+                yield from job.run()
+            finally:
+                self.last_used = time.monotonic()
+
+    # -- memory: idle limits, ComfyUI's "free", the workers route -----------------------------------
+    def tidy(self) -> None:
+        """Idle past ``idle_drop_s``: workers forget their VAEs; past ``idle_exit_s``: they exit.
+        Never while a job runs (the lock is only tried)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self.workers.drain()
+            idle = time.monotonic() - self.last_used
+            live = any(h.live for h in self.handles)
+            if self.idle_exit_s and idle >= self.idle_exit_s and live:
+                log.info("parallel_vae: workers idle for %.0f s; stopping them", idle)
+                self.workers.stop_all()
+            elif self.idle_drop_s and idle >= self.idle_drop_s and any(h.models for h in self.handles):
+                log.info("parallel_vae: workers idle for %.0f s; they drop their VAEs", idle)
+                self.workers.drop_models()
+        finally:
+            self._lock.release()
+
+    def release(self) -> int:
+        """Stop every worker once the running job (if any) ends; the next job starts them again.
+        Returns how many were running."""
+        with self._lock:
+            running = sum(h.live for h in self.handles)
+            self.workers.stop_all()
+            return running
+
+    def report(self) -> dict:
+        """The workers as the /parallel_vae/workers route shows them."""
+        busy = not self._lock.acquire(blocking=False)
+        if not busy:
+            try:
+                self.workers.drain()
+            finally:
+                self._lock.release()
+        return {"busy": busy, "idle_s": None if busy else round(time.monotonic() - self.last_used, 1),
+                "idle_drop_s": self.idle_drop_s, "idle_exit_s": self.idle_exit_s, "workers": self.workers.report()}
 
     def shutdown(self) -> None:
+        self._stop_tidy.set()
         with self._lock:
             self.workers.stop()

@@ -29,6 +29,7 @@ import torch
 from . import protocol as msgs
 from . import shm
 from .errors import DecodeError, ModelMismatch
+from .watchdog import Watchdog
 
 log = logging.getLogger("parallel_vae")
 
@@ -113,6 +114,7 @@ class Handle:
         self.arena = None
         self.slot_bytes = 0
         self.stderr = collections.deque(maxlen=40)
+        self.held = 0  # bytes it holds on its device when idle (its last Idle record)
 
     @property
     def name(self) -> str:
@@ -142,6 +144,15 @@ def _read_stderr(pipe, sink: collections.deque, name: str) -> None:
         sink.append(line)
         log.debug("parallel_vae worker %s: %s", name, line)
     pipe.close()
+
+
+def _rss_mib(pid: int) -> Optional[float]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return round(kib / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _stop(handles: list, shared: dict) -> None:
@@ -200,11 +211,38 @@ class Workers:
         self.max_restarts = max_restarts if max_restarts is not None else 2 * len(specs) + 2
         self.handles = [Handle(s) for s in self.specs]
         self.stats = PoolStats()
+        self.watchdog = Watchdog()  # per device: unit times and silence, across jobs
         self._shared: dict = {}  # "weights": (fingerprint, block, manifest) while some worker still loads
         self.stop = weakref.finalize(self, _stop, self.handles, self._shared)
 
     def pids(self) -> dict[str, int]:
         return {h.name: h.pid for h in self.handles if h.state is WorkerState.UP}
+
+    def stop_all(self) -> None:
+        """Stop every worker now; they start again on the next job (``stop`` is the last call)."""
+        _stop(self.handles, self._shared)
+
+    def drop_models(self) -> None:
+        """Have every idle worker forget its VAEs and give memory back (it stays up)."""
+        for h in self.handles:
+            if h.state is WorkerState.UP and not h.tasks and h.models and h.loading is None:
+                h.send(msgs.Drop())
+                h.models.clear()
+
+    def drain(self) -> None:
+        """Read what idle workers sent since the last job (Idle records, deaths)."""
+        for h, record in self.receive(0):
+            if record is not None and not self.on_common(h, record):
+                self.on_stray(h, record)
+
+    def report(self) -> list[dict]:
+        """One row per worker, for the /parallel_vae/workers route."""
+        rows = []
+        for h in self.handles:
+            rows.append({"device": h.name, "sees": h.spec.device, "pid": h.pid if h.live else None,
+                         "state": h.state.value, "cause": h.cause or None, "models": len(h.models),
+                         "held_mib": round(h.held / 2**20, 1), "rss_mib": _rss_mib(h.pid) if h.live else None})
+        return rows
 
     # -- starting and losing processes -----------------------------------------------------------
     def _env(self, spec: WorkerSpec) -> dict:
@@ -232,7 +270,7 @@ class Workers:
         h.death_w = death_w
         h.state, h.started_at, h.pid, h.cause, h.death = WorkerState.STARTING, time.monotonic(), h.proc.pid, "", None
         h.models.clear()
-        h.loading, h.tasks, h.job_id = None, [], None
+        h.loading, h.tasks, h.job_id, h.held = None, [], None, 0
         h.stderr.clear()
         threading.Thread(target=_read_stderr, args=(h.proc.stderr, h.stderr, h.name), daemon=True,
                          name=f"pvae-stderr-{h.name}").start()
@@ -326,6 +364,12 @@ class Workers:
             if record.seconds > 0:
                 self.stats.loads += 1
             self.weights_done(record.fingerprint)
+        elif isinstance(record, msgs.Idle):
+            h.held = record.held
+            if record.models == 0:
+                h.models.clear()
+            log.info("parallel_vae: worker %s idle, holding %.0f MiB on %s with %d VAE(s)", h.name,
+                     record.held / 2**20, h.spec.device, record.models)
         elif isinstance(record, msgs.LoadFailed):
             h.loading = None
             if record.why is msgs.LoadFailure.MISMATCH:

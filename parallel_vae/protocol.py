@@ -160,6 +160,7 @@ class Task(Record):
     job_id: int
     key: int  # the group's index
     tiles: tuple
+    threads: int = 0  # torch threads for this task (0: the worker's own); see jobs.Job.threads_for
 
 
 @register
@@ -182,6 +183,14 @@ class Quit(Record):
     kind: ClassVar[str] = "quit"
 
 
+@register
+@dataclass(frozen=True)
+class Drop(Record):
+    """Forget every VAE and give memory back (the pool's idle timeout); answered with Idle."""
+
+    kind: ClassVar[str] = "drop"
+
+
 # -- worker -> parent -----------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
@@ -195,6 +204,17 @@ class Up(Record):
 class InitFailed(Record):
     kind: ClassVar[str] = "init_failed"
     message: str
+
+
+@register
+@dataclass(frozen=True)
+class Idle(Record):
+    """The worker went idle and gave memory back: what it still holds on its device (CUDA:
+    torch's reserved bytes; CPU: its resident set), and how many VAEs it keeps built."""
+
+    kind: ClassVar[str] = "idle"
+    held: int
+    models: int
 
 
 @register

@@ -30,7 +30,8 @@ from . import protocol as msgs
 from .errors import ModelMismatch
 from .protocol import MAX_CACHED_VAES
 KEEP_HEAP_ENV = "PARALLEL_VAE_KEEP_HEAP"
-FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"  # test hook: "start", or "oom:<tile or *>:<worker name>"
+# test hook: "start", "oom:<tile or *>:<worker>", "hang:<tile or *>:<worker>:<marker file>"
+FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"
 
 
 def _watch_parent(death_fd: int) -> None:
@@ -129,6 +130,7 @@ class Worker:
         self.fault = os.environ.get(FAULT_ENV, "")
         self.heap = Heap()
         self.busy = False  # worked since the heap was last given back
+        self.threads = 1  # torch threads of this worker's own (Init)
 
     # -- setup ---------------------------------------------------------------------------------
     def init(self, config: dict) -> None:
@@ -138,7 +140,8 @@ class Worker:
         _apply_setup(config.get("setup", ()))
         for path in config.get("imports", ()):
             importlib.import_module(path)
-        torch.set_num_threads(int(config["threads"]))
+        self.threads = int(config["threads"])
+        torch.set_num_threads(self.threads)
         if self.fault == "start":
             raise RuntimeError(f"{FAULT_ENV}=start: this worker fails on start, as asked")
         self.device = torch.device(config["device"])
@@ -310,7 +313,18 @@ class Worker:
         rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)
         return [(mean, rstd)] * len(requests)
 
-    def run_task(self, job_id: int, key: int, tiles) -> None:
+    def run_task(self, job_id: int, key: int, tiles, threads: int = 0) -> None:
+        import torch
+
+        if threads and threads != self.threads:  # cores lent by idle CPU workers, for this task
+            torch.set_num_threads(threads)
+            try:
+                return self._run_task(job_id, key, tiles)
+            finally:
+                torch.set_num_threads(self.threads)
+        return self._run_task(job_id, key, tiles)
+
+    def _run_task(self, job_id: int, key: int, tiles) -> None:
         import torch
 
         from . import shm
@@ -324,6 +338,12 @@ class Worker:
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
             decoder = self.cache[fingerprint][1]
+            if self.fault.startswith("hang:"):  # alive and silent, once (the marker file): the watchdog's case
+                _, t, who, marker = self.fault.split(":", 3)
+                if (t == "*" or int(t) in tiles) and who == self.name and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    while True:
+                        time.sleep(1.0)
             if self.fault.startswith("oom:") and plan.get("split", 1) == 1:  # a split retry is let through
                 _, t, who = self.fault.split(":", 2)
                 if (t == "*" or int(t) in tiles) and who == self.name:
@@ -361,19 +381,48 @@ class Worker:
             self.send(msgs.LoadFailed(record.fingerprint, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}",
                                       msgs.LoadFailure.ERROR))
 
+    def idle(self) -> None:
+        """Give back what the finished job left: torch's cached device blocks, the freed heap;
+        then tell the parent what is still held."""
+        self._empty_cache()
+        self.heap.give_back()
+        self.send(msgs.Idle(self.held(), len(self.cache)))
+
+    def drop(self) -> None:
+        """Forget every VAE (the pool's idle timeout), then give memory back."""
+        self.cache.clear()  # as the LRU bound does: the shared weight blocks go with their modules
+        self.executors.clear()
+        self.drop_job()
+        gc.collect()
+        self.idle()
+
+    def held(self) -> int:
+        import torch
+
+        if self.device is not None and self.device.type == "cuda":
+            return int(torch.cuda.memory_reserved(self.device))
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
     def serve(self) -> None:
         """Records in order; a task runs to its end before the next record is taken."""
         run = {msgs.Load: self.load_model,
                msgs.Arena: lambda r: self.set_arena(r.name, r.nbytes, r.slot_bytes, r.slots),
                msgs.JobData: lambda r: self.set_job(r.job_id, r.fingerprint, r.plan, r.latent),
-               msgs.Task: lambda r: self.run_task(r.job_id, r.key, r.tiles)}
+               msgs.Task: lambda r: self.run_task(r.job_id, r.key, r.tiles, r.threads)}
         while True:
             if self.busy and not self.backlog and not self.conn.poll(0):
-                self.heap.give_back()  # idle (a job ended): no next task waiting to reuse the memory
+                self.idle()  # a job ended: no next task waiting to reuse the memory
                 self.busy = False
             record = self.backlog.pop(0) if self.backlog else msgs.recv(self.conn)
             if isinstance(record, msgs.Quit):
                 return
+            if isinstance(record, msgs.Drop):
+                self.drop()
+                continue
             action = run.get(type(record))
             if action is not None:
                 action(record)

@@ -167,6 +167,7 @@ class PreviewPanel {
       width: d.width, height: d.height, frames: d.frames, steps: Math.max(1, d.steps || 1),
       units: d.units, tiles: Array.isArray(d.tiles) ? d.tiles : [], lanes: Array.isArray(d.lanes) ? [...d.lanes] : [],
       mode: d.mode === "exact" ? "exact" : "tiled",
+      sized: typeof d.sized === "string" ? d.sized : "",
     };
     this.tileState = this.plan.tiles.map(() => null);
     this.done = Object.fromEntries(this.plan.lanes.map((l) => [l, 0]));
@@ -260,6 +261,7 @@ class PreviewPanel {
     ds.distinctFrames = String(this.hashes.size);
     ds.tiles = String(this.plan?.tiles.length ?? 0);
     ds.mode = this.plan?.mode ?? "";
+    ds.sized = this.plan?.sized ?? "";
     ds.tilesDrawn = String(this.tilesDrawn());
     ds.lanes = (this.plan?.lanes ?? []).join(",");
     ds.state = !this.plan ? "idle" : this.streaming ? "running" : this.seconds != null ? "done" : "stopped";
@@ -273,6 +275,7 @@ class PreviewPanel {
       const total = Object.values(this.done).reduce((a, b) => a + b, 0);
       const parts = [`${p.width}×${p.height}`, p.frames > 1 ? `${this.framesDone}/${p.frames} frames` : null,
         p.mode === "exact" ? `exact · ${p.tiles.length} bands` : `tiled · ${p.tiles.length} tiles`,
+        p.sized ? p.sized.split(":")[0] : null,
         units ? `${total}/${units} steps` : null,
         this.streaming ? "decoding…" : this.seconds != null ? `done in ${Number(this.seconds).toFixed(1)} s` : "stopped"];
       this.status.textContent = parts.filter(Boolean).join(" · ");

@@ -82,7 +82,8 @@ def normalize(x: torch.Tensor, norm, mean: torch.Tensor, rstd: torch.Tensor, inp
     does it: ``x * scale + shift`` per (batch, channel), scale and shift from float64."""
     b, c = x.shape[:2]
     groups = norm.num_groups
-    weight = norm.weight.detach().to("cpu", torch.float64) if norm.weight is not None else torch.ones(c, dtype=torch.float64)
+    ones = torch.ones(c, dtype=torch.float64)
+    weight = norm.weight.detach().to("cpu", torch.float64) if norm.weight is not None else ones
     bias = norm.bias.detach().to("cpu", torch.float64) if norm.bias is not None else torch.zeros(c, dtype=torch.float64)
     rstd_c = rstd.repeat_interleave(c // groups, dim=1)  # [B, C]
     mean_c = mean.repeat_interleave(c // groups, dim=1)

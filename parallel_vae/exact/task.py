@@ -1,8 +1,9 @@
 """An exact-mode task inside a worker: the bands it was given, decoded with the family's executor.
 
 GroupNorm families answer their sync points through ``answer`` (a round trip to the parent, which
-combines every worker's statistics in band order and passes edge rows between neighbours); an out-of-memory error goes back to the
-parent, which decodes the item again with every band split (the lock-step cannot rewind one band).
+combines every worker's statistics in row order and passes edge rows between neighbours); an
+out-of-memory error goes back to the parent, which decodes the item again with every band split
+(the lock-step cannot rewind one band).
 Wan bands exchange nothing, so a worker splits its own bands when memory runs out.
 """
 from __future__ import annotations

@@ -195,10 +195,10 @@ def ensure_vae_file(family: str, directory: Path, seed: int = 0) -> Path:
     return path
 
 
-def load_in_process(family: str):
-    """Boot ComfyUI in this process and load the cached random VAE of ``family`` through the real
-    VAELoader: (ComfyUI's nodes module, the VAE). For benchmarks and scripts."""
-    nodes = comfy_env.boot()
+def load_in_process(family: str, cpu: bool = True):
+    """Boot ComfyUI in this process (on the CPU unless ``cpu=False``) and load the cached random VAE
+    of ``family`` through the real VAELoader: (ComfyUI's nodes module, the VAE). For benchmarks."""
+    nodes = comfy_env.boot(cpu=cpu)
     import folder_paths
 
     directory = cache_dir()

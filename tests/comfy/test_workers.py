@@ -147,3 +147,29 @@ def test_changing_the_device_list_replaces_the_workers(load_vae, decode, workers
     for pid in old:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_worker_that_hangs_mid_job_is_stopped_and_its_tiles_requeued(load_vae, decode, core_tiled, workers,
+                                                                      monkeypatch, tmp_path):
+    """The fault hook makes cpu[1] hang (alive, silent) on its first tile, once; with a 3 s unit
+    deadline the watchdog kills it, the tile is decoded elsewhere, the output is unchanged, the
+    prompt ends in bounded time, and the pool is back to two workers."""
+    from parallel_tiled_vae.parallel_vae.watchdog import UNIT_TIMEOUT_ENV
+    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
+
+    vae, z = load_vae("sd"), latent((1, 4, 12, 14), 44)
+    workers.shutdown_pool()
+    monkeypatch.setenv(FAULT_ENV, f"hang:*:cpu[1]:{tmp_path / 'hung'}")
+    monkeypatch.setenv(UNIT_TIMEOUT_ENV, "3")
+    try:
+        started = time.monotonic()
+        ours = decode(z, vae, 64, 16, devices="cpu:2")  # cpu[1] hangs on its first tile, once
+        assert time.monotonic() - started < 60
+        pool = workers.current_pool()
+        assert (tmp_path / "hung").exists(), "the fault hook never fired"
+        assert any("silent" in text for _, text in pool.stats.events), pool.stats.events
+        assert max_diff(ours, core_tiled(z, vae, 64, 16, 64, 8)) <= TOL
+        ready = pool.wait_ready(workers.model_source(vae, pack_spec(vae), pack_devices("cpu:2")))
+        assert len(ready) == 2
+    finally:
+        workers.shutdown_pool()

@@ -23,9 +23,12 @@ EXAMPLES = [
     protocol.JobData(7, "fp", {"causal": False, "step_frames": ((0, 1),), "tiles": [(0, (0, 0), (8, 8))]},
                      ("pvae_1_z_ef", 256, torch.float32, (1, 4, 8, 8))),
     protocol.Task(7, 3, (3, 4)),
+    protocol.Task(7, 3, (3,), 2),
     protocol.Free(1),
     protocol.Cancel(7),
     protocol.Quit(),
+    protocol.Drop(),
+    protocol.Idle(123 << 20, 0),
     protocol.Up(1234),
     protocol.InitFailed("RuntimeError: no such device"),
     protocol.Loaded("fp", 1.5),
@@ -34,9 +37,10 @@ EXAMPLES = [
     protocol.Result(7, 3, 0, 1, (1, 3, 64, 64)),
     protocol.Done(7, 3),
     *[protocol.Failed(7, 3, why, "text") for why in Failure],
-    protocol.GroupStats(7, 3, 0, "up.0.norm1", 1e-6, [(64, b"\x00" * 16, b"\x00" * 16, (1, 2))]),  # Moments.as_wire
+    protocol.GroupStats(7, 3, 0, "up.0.norm1", 1e-6, [(64, b"\x00" * 16, b"\x00" * 16, (1, 2, 1))]),  # Moments.as_wire
     protocol.SharedStats(7, 0, b"\x00" * 16, b"\x00" * 16, (1, 2)),
-    protocol.GroupRows(7, 3, 1, "conv1", (b"\x00" * 8, (1, 2, 1, 1), "float32"), (b"\x00" * 8, (1, 2, 1, 1), "float32")),
+    protocol.GroupRows(7, 3, 1, "conv1", (b"\x00" * 8, (1, 2, 1, 1), "float32"),
+                       (b"\x00" * 8, (1, 2, 1, 1), "float32")),
     protocol.SharedRows(7, 1, None, (b"\x00" * 8, (1, 2, 1, 1), "float32")),
 ]
 
@@ -72,7 +76,7 @@ def test_fields_are_read_by_name():
 
 @pytest.mark.parametrize("msg, error", [
     (("stats", 1, 2), r"unknown message kind 'stats' \(known: .*result"),
-    (("task", 1, 2), r"'task' message has 2 fields, expected 3 \(job_id, key, tiles\)"),
+    (("task", 1, 2), r"'task' message has 2 fields, expected 4 \(job_id, key, tiles, threads\)"),
     (("failed", 1, 2, "melted", "x"), r"'failed' message: 'melted' is not a valid Failure"),
     ("result", "not a message"),
     ((), "not a message"),

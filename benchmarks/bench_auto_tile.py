@@ -1,0 +1,72 @@
+"""How good is auto tile_size's memory estimate? Measured peak of one tile's decode against the
+estimate (ComfyUI's ``memory_used_decode``, fitted per pixel: nodes/vae_info.decode_cost).
+
+Each (family, tile) runs in its own fresh process: load the random-weight VAE through the real
+VAELoader, decode a tiny latent (warm-up), then decode one tile-sized latent with ComfyUI's own
+decode (one latent frame for video: the causal decode holds one step at a time) and read the growth
+of the process's peak RSS (``ru_maxrss``). Printed per row: the estimate, the measured growth, and
+measured/estimate (below 1: the estimate is safe; auto uses FRACTION of free memory on top).
+
+    .venv/bin/python benchmarks/bench_auto_tile.py [--families sd,wan21_full] [--tiles 256,512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
+
+from bench_decode import machine  # noqa: E402
+
+
+def child(family: str, tile: int) -> None:
+    import torch
+    from testkit import comfy_env, random_vaes
+
+    _, vae = random_vaes.load_in_process(family)
+    pack = comfy_env.load_pack()
+    spec = pack.nodes.vae_info.describe(vae)
+    cost = pack.nodes.vae_info.decode_cost(vae, spec)
+    side = tile // spec.scales[-1].factor
+    frames = (1,) if spec.latent_dim == 3 else ()
+    z = torch.randn((1, spec.latent_channels) + frames + (side, side))
+    small = torch.randn((1, spec.latent_channels) + frames + (4, 4))
+    with torch.inference_mode():
+        vae.decode(small)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        vae.decode(z)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"estimate": cost.bytes(tile), "measured": after - before, "per_px": cost.per_px,
+                      "fixed": cost.fixed}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default="sd,wan21_full")
+    ap.add_argument("--tiles", default="256,384,512")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    print(f"machine: {machine()}\n")
+    print("| VAE | tile (px) | estimate (MiB) | measured peak growth (MiB) | measured / estimate |")
+    print("|---|---:|---:|---:|---:|")
+    for family in args.families.split(","):
+        for tile in (int(t) for t in args.tiles.split(",")):
+            r = subprocess.run([sys.executable, __file__, "--child", family, str(tile)], capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{family} {tile} failed:\n{r.stderr[-3000:]}")
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"| {family} | {tile} | {row['estimate'] / 2**20:.0f} | {row['measured'] / 2**20:.0f} | "
+                  f"{row['measured'] / row['estimate']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

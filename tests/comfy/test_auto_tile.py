@@ -1,0 +1,54 @@
+"""tile_size 0 (auto) through the node: the size follows the free memory (simulated with
+PARALLEL_VAE_MEMORY_LIMIT), the decode equals VAE Decode (Tiled) at the size chosen (tiled mode)
+or the untiled VAE Decode (exact mode), and the progress text says what was chosen and why."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from testkit.compare import TOL, latent, max_diff
+
+
+def chosen(pack, vae, devices: str) -> "pack.parallel_vae.sizing.Choice":
+    decode_module = pack.nodes.decode
+    spec = pack.nodes.vae_info.describe(vae)
+    return decode_module.auto_tile(vae, spec, pack.parallel_vae.devices.parse(devices))
+
+
+def test_auto_tile_shrinks_with_memory_and_equals_vae_decode_tiled_at_the_chosen_size(
+        pack, load_vae, decode, core_tiled, monkeypatch):
+    sizing = pack.parallel_vae.sizing
+    vae, z = load_vae("sd"), latent((1, 4, 30, 34), 51)
+    sizes = []
+    for mib in (8192, 400, 160):
+        monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, str(mib))
+        sizes.append(chosen(pack, vae, "cpu").tile_size)
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+    for mib, size in zip((400, 160), sizes[1:]):
+        monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, str(mib))
+        ours = decode(z, vae, 0, 64, devices="cpu")
+        ref = core_tiled(z, vae, size, min(64, size // 4))
+        assert max_diff(ours, ref) <= TOL, (mib, size)
+    other = core_tiled(z, vae, sizes[1], min(64, sizes[1] // 4))
+    assert max_diff(ours, other) > TOL, "the sizes give different images, so equality proves the size used"
+
+
+def test_auto_tile_in_exact_mode_equals_untiled_vae_decode_and_says_why(pack, load_vae, decode, core_decode,
+                                                                        monkeypatch):
+    sizing = pack.parallel_vae.sizing
+    vae, z = load_vae("sd"), latent((1, 4, 24, 20), 52)
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, "160")
+    texts = []
+    monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
+    ours = decode(z, vae, 0, 64, devices="cpu", mode="exact")
+    assert max_diff(ours, core_decode(z, vae)) <= TOL
+    size = chosen(pack, vae, "cpu").tile_size
+    assert f"auto {size} px: cpu has 0.2 GiB free" in texts[-1], texts[-1]
+    bands = len(pack.nodes.lanes.last_report.units)
+    assert bands == -(-24 // max(1, size * size // (20 * 64))), (bands, size)
+
+
+@pytest.mark.parametrize("bad", [-32, 32])
+def test_tile_size_below_the_minimum_other_than_zero_is_an_error(pack, bad):
+    assert "tile_size" in pack.nodes.ParallelVAEDecode.validate_inputs(bad, 16, 64, 8, "cpu", "tiled")
+    assert pack.nodes.ParallelVAEDecode.validate_inputs(0, 64, 64, 8, "cpu", "tiled") is True
