@@ -3,8 +3,9 @@ estimate (ComfyUI's ``memory_used_decode``, fitted per pixel: nodes/vae_info.dec
 
 Each (family, tile) runs in its own fresh process: load the random-weight VAE through the real
 VAELoader, decode a tiny latent (warm-up), then decode one tile-sized latent with ComfyUI's own
-decode (one latent frame for video: the causal decode holds one step at a time) and read the growth
-of the process's peak RSS (``ru_maxrss``). Printed per row: the estimate, the measured growth, and
+decode (one latent frame for video: the causal decode holds one step at a time) and read how far
+the process's peak RSS rose above its RSS before the decode (the peak is reset first through
+/proc/self/clear_refs, so the model load's own peak does not hide the decode's). Printed per row: the estimate, the measured growth, and
 measured/estimate (below 1: the estimate is safe; auto uses FRACTION of free memory on top).
 
     .venv/bin/python benchmarks/bench_auto_tile.py [--families sd,wan21_full] [--tiles 256,512]
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 from bench_decode import machine  # noqa: E402
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
 
 
 def child(family: str, tile: int) -> None:
@@ -38,9 +43,11 @@ def child(family: str, tile: int) -> None:
     small = torch.randn((1, spec.latent_channels) + frames + (4, 4))
     with torch.inference_mode():
         vae.decode(small)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux 4.0+)
+        before = status_bytes("VmRSS")
         vae.decode(z)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        after = status_bytes("VmHWM")
     print(json.dumps({"estimate": cost.bytes(tile), "measured": after - before, "per_px": cost.per_px,
                       "fixed": cost.fixed}))
 
