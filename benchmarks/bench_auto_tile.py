@@ -5,8 +5,9 @@ Each (family, tile) runs in its own fresh process: load the random-weight VAE th
 VAELoader, decode a tiny latent (warm-up), then decode one tile-sized latent with ComfyUI's own
 decode (one latent frame for video: the causal decode holds one step at a time) and read how far
 the process's peak RSS rose above its RSS before the decode (the peak is reset first through
-/proc/self/clear_refs, so the model load's own peak does not hide the decode's). Printed per row: the estimate, the measured growth, and
-measured/estimate (below 1: the estimate is safe; auto uses FRACTION of free memory on top).
+/proc/self/clear_refs, so the model load's own peak does not hide the decode's). Printed per row:
+the estimate, the measured growth, and measured/estimate (below 1: the estimate is safe; auto uses
+FRACTION of free memory on top).
 
     .venv/bin/python benchmarks/bench_auto_tile.py [--families sd,wan21_full] [--tiles 256,512]
 """

@@ -48,7 +48,8 @@ TOOLTIPS = {
                "not visible is an error.",
     "mode": "exact: the same image as the untiled VAE Decode (no seams), computed in row bands spread over the "
             "devices; image VAE bands pass each other their edge rows and normalisation statistics, Wan bands "
-            "decode their rows plus a margin as wide as the decoder's reach. Supported: " + "; ".join(exact.SUPPORTED) + ". "
+            "decode their rows plus a margin as wide as the decoder's reach. Supported: "
+            + "; ".join(exact.SUPPORTED) + ". "
             "tiled: the same result as VAE Decode (Tiled), seams included. auto: exact where the VAE supports "
             "it, else tiled.",
 }

@@ -18,7 +18,7 @@ def chosen(pack, vae, devices: str) -> "pack.parallel_vae.sizing.Choice":
 def test_auto_tile_shrinks_with_memory_and_equals_vae_decode_tiled_at_the_chosen_size(
         pack, load_vae, decode, core_tiled, monkeypatch):
     sizing = pack.parallel_vae.sizing
-    vae, z = load_vae("sd"), latent((1, 4, 30, 34), 51)
+    vae, z = load_vae("sd"), latent((1, 4, 16, 18), 51)
     sizes = []
     for mib in (8192, 400, 160):
         monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, str(mib))

@@ -57,7 +57,7 @@ def test_release_waits_for_the_running_decode_then_stops_every_worker(pack, load
     workers = pack.nodes.workers
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 42), vae, 64, 16, devices="cpu:2")  # warm
-    z = latent((1, 4, 40, 40), 43)  # several seconds on two workers
+    z = latent((1, 4, 24, 24), 43)  # several seconds on two workers
     result = {}
     runner = threading.Thread(target=lambda: result.update(out=decode(z, vae, 64, 16, devices="cpu:2")))
     try:
@@ -68,7 +68,7 @@ def test_release_waits_for_the_running_decode_then_stops_every_worker(pack, load
         assert workers.release("a test") == 2
         assert not any(alive(p) for p in pids)
         runner.join(10)
-        assert result["out"].shape[1:3] == (320, 320), "the running decode finished undisturbed"
+        assert result["out"].shape[1:3] == (192, 192), "the running decode finished undisturbed"
     finally:
         runner.join(60)
         workers.shutdown_pool()

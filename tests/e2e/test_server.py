@@ -16,7 +16,7 @@ def test_object_info_lists_the_node_with_its_inputs(server):
     required = info["input"]["required"]
     assert list(required) == INPUTS
     assert [required[n][0] for n in INPUTS] == ["LATENT", "VAE", "INT", "INT", "INT", "INT", "STRING"]
-    assert {k: required["tile_size"][1][k] for k in ("default", "min", "step")} == {"default": 512, "min": 64,
+    assert {k: required["tile_size"][1][k] for k in ("default", "min", "step")} == {"default": 512, "min": 0,
                                                                                     "step": 32}
     assert [required[n][1]["default"] for n in INPUTS[3:]] == [64, 64, 8, "auto"]
     assert all(required[n][1].get("tooltip") for n in INPUTS)
