@@ -1,5 +1,5 @@
 """Worker processes behind a real ComfyUI server: tiles on every worker, progress per device,
-no worker outliving ComfyUI however it stops, and a 50-prompt soak."""
+no worker outliving ComfyUI however it stops, and a 25-prompt soak."""
 from __future__ import annotations
 
 import os
@@ -49,7 +49,8 @@ def test_no_worker_outlives_comfyui(own_server, put_latent_to, sig):
     assert not [p for p in pids if alive(p)], f"workers left behind after {sig.name}"
 
 
-def test_soak_50_prompts_constant_workers_and_server_memory(server, put_latent):
+def test_soak_25_prompts_constant_workers_and_server_memory(server, put_latent):
+    """The short soak of make test (the 100-prompt one with /free is `make soak`)."""
     put_latent("soak.latent", (1, 4, 12, 12), seed=33)
     prompt = decode_prompt("sd", "soak.latent", tile_size=64, overlap=16, devices="cpu:2")
     prompt["7"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["2", 0], "multiplier": 1.0}}
@@ -57,7 +58,7 @@ def test_soak_50_prompts_constant_workers_and_server_memory(server, put_latent):
     prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
     pid = server.proc.pid
     rss, pids = [], []
-    for i in range(50):
+    for i in range(25):
         prompt["7"]["inputs"]["multiplier"] = 1.0 + i / 100  # a new input each time: nothing is cached
         run = server.run(prompt)
         assert run.ok, (i, run.error, server.log_tail())
@@ -65,7 +66,7 @@ def test_soak_50_prompts_constant_workers_and_server_memory(server, put_latent):
         rss.append(rss_kib(pid))
     assert len(set(pids)) == 1 and len(pids[0]) == 2, "the same two workers served every prompt"
     growth = rss[-1] / rss[9] - 1  # after warm-up
-    print(f"server RSS after prompt 10: {rss[9] / 1024:.0f} MiB, after 50: {rss[-1] / 1024:.0f} MiB "
+    print(f"server RSS after prompt 10: {rss[9] / 1024:.0f} MiB, after 25: {rss[-1] / 1024:.0f} MiB "
           f"({growth:+.2%})")
     assert growth < 0.05
 
