@@ -27,6 +27,7 @@ from . import shm
 from .engine import Decoded
 from .errors import DecodeError
 from .exact import stats
+from .exact.lockstep import neighbours
 from .exact.geometry import bands_of, split_rows
 from .jobs import SLOTS, Job, _job_ids, _slot_bytes, wire_plan
 from .plan import Plan
@@ -154,9 +155,8 @@ class LockstepJob(Job):
                               f"({sorted({r.name for r in ordered})})")
         del self.reported[k]
         if isinstance(ordered[0], msgs.GroupRows):
-            for i, key in enumerate(keys):
-                above = ordered[i - 1].bottom if i else None
-                below = ordered[i + 1].top if i + 1 < len(ordered) else None
+            beyond = neighbours([r.top for r in ordered], [r.bottom for r in ordered])
+            for key, (above, below) in zip(keys, beyond):
                 self.groups[key][0].send(msgs.SharedRows(self.id, k, above, below))
             return
         parts = [stats.Moments.from_wire(m) for r in ordered for m in r.moments]

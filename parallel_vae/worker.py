@@ -307,7 +307,7 @@ class Worker:
         shared = self.shared.pop((job_id, k))
         if what == "rows":
             device = requests[0][3].device
-            return lockstep.neighbours(requests, lockstep.rows_from_wire(shared.above, device),
+            return lockstep.band_neighbours(requests, lockstep.rows_from_wire(shared.above, device),
                                        lockstep.rows_from_wire(shared.below, device))
         mean = torch.frombuffer(bytearray(shared.mean), dtype=torch.float64).reshape(shared.shape)
         rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)

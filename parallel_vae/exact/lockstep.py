@@ -21,11 +21,17 @@ def check_same(requests: Sequence[tuple]) -> None:
         raise DecodeError(f"exact mode: bands fell out of step at {sorted(keys)}")
 
 
-def neighbours(requests: Sequence[tuple], above=None, below=None) -> list:
-    """(rows above, rows below) for each of the contiguous bands of ``requests``; ``above`` and
-    ``below`` are what lies beyond the first and the last (None at the image's edge)."""
-    n = len(requests)
-    return [(requests[i - 1][4] if i else above, requests[i + 1][3] if i + 1 < n else below) for i in range(n)]
+def neighbours(tops: Sequence, bottoms: Sequence, above=None, below=None) -> list:
+    """(rows above, rows below) for each of contiguous bands (or groups of bands) whose edge rows
+    are ``tops`` and ``bottoms``; ``above`` and ``below`` are what lies beyond the first and the
+    last (None at the image's edge)."""
+    n = len(tops)
+    return [(bottoms[i - 1] if i else above, tops[i + 1] if i + 1 < n else below) for i in range(n)]
+
+
+def band_neighbours(requests: Sequence[tuple], above=None, below=None) -> list:
+    """``neighbours`` of the bands' "rows" requests."""
+    return neighbours([r[3] for r in requests], [r[4] for r in requests], above, below)
 
 
 def rows_to_wire(rows: torch.Tensor) -> tuple:
@@ -46,7 +52,7 @@ def answers(requests: Sequence[tuple]) -> list:
     """Each band's answer, for bands that are the whole item, in band order."""
     check_same(requests)
     if requests[0][0] == "rows":
-        return neighbours(requests)
+        return band_neighbours(requests)
     shared = stats.combine([r[4] for r in requests], requests[0][3])
     return [shared] * len(requests)
 
