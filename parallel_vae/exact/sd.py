@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import stats
+from .attention import attention_block
 from .geometry import conv_spread
 
 Request = tuple  # ("gn", k, name, eps, Moments) or ("rows", k, name, top, bottom): a band's sync point
@@ -106,7 +107,7 @@ class SdExact:
             z = pqc(z)
         h = dec.conv_in(z)
         h = dec.mid.block_1(h, None)
-        h = dec.mid.attn_1(h)
+        h = attention_block(dec.mid.attn_1, h)  # ComfyUI's arithmetic, bounded memory
         return dec.mid.block_2(h, None)
 
     # -- one band --------------------------------------------------------------------------------
@@ -121,7 +122,8 @@ class SdExact:
                 box, x = [F.interpolate(x, scale_factor=2.0, mode="nearest")], None
                 x = yield from self._conv(me, layer.conv, box, "upsample")
             else:
-                x = yield from self._resblock(me, layer, x)
+                box, x = [x], None  # the block holds its input alone (it may drop it early)
+                x = yield from self._resblock(me, layer, box)
         x = yield from self._norm(me, self.decoder.norm_out, x, "norm_out", inplace=True)
         box, x = [F.silu(x, inplace=True)], None
         x = yield from self._conv(me, self.decoder.conv_out, box, "conv_out")
@@ -159,15 +161,18 @@ class SdExact:
         mean, rstd = yield ("gn", me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
         return stats.normalize(x, norm, mean, rstd, inplace=inplace)
 
-    def _resblock(self, me: _Sync, block, x: torch.Tensor):
+    def _resblock(self, me: _Sync, block, box: list):
+        x = box.pop()
         h = yield from self._norm(me, block.norm1, x, "norm1")
+        if block.in_channels != block.out_channels:
+            # the 1x1 shortcut now, not at the end: the block's wide input (up[0]'s first block
+            # takes 256 channels at full size) is not held through its sync points
+            x = block.nin_shortcut(x)
         box, h = [F.silu(h, inplace=True)], None
         h = yield from self._conv(me, block.conv1, box, "conv1")
         h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
         box, h = [F.silu(h, inplace=True)], None
         h = yield from self._conv(me, block.conv2, box, "conv2")
-        if block.in_channels != block.out_channels:
-            x = block.nin_shortcut(x)
         return h.add_(x)
 
 

@@ -1,0 +1,61 @@
+"""The mid block's global attention with a bounded score matrix.
+
+ComfyUI's split attention (``normal_attention``, what it runs where SDPA is off, e.g. on CPU)
+sizes its query slices by free memory, so wherever memory is plentiful it builds the whole
+``positions x positions`` score matrix twice (scores and softmax): 2 GiB at a 128x128 latent,
+more than the rest of the exact decode. The same arithmetic on bounded query slices gives the
+same result (each query row's scores, softmax and weighted sum do not depend on the other rows),
+bit for bit in the tests against ComfyUI's own function, and holds one slice at a time.
+Other attention functions (SDPA, xformers) already bound their memory and run as they are.
+"""
+from __future__ import annotations
+
+import torch
+
+SLICE_BYTES = 64 << 20  # one slice of scores; the softmax holds a second
+# BLAS takes other kernels for a few query rows, whose sums differ in the last bit: slices are
+# even and about this long at least (ComfyUI's own slices are even too, or the whole matrix)
+MIN_SLICE_ROWS = 256
+
+
+def _is_split_attention(fn) -> bool:
+    return getattr(fn, "__name__", "") == "normal_attention"
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+    """ComfyUI's split attention over ``[B, C, H, W]`` q, k, v with at most ``slice_bytes`` of
+    scores alive."""
+    shape = q.shape
+    b, c = shape[0], shape[1]
+    q = q.reshape(b, c, -1).permute(0, 2, 1)
+    k = k.reshape(b, c, -1)
+    v = v.reshape(b, c, -1)
+    out = torch.zeros_like(k)
+    scale = int(q.shape[-1]) ** -0.5
+    positions = k.shape[2]
+    rows = max(MIN_SLICE_ROWS, slice_bytes // max(1, b * positions * q.element_size()))
+    count = -(-positions // rows)
+    base, extra = divmod(positions, count)  # even slices: no short remainder
+    i = 0
+    for n in range(count):
+        j = i + base + (1 if n < extra else 0)
+        scores = torch.bmm(q[:, i:j], k) * scale
+        weights = torch.nn.functional.softmax(scores, dim=2).permute(0, 2, 1)
+        del scores
+        out[:, :, i:j] = torch.bmm(v, weights)
+        del weights
+        i = j
+    return out.reshape(shape)
+
+
+def attention_block(block, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` for ComfyUI's ``AttnBlock``, with split attention bounded in memory."""
+    fn = getattr(block, "optimized_attention", None)
+    if not _is_split_attention(fn) or not all(hasattr(block, n) for n in ("norm", "q", "k", "v", "proj_out")):
+        return block(x)
+    h = block.norm(x)
+    h = split_attention(block.q(h), block.k(h), block.v(h), SLICE_BYTES)
+    return x + block.proj_out(h)
+
+
+__all__ = ["attention_block", "split_attention"]
