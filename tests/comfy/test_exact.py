@@ -188,3 +188,22 @@ def test_band_out_of_memory_splits_and_retries_with_the_same_output(pack, load_v
     first_try = len(pack.nodes.lanes.last_report.units)
     assert torch.equal(again, clean)
     assert len(calls) > 2 * first_try, calls  # the retry ran twice as many (half-height) bands
+
+
+def test_the_prefix_attention_in_bounded_slices_equals_comfyuis_split_attention_bit_for_bit(pack, load_vae,
+                                                                                          monkeypatch):
+    """The executor's mid-block attention holds one query slice of scores at a time; its output
+    must be ComfyUI's own split attention's, bit for bit, for any slice size (remainders too)."""
+    from comfy.ldm.modules.diffusionmodules import model as comfy_model
+    attention = pack.parallel_vae.exact.attention
+    block = load_vae("sd").first_stage_model.decoder.mid.attn_1
+    monkeypatch.setattr(block, "optimized_attention", comfy_model.normal_attention)
+    x = latent((1, block.in_channels, 40, 40), 8) * 3  # 1600 positions
+    with torch.inference_mode():
+        ref = block(x)
+        for rows in (256, 300, 1600, 4000):  # even slices: 7 of 228-229 rows, 6 of 266-267, 1, 1
+            monkeypatch.setattr(attention, "SLICE_BYTES", rows * 1600 * 4)
+            assert torch.equal(attention.attention_block(block, x), ref), f"{rows} query rows per slice"
+        monkeypatch.setattr(attention, "MIN_SLICE_ROWS", 1)  # many one-row slices: other kernels,
+        monkeypatch.setattr(attention, "SLICE_BYTES", 1600 * 4)  # the same arithmetic
+        assert max_diff(attention.attention_block(block, x), ref) <= 1e-5
