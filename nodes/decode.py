@@ -8,6 +8,7 @@ from typing import Callable
 from ..parallel_vae import blend, engine, exact, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
+from ..parallel_vae.exact import shares as exact_shares
 from ..parallel_vae.inputs import check_latent
 from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX,
                                  validate_settings)
@@ -128,17 +129,37 @@ def exact_refusal(spec, vae) -> str | None:
     return exact.refusal(spec.family, vae.first_stage_model)
 
 
-def auto_tile(vae, spec, named) -> sizing.Choice:
-    """tile_size 0: the largest tile all ``named`` devices have memory for. ComfyUI's own device
-    counts its free memory as ComfyUI does (what it could free too); worker devices are measured."""
-    cost = vae_info.decode_cost(vae, spec)
+def device_frees(vae, named) -> list[tuple[str, int]]:
+    """(name, free bytes) of each device that decodes. ComfyUI's own device counts its free
+    memory as ComfyUI does (what it could free too); worker devices are measured."""
     if device_lists.uses_workers(named):
         on_cpu = sum(d.kind == "cpu" for d in named)
-        frees = [(d.name, sizing.free_bytes(d, on_cpu)) for d in named]
-    else:
-        device = lanes.choose(named, vae)
-        frees = [(device.name, sizing.free_bytes(device, own=lanes.free_memory(device.torch_device)))]
-    return sizing.choose(cost, frees)
+        return [(d.name, sizing.free_bytes(d, on_cpu)) for d in named]
+    device = lanes.choose(named, vae)
+    return [(device.name, sizing.free_bytes(device, own=lanes.free_memory(device.torch_device)))]
+
+
+def auto_tile(vae, spec, named) -> sizing.Choice:
+    """tile_size 0: the largest tile all ``named`` devices have memory for."""
+    return sizing.choose(vae_info.decode_cost(vae, spec), device_frees(vae, named))
+
+
+def exact_lanes(vae, spec, named, shape, tile_size: int, auto: bool):
+    """What exact.plan needs of the devices: 1 in ComfyUI's process; on workers, each device's
+    measured speed, and with tile_size auto its own memory (rows it can hold, one band)."""
+    if not device_lists.uses_workers(named):
+        return 1
+    row_px = shape[-1] * spec.scales[-1].factor * spec.scales[-2].factor  # output pixels of one latent row
+    speeds = workers.speeds(named)
+    if not auto:
+        band_rows = max(1, tile_size * tile_size // row_px)
+        return [exact_shares.LaneShare(d.name, v, None, band_rows) for d, v in zip(named, speeds)]
+    cost = vae_info.decode_cost(vae, spec)
+    out = []
+    for (name, free), v in zip(device_frees(vae, named), speeds):
+        rows = max(1, int(min(sizing.max_pixels(cost, free) // row_px, 1 << 30)))
+        out.append(exact_shares.LaneShare(name, v, rows, rows))
+    return out
 
 
 def first_part(samples):
@@ -164,7 +185,7 @@ class DecodeJob:
     plan: object
     devices: list
     node_id: object
-    sized: str = ""  # why tile_size 0 became the size used
+    sized: str = ""  # why tile_size 0 became the size used; how exact rows were shared by device
 
     @classmethod
     def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
@@ -175,8 +196,8 @@ class DecodeJob:
             raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
         latent = check_latent(first_part(samples["samples"]), spec)
         named = device_lists.parse(devices)
-        sized = ""
-        if tile_size == TILE_AUTO:
+        sized, auto = "", tile_size == TILE_AUTO
+        if auto:
             choice = auto_tile(vae, spec, named)
             tile_size, sized = choice.tile_size, choice.why
             overlap = min(overlap, tile_size // 4)  # what VAE Decode (Tiled) makes of a larger one
@@ -188,9 +209,12 @@ class DecodeJob:
                                      f"for this VAE).")
         shape = tuple(latent.shape)
         if mode != "tiled" and refusal is None:
-            lanes_n = len(named) if device_lists.uses_workers(named) else 1
             plan = exact.plan(spec.family, vae.first_stage_model, shape, spec.scales, spec.out_channels,
-                              tile_size, lanes_n)
+                              tile_size, exact_lanes(vae, spec, named, shape, tile_size, auto))
+            if plan.lanes and auto:
+                sized = f"auto: rows by device speed and memory: {exact_shares.describe(plan)}"
+            elif plan.lanes:
+                sized = f"rows by device speed: {exact_shares.describe(plan)}"
         else:
             plan = spec.plan(shape, settings)
         return cls(vae, spec, latent, plan, named, node_id, sized)

@@ -127,6 +127,15 @@ def current_pool() -> WorkerPool | None:
     return _pool
 
 
+def speeds(devices: list[Device]) -> list[float]:
+    """Each device's measured speed relative to the others (1.0 each before the pool for these
+    devices has run an exact decode)."""
+    pool = _pool
+    if pool is None or pool.specs != worker_specs(devices):
+        return [1.0] * len(devices)
+    return pool.speeds([d.name for d in devices])
+
+
 def report() -> dict:
     """The workers for the /parallel_vae/workers route (no pool yet: none)."""
     pool = _pool

@@ -1,6 +1,9 @@
 """Exact mode for GroupNorm VAEs on the workers: each batch item's bands decoded in lock-step.
 
-One item at a time, its bands are cut into one contiguous group per live worker. At every
+One item at a time, its bands are cut into one contiguous group per live worker (as the plan
+shared rows out by device speed and memory, exact/shares.py; evenly once a device is lost). Each
+worker reports its busy time (less its waits on the others), which sets its speed for the next
+plans. At every
 GroupNorm each worker sends the row moments of its bands (GroupStats); once every group has
 reported, the parent combines them in row order (float64) and sends every worker the same
 statistics (SharedStats). Before every conv that reads across band edges each worker sends the
@@ -16,6 +19,7 @@ split, so a retry gives the same pixels.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Callable, Optional
@@ -69,18 +73,30 @@ class LockstepJob(Job):
             return  # workers still finishing (cancelling) an earlier attempt
         live = [h for h in live if self.workers.ensure_arena(h, self.slot_bytes, SLOTS)]
         bands = bands_of(self.plan, self.item)
-        count = min(len(live), len(bands))
+        grouping = self.grouping(live, len(bands))
         self.plan_wire = {**self.plan_wire, "split": self.split}
         self.reported = {}
         self.last_heard = time.monotonic()
-        for h, (p, q) in zip(live, split_rows(len(bands), count)):
+        for h, (p, q) in grouping:
             indices = tuple(index for index, _, _ in bands[p:q])
             key = indices[0]
             self.groups[key] = (h, indices)
             self.pending.add(key)
             self.introduce(h)
             h.tasks.append((self.id, key))
-            h.send(msgs.Task(self.id, key, indices, self.threads_for(h, count)))
+            h.send(msgs.Task(self.id, key, indices, self.threads_for(h, len(grouping))))
+
+    def grouping(self, live: list[Handle], bands: int) -> list[tuple[Handle, tuple[int, int]]]:
+        """(worker, bands [p, q) of the item) for each group: as the plan shared the rows out by
+        device, while every device it names is live; else even over the live workers."""
+        by_name = {h.name: h for h in live}
+        if self.plan.lanes and all(name in by_name for name, _ in self.plan.lanes):
+            out, p = [], 0
+            for name, count in self.plan.lanes:
+                out.append((by_name[name], (p, p + count)))
+                p += count
+            return out
+        return list(zip(live, split_rows(bands, min(len(live), bands))))
 
     def abort(self, why: str) -> None:
         """Cancel the running attempt everywhere; the next round starts the item again."""
@@ -124,6 +140,7 @@ class LockstepJob(Job):
         if isinstance(record, msgs.Done):
             h.task_over(record.job_id, record.key)
             if current:
+                self.workers.rated(h.name, self._positions(record.key), record.busy_s)
                 self.pending.discard(record.key)
                 if not self.pending:
                     self.item_done()
@@ -143,6 +160,11 @@ class LockstepJob(Job):
             raise DecodeError(f"{h.name} failed on exact bands {self.groups[record.key][1]}: {record.message}")
         self.workers.on_stray(h, record)
         return None
+
+    def _positions(self, key: int) -> int:
+        """Latent positions (rows x width) of one group's bands."""
+        tiles = [self.plan.tiles[i] for i in self.groups[key][1]]
+        return sum(math.prod(t.lat_size[-2:]) for t in tiles)
 
     def _share(self, k: int) -> None:
         got = self.reported[k]

@@ -85,6 +85,9 @@ class Plan:
     # "tiled" (VAEDecodeTiled's grid) or "exact" (row bands of the untiled decode, exact/geometry.py)
     mode: str = "tiled"
     halo: int = 0  # exact mode: latent rows each band reads beyond its own on either side
+    # exact mode on workers: (device name, bands of each item) top to bottom, where rows were
+    # shared out by device speed and memory (exact/shares.py); empty: any even grouping
+    lanes: tuple[tuple[str, int], ...] = ()
 
     @property
     def exact(self) -> bool:

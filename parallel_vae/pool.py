@@ -90,6 +90,10 @@ class WorkerPool:
     def pids(self) -> dict[str, int]:
         return self.workers.pids()
 
+    def speeds(self, names: Sequence[str]) -> list[float]:
+        """Relative speeds of the devices ``names`` in exact bands, as measured (1.0 before)."""
+        return self.workers.speeds(names)
+
     def warm(self, source: ModelSource, poll: Callable[[], None] = lambda: None) -> dict[str, int]:
         """Start every worker and load ``source`` in it; returns {name: pid} of ready workers."""
         workers = self.workers

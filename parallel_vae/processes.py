@@ -212,6 +212,7 @@ class Workers:
         self.handles = [Handle(s) for s in self.specs]
         self.stats = PoolStats()
         self.watchdog = Watchdog()  # per device: unit times and silence, across jobs
+        self.rates: dict[str, float] = {}  # per device: latent positions per busy second in exact bands
         self._shared: dict = {}  # "weights": (fingerprint, block, manifest) while some worker still loads
         self.stop = weakref.finalize(self, _stop, self.handles, self._shared)
 
@@ -221,6 +222,22 @@ class Workers:
     def stop_all(self) -> None:
         """Stop every worker now; they start again on the next job (``stop`` is the last call)."""
         _stop(self.handles, self._shared)
+
+    def rated(self, name: str, positions: int, busy_s: float) -> None:
+        """A device decoded ``positions`` latent positions of exact bands in ``busy_s`` of work."""
+        if busy_s > 0 and positions > 0:
+            rate = positions / busy_s
+            old = self.rates.get(name)
+            self.rates[name] = rate if old is None else 0.5 * (old + rate)
+
+    def speeds(self, names: Sequence[str]) -> list[float]:
+        """Relative speeds of ``names`` (1.0 each until measured; an unmeasured one counts as the
+        mean of the measured ones)."""
+        known = [self.rates[n] for n in names if n in self.rates]
+        if not known:
+            return [1.0] * len(names)
+        mean = sum(known) / len(known)
+        return [self.rates.get(n, mean) / mean for n in names]
 
     def drop_models(self) -> None:
         """Have every idle worker forget its VAEs and give memory back (it stays up)."""

@@ -251,6 +251,7 @@ class Done(Record):
     kind: ClassVar[str] = "done"
     job_id: int
     key: int
+    busy_s: float = 0.0  # the task's time less its waits on lock-step partners (a device's speed)
 
 
 @register

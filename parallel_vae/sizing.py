@@ -4,8 +4,8 @@ estimate of the decode's memory per output pixel.
 The estimate is linear, ``fixed + per_px * pixels`` bytes for one tile (the ComfyUI side fits it to
 ComfyUI's own ``memory_used_decode`` of the VAE). A device may use ``FRACTION`` of its free memory
 for one tile; the tile is the largest multiple of ``STEP`` pixels that fits on every device, within
-the node's tile_size bounds. ``PARALLEL_VAE_MEMORY_LIMIT`` (MiB) caps every device's free memory:
-the tests drive the choice with it, and a user can keep headroom for other work with it.
+the node's tile_size bounds. ``PARALLEL_VAE_MEMORY_LIMIT`` (MiB, for every device or per device name)
+caps free memory: the tests drive the choice with it, and a user can keep headroom for other work.
 """
 from __future__ import annotations
 
@@ -39,9 +39,20 @@ class Choice:
     why: str  # for the progress text: "auto 384 px: cpu 5.1 GiB free, ~8.5 KiB/px"
 
 
-def limit_bytes() -> Optional[int]:
-    raw = os.environ.get(MEMORY_LIMIT_ENV)
-    return int(float(raw) * 2**20) if raw else None
+def limit_bytes(name: str = "") -> Optional[int]:
+    """The cap on a device's free memory: PARALLEL_VAE_MEMORY_LIMIT is MiB for every device
+    ("6000"), or per device name ("cuda:0=4000,cuda:1=20000": headroom on the GPU the diffusion
+    model shares); a device not named has no cap."""
+    raw = (os.environ.get(MEMORY_LIMIT_ENV) or "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        return int(float(raw) * 2**20)
+    for item in raw.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            return int(float(value) * 2**20)
+    return None
 
 
 def cpu_available() -> int:
@@ -73,15 +84,23 @@ def free_bytes(device: Device, lanes_on_cpu: int = 1, own: Optional[int] = None)
         free, _ = torch.cuda.mem_get_info(device.index)
     else:
         free = cpu_available() // max(1, lanes_on_cpu)
-    limit = limit_bytes()
+    limit = limit_bytes(device.name)
     return min(free, limit) if limit is not None else free
 
 
-def largest_tile(cost: Cost, free: int) -> int:
+def max_pixels(cost: Cost, free: int) -> float:
+    """Output pixels one decode on a device with ``free`` bytes may hold (inf: no per-pixel cost)."""
     budget = FRACTION * free - cost.fixed
-    if budget <= 0 or cost.per_px <= 0:
-        return TILE_MIN if budget <= 0 else TILE_MAX
-    side = int(math.sqrt(budget / cost.per_px)) // STEP * STEP
+    if budget <= 0:
+        return 0.0
+    return budget / cost.per_px if cost.per_px > 0 else math.inf
+
+
+def largest_tile(cost: Cost, free: int) -> int:
+    pixels = max_pixels(cost, free)
+    if pixels == math.inf:
+        return TILE_MAX
+    side = int(math.sqrt(pixels)) // STEP * STEP
     return max(TILE_MIN, min(TILE_MAX, side))
 
 

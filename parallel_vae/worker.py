@@ -125,6 +125,7 @@ class Worker:
         self.cancelled: set[int] = set()
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
         self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> SharedStats/SharedRows
+        self.waited = 0.0  # seconds the running task spent waiting on its lock-step partners
         self.families: dict[str, str] = {}  # fingerprint -> decoder family (for exact executors)
         self.executors: dict[str, object] = {}  # fingerprint -> exact-mode band executor, built on first use
         self.fault = os.environ.get(FAULT_ENV, "")
@@ -300,10 +301,12 @@ class Worker:
                                      lockstep.rows_to_wire(requests[-1][4])))
         else:
             self.send(msgs.GroupStats(job_id, key, k, name, requests[0][3], [r[4].as_wire() for r in requests]))
+        since = time.monotonic()
         while (job_id, k) not in self.shared:
             self.handle(msgs.recv(self.conn))
             if job_id in self.cancelled:
                 raise Cancelled
+        self.waited += time.monotonic() - since
         shared = self.shared.pop((job_id, k))
         if what == "rows":
             device = requests[0][3].device
@@ -335,6 +338,7 @@ class Worker:
         _, fingerprint, plan, latent, _ = self.job
         self.shared = {k: v for k, v in self.shared.items() if k[0] == job_id}  # drop a cancelled job's
         units = None
+        started, self.waited = time.monotonic(), 0.0
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
             decoder = self.cache[fingerprint][1]
@@ -359,7 +363,7 @@ class Worker:
                 target.copy_(pixels)
                 del pixels, target
                 self.send(msgs.Result(job_id, tile_index, step, slot, shape))
-            self.send(msgs.Done(job_id, key))
+            self.send(msgs.Done(job_id, key, time.monotonic() - started - self.waited))
         except Cancelled:
             self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "cancelled"))
         except torch.OutOfMemoryError as e:

@@ -47,13 +47,23 @@ def refusal(family: str, model) -> str | None:
 __all__ = ["SUPPORTED", "SdExact", "Unsupported", "WanExact", "executor", "plan", "refusal"]
 
 
-def plan(family: str, model, latent_shape, scales, out_channels: int, tile_size: int, lanes: int):
-    """The exact plan: bands sized by ``tile_size`` (a band's own rows hold at most tile_size^2
-    output pixels) and spread over ``lanes``, with the halo the decoder's layers need (none where
-    bands exchange their conv edges)."""
-    from .geometry import band_count, halo_rows, plan_exact
+def plan(family: str, model, latent_shape, scales, out_channels: int, tile_size: int, lanes):
+    """The exact plan, with the halo the decoder's layers need (none where bands exchange their
+    conv edges). ``lanes`` is a lane count, or one shares.LaneShare per worker device.
+
+    Bands in lock-step (SD family) with LaneShares: each device decodes rows in proportion to its
+    speed within its memory (shares.split), and the plan says which bands are whose. Otherwise the
+    bands are even and sized by ``tile_size`` (a band's own rows hold at most tile_size^2 output
+    pixels); Wan's bands are independent units, pulled by whichever device is free."""
+    from .geometry import band_count, halo_rows, plan_exact, split_rows
+    from .shares import split
 
     halo = SdExact.halo if family == "image" else halo_rows(WanExact.rf_rows(model.decoder))
     height, width = latent_shape[-2], latent_shape[-1]
-    bands = band_count(height, width, scales[-1].factor, tile_size, lanes, halo)
-    return plan_exact(latent_shape, scales, out_channels, bands, halo)
+    if family == "image" and not isinstance(lanes, int):
+        shared = split(height, lanes)
+        return plan_exact(latent_shape, scales, out_channels, shared.spans, halo,
+                          tuple((name, len(bands)) for name, bands in shared.lanes))
+    count = lanes if isinstance(lanes, int) else len(lanes)
+    bands = band_count(height, width, scales[-1].factor, tile_size, count, halo)
+    return plan_exact(latent_shape, scales, out_channels, split_rows(height, bands), halo)

@@ -97,17 +97,18 @@ def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: 
     return min(height, max(for_memory, for_lanes))
 
 
-def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int, bands: int,
-               halo: int) -> Plan:
-    """A plan whose tiles are the bands of each batch item: own rows only, no feather, one pass, so
-    the blender writes each band's pixels where they belong unchanged."""
+def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int,
+               spans: Sequence[tuple[int, int]], halo: int, lanes: tuple = ()) -> Plan:
+    """A plan whose tiles are the bands ``spans`` (latent rows [a, e), top to bottom) of each batch
+    item: own rows only, no feather, one pass, so the blender writes each band's pixels where they
+    belong unchanged. ``lanes``: see Plan.lanes."""
     shape = tuple(latent_shape)
     causal = len(shape) == 5
     height, width = shape[-2], shape[-1]
     sh, sw = scales[-2], scales[-1]
     tiles: list[Tile] = []
     for b in range(shape[0]):
-        for a, e in split_rows(height, bands):
+        for a, e in spans:
             if causal:
                 frames = shape[2]
                 lat_start, lat_size = (0, a, 0), (frames, e - a, width)
@@ -124,7 +125,7 @@ def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_cha
         ts = scales[0]
         steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(shape[2]))
     return Plan(CAUSAL if causal else IMAGE, shape, out_shape, tuple(scales), 1, tuple(tiles), steps,
-                mode="exact", halo=halo)
+                mode="exact", halo=halo, lanes=tuple(lanes))
 
 
 def bands_of(plan: Plan, batch: int) -> list[tuple[int, int, int]]:

@@ -118,3 +118,44 @@ def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succe
     assert not mm.processing_interrupted()
     small = latent((1, 4, 10, 10), 21)
     assert max_diff(decode(small, vae, 64, 16, devices="cpu:2", mode="exact"), core_decode(small, vae)) <= TOL
+
+
+def planned_rows(pack, vae, z, tile_size: int, devices: str) -> dict[str, int]:
+    """Latent rows per device of the plan the node makes now (shares.split via DecodeJob)."""
+    job = pack.nodes.decode.DecodeJob.prepare({"samples": z}, vae, tile_size, 16, 64, 8, devices, None, "exact")
+    bands = pack.parallel_vae.exact.geometry.bands_of(job.plan, 0)
+    out, i = {}, 0
+    for name, count in job.plan.lanes:
+        out[name] = bands[i + count - 1][2] - bands[i][1]
+        i += count
+    return out
+
+
+def test_each_worker_gets_rows_by_its_measured_speed_and_its_memory_with_the_same_output(
+        pack, load_vae, decode, core_decode, workers, monkeypatch):
+    vae, z = load_vae("sd"), latent((1, 4, 40, 12), 9)
+    texts = []
+    monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
+    first = decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
+    assert max_diff(first, core_decode(z, vae)) <= TOL
+    rates = workers.current_pool().workers.rates
+    assert sorted(rates) == ["cpu[0]", "cpu[1]"] and all(r > 0 for r in rates.values()), rates
+
+    # a device measured three times as fast decodes three times the rows; the image is the same
+    rates.update({"cpu[0]": 3.0, "cpu[1]": 1.0})
+    assert planned_rows(pack, vae, z, 512, "cpu:2") == {"cpu[0]": 30, "cpu[1]": 10}
+    fast = decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
+    assert "rows by device speed: cpu[0] 240 px rows, cpu[1] 80 px rows" in texts[-1], texts[-1]
+    assert torch.equal(fast, first)
+
+    # tile_size auto: a device with less free memory holds fewer rows, the others take the rest
+    rates.update({"cpu[0]": 1.0, "cpu[1]": 1.0})
+    cost = pack.nodes.vae_info.decode_cost(vae, pack.nodes.vae_info.describe(vae))
+    sizing = pack.parallel_vae.sizing
+    row_px = 12 * 8 * 8
+    mib = (12.5 * row_px * cost.per_px + cost.fixed) / sizing.FRACTION / 2**20  # room for 12 latent rows
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, f"cpu[0]={mib:.3f}")
+    assert planned_rows(pack, vae, z, 0, "cpu:2") == {"cpu[0]": 12, "cpu[1]": 28}
+    capped = decode(z, vae, 0, 16, devices="cpu:2", mode="exact")
+    assert "auto: rows by device speed and memory: cpu[0] 96 px rows, cpu[1] 224 px rows" in texts[-1], texts[-1]
+    assert torch.equal(capped, first)

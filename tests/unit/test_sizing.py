@@ -36,3 +36,11 @@ def test_the_memory_limit_caps_every_device(monkeypatch):
     assert sizing.free_bytes(cpu, own=100 << 20) == 100 << 20
     monkeypatch.delenv(sizing.MEMORY_LIMIT_ENV)
     assert sizing.free_bytes(cpu, lanes_on_cpu=2) <= sizing.cpu_available() // 2 + 1
+
+
+def test_the_memory_limit_can_name_devices(monkeypatch):
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, "cpu[0]=100, cpu[1]=300")
+    first, second = Device("cpu", 0, 2, True), Device("cpu", 1, 2, True)
+    assert sizing.free_bytes(first, own=1 << 40) == 100 << 20
+    assert sizing.free_bytes(second, own=1 << 40) == 300 << 20
+    assert sizing.free_bytes(Device("cpu", 0), own=1 << 40) == 1 << 40, "a device not named has no cap"
