@@ -327,8 +327,7 @@ class TileJob(Job):
             if silent > deadline:
                 log.warning("parallel_vae: %s was silent for %.0f s (deadline %.0f s); stopping it",
                             h.name, silent, deadline)
-                if h.proc is not None:
-                    h.proc.kill()
+                h.kill()
                 self.workers.died(h, Death.CRASHED, f"was silent for {silent:.0f} s (deadline {deadline:.0f} s)")
                 self.on_lost(h)
 

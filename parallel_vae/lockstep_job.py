@@ -203,8 +203,7 @@ class LockstepJob(Job):
             for h in quiet:
                 log.warning("parallel_vae: %s was silent for %.0f s in an exact decode; stopping it",
                             h.name, LOCKSTEP_TIMEOUT_S)
-                if h.proc is not None:
-                    h.proc.kill()
+                h.kill()
                 self.workers.died(h, Death.CRASHED, f"was silent for {LOCKSTEP_TIMEOUT_S:.0f} s in an exact decode")
                 self.on_lost(h)
             if not quiet:

@@ -124,6 +124,11 @@ class Handle:
     def live(self) -> bool:
         return self.state in (WorkerState.STARTING, WorkerState.UP)
 
+    def kill(self) -> None:
+        """End the worker at once (it hangs, or sends nonsense); ``Workers.died`` follows."""
+        if self.proc is not None:
+            self.proc.kill()
+
     def task_over(self, job_id: int, key: int) -> None:
         """The worker answered (Done or Failed) for this task: it is no longer in flight."""
         self.tasks = [t for t in self.tasks if t != (job_id, key)]
@@ -341,7 +346,7 @@ class Workers:
         out = []
         for h in self.handles:
             if h.state is WorkerState.STARTING and time.monotonic() - h.started_at > START_TIMEOUT_S:
-                h.proc.kill()
+                h.kill()
                 self.died(h, Death.START_TIMEOUT, f"did not start within {START_TIMEOUT_S:.0f} s")
                 out.append((h, None))
         by_conn = {h.conn: h for h in self.handles if h.live}
@@ -359,7 +364,7 @@ class Workers:
                     else:
                         out.append((h, record))
             except msgs.ProtocolError as e:  # a lost record would leave its tile waiting forever
-                h.proc.kill()
+                h.kill()
                 self.died(h, Death.CRASHED, f"sent a message the pool cannot read: {e}")
                 out.append((h, None))
             except (EOFError, OSError):
