@@ -133,6 +133,13 @@ class Worker:
         self.busy = False  # worked since the heap was last given back
         self.threads = 1  # torch threads of this worker's own (Init)
 
+    def attach(self, name: str, nbytes: int):
+        """A parent's block by name (weights, latent, result slots): shared memory here; a Ray
+        actor (ray_actor.py) maps the blocks it was sent instead."""
+        from . import shm
+
+        return shm.Attached(name, nbytes)
+
     # -- setup ---------------------------------------------------------------------------------
     def init(self, config: dict) -> None:
         import torch
@@ -167,7 +174,7 @@ class Worker:
             self.executors.pop(gone, None)
             gc.collect()
             self._empty_cache()
-        block = shm.Attached(block_name, nbytes)
+        block = self.attach(block_name, nbytes)
         shared = False
         try:
             weights = shm.unpack(block.buf, manifest)
@@ -201,7 +208,7 @@ class Worker:
 
         if self.arena is not None:
             self.arena.close()
-        self.arena = shm.Attached(name, nbytes)
+        self.arena = self.attach(name, nbytes)
         self.slot_bytes = slot_bytes
         self.free_slots = list(range(slots))
 
@@ -211,7 +218,7 @@ class Worker:
         self.drop_job()
         name, nbytes, dtype, shape = latent
         try:
-            block = shm.Attached(name, nbytes)
+            block = self.attach(name, nbytes)
         except FileNotFoundError:  # the job ended (cancelled) before this message was read
             self.cancelled.add(job_id)
             return
