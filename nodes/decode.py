@@ -13,7 +13,7 @@ from ..parallel_vae.inputs import check_latent
 from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX,
                                  validate_settings)
 from ._api import io
-from . import compat, lanes, vae_info, workers
+from . import compat, lanes, ray_pool, vae_info, workers
 from .progress import NodeProgress
 
 log = logging.getLogger("parallel_vae")
@@ -141,6 +141,9 @@ def device_frees(vae, named) -> list[tuple[str, int]]:
 
 def auto_tile(vae, spec, named) -> sizing.Choice:
     """tile_size 0: the largest tile all ``named`` devices have memory for."""
+    if device_lists.uses_ray(named):
+        raise InputError("tile_size", "0 (auto) needs each device's free memory, which Ray lanes do not report "
+                                      "yet; give a tile size (512 is a good start)")
     return sizing.choose(vae_info.decode_cost(vae, spec), device_frees(vae, named))
 
 
@@ -149,6 +152,8 @@ def exact_lanes(vae, spec, named, shape, tile_size: int, auto: bool):
     measured speed, and with tile_size auto its own memory (rows it can hold, one band)."""
     if not device_lists.uses_workers(named):
         return 1
+    if device_lists.uses_ray(named):
+        return len(ray_pool.get_pool(named).specs)  # even bands: Ray lanes report no speed yet
     row_px = shape[-1] * spec.scales[-1].factor * spec.scales[-2].factor  # output pixels of one latent row
     speeds = workers.speeds(named)
     if not auto:
@@ -221,7 +226,11 @@ class DecodeJob:
 
     def start(self, poll: Callable[[], None]):
         """The lane to decode on (workers wait with ``poll``) and the node's progress reporter."""
-        if device_lists.uses_workers(self.devices):
+        if device_lists.uses_ray(self.devices):
+            pool = ray_pool.get_pool(self.devices)
+            lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
+            note = f"{len(pool.specs)} Ray lane{'s' if len(pool.specs) > 1 else ''}"
+        elif device_lists.uses_workers(self.devices):
             pool = workers.get_pool(self.devices)
             lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
             note = f"{len(self.devices)} worker process{'es' if len(self.devices) > 1 else ''}"

@@ -73,7 +73,8 @@ def model_source(vae, spec: VaeSpec, devices: list[Device]) -> ModelSource:
     def recipe(worker: WorkerSpec) -> dict:
         return {"factory": "comfy.sd:VAE", "weights_arg": "sd",
                 "kwargs": {"device": torch.device(worker.device),
-                           "dtype": _worker_dtype(vae, parent_device[worker.name]), **extra},
+                           "dtype": _worker_dtype(vae, parent_device.get(worker.name, worker.device)),
+                           **extra},
                 "module_attr": "first_stage_model", "dtype_attr": "vae_dtype", "family": spec.family,
                 "latent_channels": spec.latent_channels, "pixel_dtype": pixels,
                 "expect": expect}

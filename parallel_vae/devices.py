@@ -7,6 +7,9 @@ Accepted (case-insensitive, comma-separated where it makes sense):
   cuda          every visible CUDA device
   cuda:I[,...]  the listed CUDA devices, each at most once ("cuda:0,cuda:2")
 Items may be mixed ("cuda:0,cpu"). A device that is not visible is an error listing the visible ones.
+  ray           one lane per GPU of the Ray cluster ComfyUI attaches to (RAY_ADDRESS, or a local head)
+  ray:cpu:N     N CPU lanes on every node of that cluster
+A Ray item stands alone; the cluster is reached when the node runs (nodes/ray_pool.py), not here.
 
 One device named as ``cpu`` or a single CUDA device decodes in ComfyUI's own process (no copy of
 the VAE, ComfyUI's memory management); ``cpu:N`` (even ``cpu:1``) and two or more devices decode
@@ -20,13 +23,14 @@ from typing import Optional
 
 from .errors import InputError
 
-SYNTAX = "use auto, cpu, cpu:N, cuda, or a list such as cuda:0,cuda:1"
+SYNTAX = "use auto, cpu, cpu:N, cuda, a list such as cuda:0,cuda:1, ray, or ray:cpu:N"
+RAY_CPU_MAX = 64  # CPU lanes per node
 
 
 @dataclass(frozen=True)
 class Device:
-    kind: str  # "cpu" | "cuda"
-    index: int  # CUDA ordinal, or the CPU lane number
+    kind: str  # "cpu" | "cuda" | "ray" (the lanes of a Ray cluster, found when the node runs)
+    index: int  # CUDA ordinal, the CPU lane number, or a Ray value's CPU lanes per node (0: GPUs)
     lanes: int = 1  # CPU lanes sharing the cores (the same for every lane of one cpu:N)
     pooled: bool = field(default=False, compare=False)  # named as cpu:N: worker processes, even N=1
 
@@ -39,6 +43,8 @@ class Device:
         """How progress text names the lane: cuda:1, cpu, or cpu[0] of cpu:2."""
         if self.kind == "cuda":
             return f"cuda:{self.index}"
+        if self.kind == "ray":
+            return f"ray:cpu:{self.index}" if self.index else "ray"
         return "cpu" if self.lanes == 1 else f"cpu[{self.index}]"
 
 
@@ -66,6 +72,8 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
         if cuda_devices:
             return [Device("cuda", i) for i in range(cuda_devices)]
         return [Device("cpu", 0)]
+    if any(item == "ray" or item.startswith("ray:") for item in items):
+        return [_ray(items, spec)]
     out: list[Device] = []
     cpu_items = 0
     for item in items:
@@ -103,6 +111,27 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
     if dupes:
         raise InputError("devices", f"{spec!r} names {', '.join(dupes)} more than once")
     return out
+
+
+def _ray(items: list[str], spec: str) -> Device:
+    """``ray`` (GPU lanes, index 0) or ``ray:cpu:N`` (index N): the whole value, alone."""
+    if len(items) > 1:
+        raise InputError("devices", f"{spec!r}: a Ray item stands alone (the cluster already holds this "
+                                    f"machine's devices when it is a node)")
+    item = items[0]
+    if item == "ray":
+        return Device("ray", 0, pooled=True)
+    if not item.startswith("ray:cpu:"):
+        raise InputError("devices", f"{item!r} is not a Ray device; use ray (every GPU of the cluster) or "
+                                    f"ray:cpu:N (N CPU lanes per node)")
+    n = _number(item[len("ray:cpu:"):], item, spec)
+    if not 1 <= n <= RAY_CPU_MAX:
+        raise InputError("devices", f"{item!r} asks for {n} CPU lanes per node; use ray:cpu:1..ray:cpu:{RAY_CPU_MAX}")
+    return Device("ray", n, pooled=True)
+
+
+def uses_ray(devices: list[Device]) -> bool:
+    return any(d.kind == "ray" for d in devices)
 
 
 def cpu_lane_limit(cpu_cores: int) -> int:

@@ -61,8 +61,9 @@ class WorkerPool:
     """Workers for ``specs``, started on first use and kept until ``shutdown``."""
 
     def __init__(self, specs: Sequence[WorkerSpec], python_path: Sequence[str] = (), imports: Sequence[str] = (),
-                 max_restarts: Optional[int] = None):
-        self.workers = Workers(specs, python_path, imports, max_restarts)
+                 max_restarts: Optional[int] = None, kind: type = Workers):
+        # kind: Workers (local processes) or ray_workers.RayWorkers (actors on a Ray cluster)
+        self.workers = kind(specs, python_path, imports, max_restarts)
         self._lock = threading.Lock()  # one job (or warm-up) at a time
         self.idle_drop_s, self.idle_exit_s = idle_limits()
         self.last_used = time.monotonic()

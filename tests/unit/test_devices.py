@@ -63,3 +63,14 @@ def test_defaults_read_this_machine():
 
     expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     assert names(parse("auto")) == expected
+
+
+def test_ray_values_stand_alone_and_are_checked_without_a_cluster():
+    assert parse("ray", cuda_devices=0) == [Device("ray", 0, pooled=True)]
+    assert parse("RAY:CPU:3", cuda_devices=0) == [Device("ray", 3, pooled=True)]
+    assert parse("ray:cpu:2", cuda_devices=0)[0].name == "ray:cpu:2"
+    for bad, fragment in (("ray,cpu", "a Ray item stands alone"), ("ray:gpu", "is not a Ray device"),
+                          ("ray:cpu:0", "use ray:cpu:1..ray:cpu:64"), ("ray:cpu:x", "needs a whole number")):
+        with pytest.raises(InputError) as e:
+            parse(bad, cuda_devices=0)
+        assert e.value.input_name == "devices" and fragment in str(e.value), (bad, str(e.value))

@@ -1,0 +1,124 @@
+"""ComfyUI's side of the Ray lanes: attach to the cluster, one worker actor per lane, reused.
+
+The connection is made when a node runs, in the node's thread, never at import: ``ray.init`` in
+ComfyUI's main thread would replace its SIGTERM handler. It never starts a private cluster: with
+no cluster to attach to, the node fails saying how to start one. A connection someone else made
+(another node pack) is reused and never shut down by us.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from ..parallel_vae.devices import Device
+from ..parallel_vae.errors import InputError
+from ..parallel_vae.pool import WorkerPool
+from ..parallel_vae.ray_workers import RayWorkers, RayWorkerSpec, py_modules
+from .workers import COMFY_ROOT
+
+log = logging.getLogger("parallel_vae")
+
+TESTED_RAY = "2.60.0"
+START_HINT = ("start one with `ray start --head` on this machine (and `ray start --address=<head ip>:6379` on the "
+              "others), or set RAY_ADDRESS to a running cluster")
+
+_pool: WorkerPool | None = None
+_key = None
+_lock = threading.Lock()
+
+
+def connect():
+    """The ``ray`` module, attached to the cluster (RAY_ADDRESS, else the local head)."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("devices", f"Ray is not installed in ComfyUI's Python: pip install ray=={TESTED_RAY}") from None
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS") or "auto"
+    unreachable = _unreachable(address)
+    if unreachable:
+        raise InputError("devices", f"no Ray cluster to attach to at {address!r} ({unreachable}); {START_HINT}")
+    try:
+        ray.init(address=address, namespace="parallel_vae", logging_level="warning", log_to_driver=False,
+                 runtime_env={"py_modules": py_modules()})
+    except ConnectionError as e:
+        raise InputError("devices", f"no Ray cluster to attach to at {address!r} ({str(e).splitlines()[0][:160]}); "
+                                    f"{START_HINT}") from None
+    return ray
+
+
+def _unreachable(address: str) -> str:
+    """Why ``host:port`` takes no connection ("" if it does, or for "auto"): ray.init would wait
+    minutes for a cluster that is not there."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not port.isdigit():
+        return ""
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return ""
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def lane_specs(ray, device: Device) -> list[RayWorkerSpec]:
+    """One spec per GPU of every live node (``ray``), or N CPU lanes per node (``ray:cpu:N``);
+    named by machine and device, e.g. ``10.0.0.7/cuda:1``."""
+    specs = []
+    for node in sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeManagerAddress"]):
+        ip, res = node["NodeManagerAddress"], node.get("Resources", {})
+        if device.index:  # ray:cpu:N
+            if res.get("CPU", 0) < 1:
+                continue  # a head that takes no work
+            for i in range(device.index):
+                specs.append(RayWorkerSpec(f"{ip}/cpu[{i}]", "cpu", threads=1, env=(("CUDA_VISIBLE_DEVICES", ""),),
+                                           setup=(("comfy.cli_args", "args.cpu", True),),
+                                           node_id=node["NodeID"], node_ip=ip, num_cpus=1))
+        else:
+            for i in range(int(res.get("GPU", 0))):
+                specs.append(RayWorkerSpec(f"{ip}/cuda:{i}", "cuda:0", threads=1, node_id=node["NodeID"],
+                                           node_ip=ip, num_gpus=1, num_cpus=0))
+    names = [s.name for s in specs]
+    for name in {n for n in names if names.count(n) > 1}:  # two nodes on one machine (a test cluster)
+        k = 0
+        for j, s in enumerate(specs):
+            if s.name == name:
+                specs[j] = RayWorkerSpec(**{**s.__dict__, "name": f"{s.node_ip}#{k}/{s.name.split('/', 1)[1]}"})
+                k += 1
+    if not specs:
+        what = "GPU" if not device.index else "node with a CPU for work"
+        raise InputError("devices", f"the Ray cluster has no {what}; " + (
+            "use ray:cpu:N for CPU lanes, or start nodes with GPUs" if not device.index else START_HINT))
+    return specs
+
+
+def get_pool(devices: list[Device]) -> WorkerPool:
+    """The pool of actors for this value and this cluster's current nodes, reused while they are
+    the same (a node that joined makes new lanes for the next prompt)."""
+    global _pool, _key
+    ray = connect()
+    specs = lane_specs(ray, devices[0])
+    key = (ray.get_runtime_context().gcs_address, tuple(specs))
+    with _lock:
+        if _pool is not None and _key != key:
+            log.info("parallel_vae: Ray lanes changed; stopping actors for %s", ", ".join(_pool.names))
+            _pool.shutdown()
+            _pool = None
+        if _pool is None:
+            _pool = WorkerPool(specs, python_path=[COMFY_ROOT], imports=["comfy.sd"], kind=RayWorkers)
+            _key = key
+        return _pool
+
+
+def current_pool() -> WorkerPool | None:
+    return _pool
+
+
+def shutdown_pool() -> None:
+    global _pool, _key
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown()
+        _pool, _key = None, None

@@ -1,0 +1,245 @@
+"""Workers as Ray actors, for devices on other machines: the same records and the same job logic
+(jobs.py, lockstep_job.py) as local worker processes; only the transport differs.
+
+- A handle's "process" is a ``ParallelVAEWorker`` actor (ray_actor.py) pinned to one node (hard
+  node affinity), with no Ray restarts and no Ray task retries: a lost actor is a dead worker, its
+  units are requeued by the job, and the next round starts a fresh actor on the same node, as a
+  dead local process is started again. Our scheduler stays the only retry authority.
+- Records go out through ``post`` (numbered: a threaded actor may run calls out of order) and come
+  back through a long-polled ``take``.
+- The blocks that records name travel through the object store: the weights once per VAE (the
+  parent's shared-memory block, put once and fetched once per machine), the latent once per job;
+  result slots live in the actor, and each Result brings its pixels, which are written into the
+  parent's own slot for that worker, so jobs read them as from a local worker.
+- Actors are owned by ComfyUI's process: they die with it (Ray's owner fate-sharing).
+
+Ray is imported lazily (never at import time: ``ray.init`` in ComfyUI's main thread would replace
+its signal handlers; the node connects from its own thread).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from . import protocol as msgs
+from . import shm
+from .processes import PACKAGE_ROOT, Death, Handle, Workers, WorkerSpec, WorkerState
+
+log = logging.getLogger("parallel_vae")
+
+TAKE_S = 0.5  # an actor's long poll for records
+KEEP_BLOCKS = 4  # object refs of the latest blocks (weights of two VAEs, latents of running jobs)
+
+
+@dataclass(frozen=True)
+class RayWorkerSpec(WorkerSpec):
+    """A worker on one node of the cluster: its node, and what it reserves there."""
+
+    node_id: str = ""
+    node_ip: str = ""
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+
+class RayHandle(Handle):
+    def __init__(self, spec: RayWorkerSpec):
+        super().__init__(spec)
+        self.actor = None
+        self.take_ref = None
+        self.seq = 0
+
+    def kill(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            try:
+                ray.kill(self.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+
+class RayConn:
+    """The parent's end of a handle: ``send`` posts a record with the blocks it names."""
+
+    def __init__(self, workers: "RayWorkers", h: RayHandle):
+        self.workers, self.h = workers, h
+
+    def send(self, wire: tuple) -> None:
+        kind = wire[0]
+        names, refs = [], []
+        if kind == "load":  # (kind, fingerprint, recipe, block, nbytes, manifest)
+            names, refs = [wire[3]], [self.workers.block_ref(wire[3], wire[4])]
+        elif kind == "job":  # (kind, job_id, fingerprint, plan, (block, nbytes, dtype, shape))
+            name, nbytes = wire[4][0], wire[4][1]
+            names, refs = [name], [self.workers.block_ref(name, nbytes)]
+        h = self.h
+        h.seq += 1
+        h.actor.post.remote(h.seq, [wire], names, *refs)
+
+    def close(self) -> None:
+        pass
+
+
+def _stop_actors(handles: list, shared: dict) -> None:
+    """End every actor (the finalizer's job too: a module function, it must not hold the pool)."""
+    weights = shared.pop("weights", None)
+    if weights is not None:
+        shm.release(weights[1])
+    shared.pop("refs", None)
+    for h in handles:
+        if h.actor is not None:
+            h.kill()
+            h.actor = None
+        h.take_ref = None
+        h.conn = None
+        shm.release(h.arena)
+        h.arena = None
+        if h.state is not WorkerState.DEAD:
+            h.death = Death.STOPPED
+        h.state = WorkerState.DEAD
+
+
+def actor_class_here():
+    """The actor class under its canonical module name: Ray pickles classes by module name, and
+    inside ComfyUI this package is imported under a path-shaped name that actors cannot import
+    (they import ``parallel_vae`` from the job's py_modules, see connect)."""
+    import importlib
+    import sys
+
+    if PACKAGE_ROOT not in sys.path:
+        sys.path.append(PACKAGE_ROOT)
+    return importlib.import_module("parallel_vae.ray_actor").ParallelVAEWorker
+
+
+def py_modules() -> list[str]:
+    """What ``ray.init(runtime_env={"py_modules": ...})`` ships to every node: this package."""
+    return [os.path.join(PACKAGE_ROOT, "parallel_vae")]
+
+
+class RayWorkers(Workers):
+    """One actor per RayWorkerSpec; the rest is Workers' (models, slots, records, deaths)."""
+
+    def __init__(self, specs: Sequence[RayWorkerSpec], python_path: Sequence[str] = (),
+                 imports: Sequence[str] = (), max_restarts: Optional[int] = None):
+        super().__init__(specs, python_path, imports, max_restarts)
+        self.stop.detach()  # the local processes' finalizer: there are none
+        self.handles = [RayHandle(s) for s in self.specs]
+        self.stop = weakref.finalize(self, _stop_actors, self.handles, self._shared)
+        self.puts = 0  # blocks put into the object store (a warm prompt puts only its latent)
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def block_ref(self, name: str, nbytes: int):
+        """The object ref of the parent's shared-memory block ``name``, put once."""
+        import numpy as np
+        import ray
+
+        refs = self._shared.setdefault("refs", {})
+        ref = refs.get(name)
+        if ref is None:
+            block = shm.Attached(name, nbytes)
+            try:
+                ref = ray.put(np.frombuffer(block.buf, dtype=np.uint8, count=nbytes))
+            finally:
+                block.close()
+            refs[name] = ref
+            self.puts += 1
+            for old in list(refs)[:-KEEP_BLOCKS]:
+                del refs[old]
+        return ref
+
+    # -- actors -----------------------------------------------------------------------------------
+    def spawn(self, h: RayHandle) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        spec: RayWorkerSpec = h.spec
+        actor_class = ray.remote(actor_class_here())
+        env = {"OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads), **dict(spec.env)}
+        h.actor = actor_class.options(
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0, max_task_retries=0,
+            max_concurrency=4, scheduling_strategy=NodeAffinitySchedulingStrategy(spec.node_id, soft=False),
+            runtime_env={"env_vars": env},
+        ).remote(tuple(self.python_path))
+        h.conn = RayConn(self, h)
+        h.take_ref, h.seq = None, 0
+        h.state, h.started_at, h.pid, h.cause, h.death = WorkerState.STARTING, time.monotonic(), 0, "", None
+        h.models.clear()
+        h.loading, h.tasks, h.job_id, h.held = None, [], None, 0
+        h.send(msgs.Init({"name": h.name, "device": spec.device, "threads": spec.threads,
+                          "setup": list(spec.setup), "imports": self.imports}))
+
+    def died(self, h: RayHandle, death: Death = Death.CRASHED, cause: str = "") -> None:
+        if h.state is WorkerState.DEAD:
+            h.cause = cause or h.cause
+            return
+        h.kill()
+        h.actor, h.take_ref, h.conn = None, None, None
+        h.cause, h.death, h.state = cause or "its actor died", death, WorkerState.DEAD
+        shm.release(h.arena)
+        h.arena = None
+        self.stats.events.append((time.time(), f"{h.name} (pid {h.pid}) died: {h.cause}"))
+        log.warning("parallel_vae: Ray worker %s (pid %d) died: %s", h.name, h.pid, h.cause)
+
+    def stop_all(self) -> None:
+        _stop_actors(self.handles, self._shared)
+
+    # -- records ------------------------------------------------------------------------------------
+    def receive(self, timeout: float) -> list:
+        import ray
+
+        out = []
+        for h in self.handles:
+            if h.state is WorkerState.STARTING and time.monotonic() - h.started_at > self.start_timeout():
+                self.died(h, Death.START_TIMEOUT, f"did not start within {self.start_timeout():.0f} s")
+                out.append((h, None))
+        live = [h for h in self.handles if h.live and h.actor is not None]
+        if not live:
+            time.sleep(timeout)
+            return out
+        for h in live:
+            if h.take_ref is None:
+                h.take_ref = h.actor.take.remote(TAKE_S)
+        by_ref = {h.take_ref: h for h in live}
+        ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        for ref in ready:
+            h = by_ref[ref]
+            h.take_ref = None
+            try:
+                items = ray.get(ref)
+            except Exception as e:  # RayActorError, ActorUnschedulableError: the actor or its node is gone
+                self.died(h, Death.CRASHED, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                out.append((h, None))
+                continue
+            for wire, payload in items:
+                try:
+                    record = msgs.parse(wire)
+                except msgs.ProtocolError as e:
+                    self.died(h, Death.CRASHED, f"sent a message the pool cannot read: {e}")
+                    out.append((h, None))
+                    break
+                if isinstance(record, msgs.InitFailed):
+                    self.died(h, Death.START_FAILED, f"could not start: {record.message}")
+                    out.append((h, None))
+                    break
+                if isinstance(record, msgs.Up):
+                    h.pid = record.pid
+                if isinstance(record, msgs.Result) and payload is not None and h.arena is not None:
+                    start = record.slot * h.slot_bytes
+                    h.arena.buf[start:start + len(payload)] = payload
+                out.append((h, record))
+        return out
+
+    @staticmethod
+    def start_timeout() -> float:
+        from .processes import START_TIMEOUT_S
+
+        return START_TIMEOUT_S
+
+
+__all__ = ["RayWorkerSpec", "RayWorkers"]
