@@ -191,14 +191,20 @@ def _stop(handles: list, shared: dict) -> None:
     for h in live:
         h.proc.wait(5)
     for h in handles:
-        if h.conn is not None:
-            h.conn.close()
-            h.conn = None
-        shm.release(h.arena)
-        h.arena = None
-        if h.state is not WorkerState.DEAD:
-            h.death = Death.STOPPED
-        h.state = WorkerState.DEAD
+        stopped(h)
+
+
+def stopped(h: "Handle") -> None:
+    """What a stopped worker leaves: no connection, no result slots, state DEAD (STOPPED unless it
+    had died before)."""
+    if h.conn is not None:
+        h.conn.close()
+        h.conn = None
+    shm.release(h.arena)
+    h.arena = None
+    if h.state is not WorkerState.DEAD:
+        h.death = Death.STOPPED
+    h.state = WorkerState.DEAD
 
 
 class Workers:

@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 from . import protocol as msgs
-from .worker import Cancelled, Worker  # noqa: F401  (Cancelled: the worker's own)
+from .worker import Worker, live
 
 
 class QueueConn:
@@ -156,23 +156,10 @@ class ParallelVAEWorker:
         self.conn.close()
 
     def _serve(self) -> None:
-        import torch
-
-        worker = self.worker
         try:
-            record = msgs.recv(self.conn)
-            if not isinstance(record, msgs.Init):
-                raise msgs.ProtocolError(f"expected init, got {record.kind!r}")
-            with torch.inference_mode():
-                try:
-                    worker.init(record.config)
-                except BaseException as e:
-                    worker.send(msgs.InitFailed(f"{type(e).__name__}: {e}"))
-                    return
-                worker.send(msgs.Up(os.getpid()))
-                worker.serve()
-        except EOFError:
-            return
+            live(self.worker)
+        except EOFError:  # quit
+            pass
 
 
 def _node_ip() -> str:

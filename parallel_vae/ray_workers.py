@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from . import protocol as msgs
 from . import shm
-from .processes import PACKAGE_ROOT, Death, Handle, Workers, WorkerSpec, WorkerState
+from .processes import PACKAGE_ROOT, Death, Handle, Workers, WorkerSpec, WorkerState, stopped
 
 log = logging.getLogger("parallel_vae")
 
@@ -95,12 +95,7 @@ def _stop_actors(handles: list, shared: dict) -> None:
             h.kill()
             h.actor = None
         h.take_ref = None
-        h.conn = None
-        shm.release(h.arena)
-        h.arena = None
-        if h.state is not WorkerState.DEAD:
-            h.death = Death.STOPPED
-        h.state = WorkerState.DEAD
+        stopped(h)
 
 
 def actor_class_here():

@@ -455,21 +455,27 @@ def main(argv=None) -> int:
     worker = Worker(conn)
     worker.heap.keep()
     try:
-        record = msgs.recv(conn)
-        if not isinstance(record, msgs.Init):
-            raise msgs.ProtocolError(f"expected init, got {record.kind!r}")
-        import torch
-
-        with torch.inference_mode():
-            try:
-                worker.init(record.config)
-            except BaseException as e:
-                worker.send(msgs.InitFailed(f"{type(e).__name__}: {e}"))
-                return 2
-            worker.send(msgs.Up(os.getpid()))
-            worker.serve()
+        return live(worker)
     except (EOFError, ConnectionError, KeyboardInterrupt):
         return 0  # the pool went away
+
+
+def live(worker: Worker) -> int:
+    """A worker's life, whatever carries its records: Init, Up (or InitFailed: 2), then records
+    until Quit (0). EOFError when the parent's end closes."""
+    import torch
+
+    record = msgs.recv(worker.conn)
+    if not isinstance(record, msgs.Init):
+        raise msgs.ProtocolError(f"expected init, got {record.kind!r}")
+    with torch.inference_mode():
+        try:
+            worker.init(record.config)
+        except BaseException as e:
+            worker.send(msgs.InitFailed(f"{type(e).__name__}: {e}"))
+            return 2
+        worker.send(msgs.Up(os.getpid()))
+        worker.serve()
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from testkit import ray_cluster
 from testkit.compare import TOL, latent, max_diff
 
 ray = pytest.importorskip("ray")
@@ -14,22 +15,15 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cluster(pack):
-    from ray.cluster_utils import Cluster
-
     mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                       "object_store_memory": 200 << 20})
-    for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=200 << 20)
-    mp.setenv("RAY_ADDRESS", c.address)
-    try:
-        yield c
-    finally:
-        pack.nodes.ray_pool.shutdown_pool()
-        ray.shutdown()
-        c.shutdown()
-        mp.undo()
+    with ray_cluster.simulated(2) as c:
+        mp.setenv("RAY_ADDRESS", c.address)
+        try:
+            yield c
+        finally:
+            pack.nodes.ray_pool.shutdown_pool()
+            ray.shutdown()
+            mp.undo()
 
 
 def test_sd_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, load_vae, decode, core_tiled,

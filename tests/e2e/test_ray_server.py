@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from testkit import ray_cluster
 from testkit.prompts import decode_prompt
 from testkit.server import saved_images
 
@@ -15,19 +16,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                       "object_store_memory": 200 << 20})
-    for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=200 << 20)
-    try:
+    with ray_cluster.simulated(2) as c:
         yield c
-    finally:
-        c.shutdown()
-        mp.undo()
 
 
 def test_api_prompt_on_ray_lanes_equals_vae_decode_tiled(own_server, put_latent_to, cluster):
