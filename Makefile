@@ -7,12 +7,13 @@
 # make bench  set up, run the benchmarks against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
 # make gpu-check  everything that needs a GPU, as one table (prints a line and exits 0 without one)
 # make soak   100 prompts through a real server on cpu:2, two VAEs, /free every 25 (figures)
+# make bench-ray  Ray lanes on a simulated two-node cluster against local workers (figures)
 SHELL := /bin/bash
 VPY := .venv/bin/python
 PORT ?= 8188
 VAE ?=
 
-.PHONY: setup test test-unit test-comfy test-e2e demo run bench gpu-check soak clean
+.PHONY: setup test test-unit test-comfy test-e2e demo run bench gpu-check soak bench-ray clean
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +49,9 @@ gpu-check: setup
 
 soak: setup
 	$(VPY) benchmarks/soak_free.py
+
+bench-ray: setup
+	$(VPY) benchmarks/bench_ray.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

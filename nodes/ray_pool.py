@@ -116,6 +116,13 @@ def current_pool() -> WorkerPool | None:
     return _pool
 
 
+def release() -> int:
+    """Stop the actors once the running decode ends (ComfyUI's "free", the stop route); the next
+    decode starts them again. Returns how many ran."""
+    pool = _pool
+    return pool.release() if pool is not None else 0
+
+
 def shutdown_pool() -> None:
     global _pool, _key
     with _lock:

@@ -148,10 +148,11 @@ def report() -> dict:
 def release(why: str) -> int:
     """Stop the workers once the running decode ends, giving back all they hold (ComfyUI's
     "free" and the stop route); the next decode starts them again. Returns how many ran."""
+    from . import ray_pool  # Ray lanes' actors give their memory back too (imported late: no cycle)
+
     pool = _pool
-    if pool is None:
-        return 0
-    running = pool.release()
+    running = pool.release() if pool is not None else 0
+    running += ray_pool.release()
     if running:
         log.info("parallel_vae: stopped %d worker(s) (%s)", running, why)
     return running

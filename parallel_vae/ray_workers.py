@@ -125,6 +125,7 @@ class RayWorkers(Workers):
         self.handles = [RayHandle(s) for s in self.specs]
         self.stop = weakref.finalize(self, _stop_actors, self.handles, self._shared)
         self.puts = 0  # blocks put into the object store (a warm prompt puts only its latent)
+        self.put_bytes = 0
 
     # -- blocks -----------------------------------------------------------------------------------
     def block_ref(self, name: str, nbytes: int):
@@ -142,6 +143,7 @@ class RayWorkers(Workers):
                 block.close()
             refs[name] = ref
             self.puts += 1
+            self.put_bytes += nbytes
             for old in list(refs)[:-KEEP_BLOCKS]:
                 del refs[old]
         return ref

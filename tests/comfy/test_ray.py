@@ -44,4 +44,9 @@ def test_sd_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, loa
 
     assert torch.equal(tiled, decode(z, vae, 64, 16, devices="cpu:2", mode="tiled"))
     assert torch.equal(exact, decode(z, vae, 64, 16, devices="cpu:2", mode="exact"))
+
+    # ComfyUI's "free" (and the stop route) stops the actors too; the next prompt brings them back
+    assert pack.nodes.workers.release("a test") == 4  # two local workers, two actors
+    assert [h.state.value for h in pool.handles] == ["dead", "dead"] and not pool.pids()
+    assert torch.equal(decode(z, vae, 64, 16, devices="ray:cpu:1", mode="tiled"), tiled)
     pack.nodes.workers.shutdown_pool()
