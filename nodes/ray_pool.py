@@ -7,6 +7,7 @@ no cluster to attach to, the node fails saying how to start one. A connection so
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -85,7 +86,7 @@ def lane_specs(ray, device: Device) -> list[RayWorkerSpec]:
         k = 0
         for j, s in enumerate(specs):
             if s.name == name:
-                specs[j] = RayWorkerSpec(**{**s.__dict__, "name": f"{s.node_ip}#{k}/{s.name.split('/', 1)[1]}"})
+                specs[j] = dataclasses.replace(s, name=f"{s.node_ip}#{k}/{s.name.split('/', 1)[1]}")
                 k += 1
     if not specs:
         what = "GPU" if not device.index else "node with a CPU for work"

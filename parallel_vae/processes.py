@@ -296,12 +296,16 @@ class Workers:
             os.close(death_r)
         h.conn = Connection(parent_sock.detach())
         h.death_w = death_w
-        h.state, h.started_at, h.pid, h.cause, h.death = WorkerState.STARTING, time.monotonic(), h.proc.pid, "", None
-        h.models.clear()
-        h.loading, h.tasks, h.job_id, h.held = None, [], None, 0
         h.stderr.clear()
         threading.Thread(target=_read_stderr, args=(h.proc.stderr, h.stderr, h.name), daemon=True,
                          name=f"pvae-stderr-{h.name}").start()
+        self.starting(h, h.proc.pid)
+
+    def starting(self, h: Handle, pid: int) -> None:
+        """A just-started worker (its connection made): fresh bookkeeping, then its Init."""
+        h.state, h.started_at, h.pid, h.cause, h.death = WorkerState.STARTING, time.monotonic(), pid, "", None
+        h.models.clear()
+        h.loading, h.tasks, h.job_id, h.held = None, [], None, 0
         h.send(msgs.Init({"name": h.name, "device": h.spec.device, "threads": h.spec.threads,
                           "setup": list(h.spec.setup), "imports": self.imports}))
 

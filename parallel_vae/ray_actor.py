@@ -6,7 +6,7 @@ The parent (ray_workers.py) calls ``post(wires, names, *arrays)``: records in or
 blocks they name (the arrays arrive resolved from the object store, once per machine). The worker
 runs its ordinary loop in a thread and ``take(timeout)`` returns what it sent, each Result with
 its slot's pixels. The class name holds ``ParallelVAE``: ``ps`` shows ``ray::ParallelVAEWorker``.
-The parent wraps the class with ``ray.remote``; here Ray only names the machine.
+The parent wraps the class with ``ray.remote``; this module needs nothing of Ray.
 """
 from __future__ import annotations
 
@@ -125,13 +125,6 @@ class ParallelVAEWorker:
         self.lock = threading.Lock()
         self.next_seq, self.early = 1, {}
 
-    def where(self) -> dict:
-        """The machine and process, for lane names and tests."""
-        import socket
-
-        return {"pid": os.getpid(), "host": socket.gethostname(),
-                "ip": _node_ip(), "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-
     def post(self, seq: int, wires: list, names: list, *arrays) -> None:
         """Records numbered ``seq`` by the parent, with the blocks they name; applied in order
         (calls to a threaded actor may run out of order)."""
@@ -160,15 +153,6 @@ class ParallelVAEWorker:
             live(self.worker)
         except EOFError:  # quit
             pass
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # outside Ray (tests of this module)
-        return "127.0.0.1"
 
 
 __all__ = ["HostedWorker", "ParallelVAEWorker", "QueueConn"]

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from . import protocol as msgs
 from . import shm
-from .processes import PACKAGE_ROOT, Death, Handle, Workers, WorkerSpec, WorkerState, stopped
+from .processes import PACKAGE_ROOT, START_TIMEOUT_S, Death, Handle, Workers, WorkerSpec, WorkerState, stopped
 
 log = logging.getLogger("parallel_vae")
 
@@ -163,11 +163,7 @@ class RayWorkers(Workers):
         ).remote(tuple(self.python_path))
         h.conn = RayConn(self, h)
         h.take_ref, h.seq = None, 0
-        h.state, h.started_at, h.pid, h.cause, h.death = WorkerState.STARTING, time.monotonic(), 0, "", None
-        h.models.clear()
-        h.loading, h.tasks, h.job_id, h.held = None, [], None, 0
-        h.send(msgs.Init({"name": h.name, "device": spec.device, "threads": spec.threads,
-                          "setup": list(spec.setup), "imports": self.imports}))
+        self.starting(h, 0)  # the actor's pid comes with its Up
 
     def died(self, h: RayHandle, death: Death = Death.CRASHED, cause: str = "") -> None:
         if h.state is WorkerState.DEAD:
@@ -190,8 +186,8 @@ class RayWorkers(Workers):
 
         out = []
         for h in self.handles:
-            if h.state is WorkerState.STARTING and time.monotonic() - h.started_at > self.start_timeout():
-                self.died(h, Death.START_TIMEOUT, f"did not start within {self.start_timeout():.0f} s")
+            if h.state is WorkerState.STARTING and time.monotonic() - h.started_at > START_TIMEOUT_S:
+                self.died(h, Death.START_TIMEOUT, f"did not start within {START_TIMEOUT_S:.0f} s")
                 out.append((h, None))
         live = [h for h in self.handles if h.live and h.actor is not None]
         if not live:
@@ -231,12 +227,6 @@ class RayWorkers(Workers):
                     h.arena.buf[start:start + len(payload)] = payload
                 out.append((h, record))
         return out
-
-    @staticmethod
-    def start_timeout() -> float:
-        from .processes import START_TIMEOUT_S
-
-        return START_TIMEOUT_S
 
 
 __all__ = ["RayWorkerSpec", "RayWorkers"]
