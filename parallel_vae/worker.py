@@ -204,8 +204,6 @@ class Worker:
             torch.cuda.empty_cache()
 
     def set_arena(self, name: str, nbytes: int, slot_bytes: int, slots: int) -> None:
-        from . import shm
-
         if self.arena is not None:
             self.arena.close()
         self.arena = self.attach(name, nbytes)

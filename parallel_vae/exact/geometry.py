@@ -104,7 +104,7 @@ def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_cha
     belong unchanged. ``lanes``: see Plan.lanes."""
     shape = tuple(latent_shape)
     causal = len(shape) == 5
-    height, width = shape[-2], shape[-1]
+    width = shape[-1]
     sh, sw = scales[-2], scales[-1]
     tiles: list[Tile] = []
     for b in range(shape[0]):

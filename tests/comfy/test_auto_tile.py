@@ -4,12 +4,12 @@ or the untiled VAE Decode (exact mode), and the progress text says what was chos
 from __future__ import annotations
 
 import pytest
-import torch
 
 from testkit.compare import TOL, latent, max_diff
 
 
-def chosen(pack, vae, devices: str) -> "pack.parallel_vae.sizing.Choice":
+def chosen(pack, vae, devices: str):
+    """The sizing.Choice the node makes for ``devices``."""
     decode_module = pack.nodes.decode
     spec = pack.nodes.vae_info.describe(vae)
     return decode_module.auto_tile(vae, spec, pack.parallel_vae.devices.parse(devices))
