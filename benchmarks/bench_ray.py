@@ -45,11 +45,13 @@ def child(devices: str, shape: tuple, tile: int) -> None:
         cold = time.perf_counter() - t
         pool = (pack.nodes.ray_pool if devices.startswith("ray") else pack.nodes.workers).current_pool()
         cold_bytes = getattr(pool.workers, "put_bytes", 0)
+        cold_pixels = getattr(pool.workers, "result_bytes", 0)
         z = latents.random_latent(shape, seed=2)
         t = time.perf_counter()
         run(z)
         seconds = time.perf_counter() - t
         warm_bytes = getattr(pool.workers, "put_bytes", 0) - cold_bytes
+        pixel_bytes = getattr(pool.workers, "result_bytes", 0) - cold_pixels  # local workers: shared memory
         tiles = len(pack.nodes.lanes.last_report.units)
         per_lane = pack.nodes.lanes.last_report.per_lane()
         if devices.startswith("ray"):
@@ -60,7 +62,7 @@ def child(devices: str, shape: tuple, tile: int) -> None:
         else:
             pack.nodes.workers.shutdown_pool()
     print(json.dumps({"seconds": seconds, "cold": cold, "tiles": tiles, "per_lane": per_lane,
-                      "cold_bytes": cold_bytes, "warm_bytes": warm_bytes,
+                      "cold_bytes": cold_bytes, "warm_bytes": warm_bytes, "pixel_bytes": pixel_bytes,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -83,13 +85,13 @@ def main() -> None:
         rows[label] = json.loads(r.stdout.strip().splitlines()[-1])
     base = rows["local cpu:2"]
     print("| lanes | tiles | warm s | vs local | overhead per tile (ms) | cold s | ComfyUI peak RSS (MiB) "
-          "| bytes put, cold prompt | bytes put, warm prompt |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| bytes put, cold prompt | bytes put, warm prompt | pixels back, warm prompt |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, r in rows.items():
         over = 1000 * (r["seconds"] - base["seconds"]) / max(1, r["tiles"])
         print(f"| {label} | {r['tiles']} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f}x | "
               f"{over:+.1f} | {r['cold']:.1f} | {r['peak_rss_mb']:.0f} | {r['cold_bytes'] / 2**20:.1f} MiB | "
-              f"{r['warm_bytes'] / 2**10:.1f} KiB |")
+              f"{r['warm_bytes'] / 2**10:.1f} KiB | {r['pixel_bytes'] / 2**20:.1f} MiB |")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,10 @@ def exact_refusal(spec, vae) -> str | None:
 
 def device_frees(vae, named) -> list[tuple[str, int]]:
     """(name, free bytes) of each device that decodes. ComfyUI's own device counts its free
-    memory as ComfyUI does (what it could free too); worker devices are measured."""
+    memory as ComfyUI does (what it could free too); worker devices are measured, Ray lanes by
+    their actors on their machines."""
+    if device_lists.uses_ray(named):
+        return ray_pool.lane_frees(named)
     if device_lists.uses_workers(named):
         on_cpu = sum(d.kind == "cpu" for d in named)
         return [(d.name, sizing.free_bytes(d, on_cpu)) for d in named]
@@ -141,28 +144,27 @@ def device_frees(vae, named) -> list[tuple[str, int]]:
 
 def auto_tile(vae, spec, named) -> sizing.Choice:
     """tile_size 0: the largest tile all ``named`` devices have memory for."""
-    if device_lists.uses_ray(named):
-        raise InputError("tile_size", "0 (auto) needs each device's free memory, which Ray lanes do not report "
-                                      "yet; give a tile size (512 is a good start)")
     return sizing.choose(vae_info.decode_cost(vae, spec), device_frees(vae, named))
 
 
 def exact_lanes(vae, spec, named, shape, tile_size: int, auto: bool):
-    """What exact.plan needs of the devices: 1 in ComfyUI's process; on workers, each device's
-    measured speed, and with tile_size auto its own memory (rows it can hold, one band)."""
+    """What exact.plan needs of the devices: 1 in ComfyUI's process; on workers and Ray lanes,
+    each lane's measured speed, and with tile_size auto its own memory (rows it can hold, one band)."""
     if not device_lists.uses_workers(named):
         return 1
     if device_lists.uses_ray(named):
-        return len(ray_pool.get_pool(named).specs)  # even bands: Ray lanes report no speed yet
+        names, speeds = ray_pool.lane_speeds(named)
+    else:
+        names, speeds = [d.name for d in named], workers.speeds(named)
     row_px = shape[-1] * spec.scales[-1].factor * spec.scales[-2].factor  # output pixels of one latent row
-    speeds = workers.speeds(named)
     if not auto:
         band_rows = max(1, tile_size * tile_size // row_px)
-        return [exact_shares.LaneShare(d.name, v, None, band_rows) for d, v in zip(named, speeds)]
+        return [exact_shares.LaneShare(n, v, None, band_rows) for n, v in zip(names, speeds)]
     cost = vae_info.decode_cost(vae, spec)
+    frees = dict(device_frees(vae, named))
     out = []
-    for (name, free), v in zip(device_frees(vae, named), speeds):
-        rows = max(1, int(min(sizing.max_pixels(cost, free) // row_px, 1 << 30)))
+    for name, v in zip(names, speeds):
+        rows = max(1, int(min(sizing.max_pixels(cost, frees[name]) // row_px, 1 << 30)))
         out.append(exact_shares.LaneShare(name, v, rows, rows))
     return out
 

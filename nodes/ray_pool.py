@@ -14,7 +14,8 @@ import socket
 import threading
 
 from ..parallel_vae.devices import Device
-from ..parallel_vae.errors import InputError
+from ..parallel_vae import sizing
+from ..parallel_vae.errors import DecodeError, InputError
 from ..parallel_vae.pool import WorkerPool
 from ..parallel_vae.ray_workers import RayWorkers, RayWorkerSpec, py_modules
 from .workers import COMFY_ROOT
@@ -111,6 +112,25 @@ def get_pool(devices: list[Device]) -> WorkerPool:
             _pool = WorkerPool(specs, python_path=[COMFY_ROOT], imports=["comfy.sd"], kind=RayWorkers)
             _key = key
         return _pool
+
+
+def lane_frees(devices: list[Device]) -> list[tuple[str, int]]:
+    """(lane, free bytes) of every Ray lane, as its actor measures it on its machine, under the
+    environment's limit for that lane's name; a lane that does not answer is sized like the
+    tightest one that did."""
+    pool = get_pool(devices)
+    measured = pool.free_memory()
+    if not measured:
+        raise DecodeError(f"no Ray lane reported its free memory for tile_size 0 (auto) ({', '.join(pool.names)}); "
+                          "give a tile size, and see ComfyUI's log for why")
+    tightest = min(measured.values())
+    return [(name, sizing.capped(name, measured.get(name, tightest))) for name in pool.names]
+
+
+def lane_speeds(devices: list[Device]) -> tuple[list[str], list[float]]:
+    """The Ray lanes' names and their measured speeds in exact bands (1.0 each before)."""
+    pool = get_pool(devices)
+    return pool.names, pool.speeds(pool.names)
 
 
 def current_pool() -> WorkerPool | None:

@@ -138,11 +138,16 @@ def speeds(devices: list[Device]) -> list[float]:
 
 
 def report() -> dict:
-    """The workers for the /parallel_vae/workers route (no pool yet: none)."""
+    """The workers for the /parallel_vae/workers route (no pool yet: none), and under "ray" the
+    Ray lanes' actors once a prompt used them."""
+    from . import ray_pool  # imported late: no cycle
+
     pool = _pool
-    if pool is None:
-        return {"busy": False, "workers": []}
-    return {"devices": pool.names, **pool.report()}
+    out = {"busy": False, "workers": []} if pool is None else {"devices": pool.names, **pool.report()}
+    lanes = ray_pool.current_pool()
+    if lanes is not None:
+        out["ray"] = {"devices": lanes.names, **lanes.report()}
+    return out
 
 
 def release(why: str) -> int:

@@ -95,6 +95,15 @@ class WorkerPool:
         """Relative speeds of the devices ``names`` in exact bands, as measured (1.0 before)."""
         return self.workers.speeds(names)
 
+    def free_memory(self) -> dict[str, int]:
+        """{lane: free bytes} measured by the workers' own machines (Ray lanes); local workers
+        share ComfyUI's machine, which measures them itself (sizing.free_bytes): {}."""
+        measure = getattr(self.workers, "free_memory", None)
+        if measure is None:
+            return {}
+        with self._lock:
+            return measure()
+
     def warm(self, source: ModelSource, poll: Callable[[], None] = lambda: None) -> dict[str, int]:
         """Start every worker and load ``source`` in it; returns {name: pid} of ready workers."""
         workers = self.workers

@@ -269,8 +269,13 @@ class Workers:
         for h in self.handles:
             rows.append({"device": h.name, "sees": h.spec.device, "pid": h.pid if h.live else None,
                          "state": h.state.value, "cause": h.cause or None, "models": len(h.models),
-                         "held_mib": round(h.held / 2**20, 1), "rss_mib": _rss_mib(h.pid) if h.live else None})
+                         "loading": h.loading is not None,
+                         "held_mib": round(h.held / 2**20, 1), "rss_mib": self.rss_mib(h)})
         return rows
+
+    def rss_mib(self, h: Handle) -> Optional[float]:
+        """A live worker's resident memory, read from /proc on this machine."""
+        return _rss_mib(h.pid) if h.live else None
 
     # -- starting and losing processes -----------------------------------------------------------
     def _env(self, spec: WorkerSpec) -> dict:

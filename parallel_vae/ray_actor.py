@@ -5,8 +5,9 @@ Ray's object store instead of shared memory.
 The parent (ray_workers.py) calls ``post(wires, names, *arrays)``: records in order, plus the
 blocks they name (the arrays arrive resolved from the object store, once per machine). The worker
 runs its ordinary loop in a thread and ``take(timeout)`` returns what it sent, each Result with
-its slot's pixels. The class name holds ``ParallelVAE``: ``ps`` shows ``ray::ParallelVAEWorker``.
-The parent wraps the class with ``ray.remote``; this module needs nothing of Ray.
+its slot's pixels (in the decoder's dtype), and the node the actor runs on. The class name holds
+``ParallelVAE``: ``ps`` shows ``ray::ParallelVAEWorker``. The parent wraps the class with
+``ray.remote``; the module imports Ray only in the actor.
 """
 from __future__ import annotations
 
@@ -101,13 +102,34 @@ class HostedWorker(Worker):
         super().set_arena(name, nbytes, slot_bytes, slots)
 
     def send(self, record: msgs.Record) -> None:
-        payload = None
-        if isinstance(record, msgs.Result):
-            import math
+        self.conn.send(record.wire(), self._pixels(record) if isinstance(record, msgs.Result) else None)
 
-            start = record.slot * self.slot_bytes
-            payload = bytes(self.arena.buf[start:start + 4 * math.prod(record.shape)])  # float32 slots
-        self.conn.send(record.wire(), payload)
+    def _pixels(self, record: msgs.Result) -> tuple[str, bytes]:
+        """A Result's pixels as (dtype, bytes): in the decoder's dtype where that holds them exactly
+        (the float32 slot widened them from it), so a bf16 or fp16 VAE sends half the bytes."""
+        import math
+
+        import torch
+
+        n = math.prod(record.shape)
+        pixels = torch.frombuffer(self.arena.buf, dtype=torch.float32, count=n, offset=record.slot * self.slot_bytes)
+        narrow = self._carrier()
+        if narrow is not None:
+            cast = pixels.to(narrow)
+            if torch.equal(cast.float(), pixels):  # always, unless a family widened on its own
+                return str(narrow).removeprefix("torch."), cast.view(torch.uint8).numpy().tobytes()
+        return "float32", pixels.numpy().tobytes()
+
+    def _carrier(self):
+        """The narrowest dtype the current job's pixels came through: ComfyUI's intermediate
+        dtype if narrower than float32, else the decoder's own (None: float32 throughout)."""
+        if self.job is None or self.job[1] not in self.cache:
+            return None
+        decoder = self.cache[self.job[1]][1]
+        for dtype in (decoder.pixel_dtype, decoder.dtype):
+            if dtype.is_floating_point and dtype.itemsize < 4:
+                return dtype
+        return None
 
 
 class ParallelVAEWorker:
@@ -124,6 +146,9 @@ class ParallelVAEWorker:
         self.thread: Optional[threading.Thread] = None
         self.lock = threading.Lock()
         self.next_seq, self.early = 1, {}
+        import ray  # only ever constructed as an actor
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def post(self, seq: int, wires: list, names: list, *arrays) -> None:
         """Records numbered ``seq`` by the parent, with the blocks they name; applied in order
@@ -142,11 +167,23 @@ class ParallelVAEWorker:
                 self.thread = threading.Thread(target=self._serve, daemon=True, name="pvae-worker")
                 self.thread.start()
 
-    def take(self, timeout: float) -> list:
-        return self.conn.take(timeout)
+    def take(self, timeout: float) -> tuple[str, list]:
+        """What the worker sent since, with the node this actor runs on (recorded with results)."""
+        return self.node_id, self.conn.take(timeout)
 
     def quit(self) -> None:
         self.conn.close()
+
+    def free_memory(self, device: str, cpu_lanes_here: int) -> int:
+        """Free bytes for this lane, measured on its machine (tile_size auto): CUDA's free memory
+        on its GPU, or the available RAM shared by the node's CPU lanes."""
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        from .sizing import cpu_available
+
+        return cpu_available() // max(1, cpu_lanes_here)
 
     def _serve(self) -> None:
         try:

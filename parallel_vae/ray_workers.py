@@ -18,6 +18,7 @@ its signal handlers; the node connects from its own thread).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -126,6 +127,8 @@ class RayWorkers(Workers):
         self.stop = weakref.finalize(self, _stop_actors, self.handles, self._shared)
         self.puts = 0  # blocks put into the object store (a warm prompt puts only its latent)
         self.put_bytes = 0
+        self.result_bytes = 0  # pixels received, in the decoders' dtypes
+        self.result_nodes = collections.Counter()  # results per node id, as each actor reported its node
 
     # -- blocks -----------------------------------------------------------------------------------
     def block_ref(self, name: str, nbytes: int):
@@ -148,6 +151,18 @@ class RayWorkers(Workers):
                 del refs[old]
         return ref
 
+    def _write(self, h: RayHandle, record, dtype: str, data: bytes) -> None:
+        """A Result's pixels into the parent's float32 slot for this worker, widened as the local
+        worker widens them (exactly: they came from that dtype)."""
+        import math
+
+        import torch
+
+        n = math.prod(record.shape)
+        slot = torch.frombuffer(h.arena.buf, dtype=torch.float32, count=n, offset=record.slot * h.slot_bytes)
+        slot.copy_(torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype), count=n))
+        self.result_bytes += len(data)
+
     # -- actors -----------------------------------------------------------------------------------
     def spawn(self, h: RayHandle) -> None:
         import ray
@@ -165,6 +180,24 @@ class RayWorkers(Workers):
         h.take_ref, h.seq = None, 0
         self.starting(h, 0)  # the actor's pid comes with its Up
 
+    def free_memory(self) -> dict[str, int]:
+        """{lane: free bytes} as each actor measures on its machine (starting actors as needed);
+        a lane that does not answer within the start timeout is left out."""
+        import ray
+
+        self.ensure_started()
+        cpu_lanes = collections.Counter(s.node_id for s in self.specs if s.device == "cpu")
+        refs = {h.name: h.actor.free_memory.remote(h.spec.device, cpu_lanes[h.spec.node_id])
+                for h in self.handles if h.actor is not None}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = int(ray.get(ref, timeout=START_TIMEOUT_S))
+            except Exception as e:  # its death shows in the job as any other
+                log.warning("parallel_vae: Ray lane %s did not report its free memory: %s", name,
+                            str(e).splitlines()[0][:200])
+        return out
+
     def died(self, h: RayHandle, death: Death = Death.CRASHED, cause: str = "") -> None:
         if h.state is WorkerState.DEAD:
             h.cause = cause or h.cause
@@ -176,6 +209,16 @@ class RayWorkers(Workers):
         h.arena = None
         self.stats.events.append((time.time(), f"{h.name} (pid {h.pid}) died: {h.cause}"))
         log.warning("parallel_vae: Ray worker %s (pid %d) died: %s", h.name, h.pid, h.cause)
+
+    def report(self) -> list[dict]:
+        """The route's rows, with each actor's machine."""
+        rows = super().report()
+        for row, h in zip(rows, self.handles):
+            row["node"] = h.spec.node_ip
+        return rows
+
+    def rss_mib(self, h: RayHandle) -> None:
+        return None  # the actor's memory is on its own machine, not readable here
 
     def stop_all(self) -> None:
         _stop_actors(self.handles, self._shared)
@@ -204,9 +247,13 @@ class RayWorkers(Workers):
             h = by_ref[ref]
             h.take_ref = None
             try:
-                items = ray.get(ref)
+                node_id, items = ray.get(ref)
             except Exception as e:  # RayActorError, ActorUnschedulableError: the actor or its node is gone
-                self.died(h, Death.CRASHED, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                # its machine left the cluster: starting it there again cannot help (the next
+                # prompt's lanes are the machines that are left)
+                gone = isinstance(e, ray.exceptions.ActorUnschedulableError)
+                self.died(h, Death.START_FAILED if gone else Death.CRASHED,
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 out.append((h, None))
                 continue
             for wire, payload in items:
@@ -223,8 +270,8 @@ class RayWorkers(Workers):
                 if isinstance(record, msgs.Up):
                     h.pid = record.pid
                 if isinstance(record, msgs.Result) and payload is not None and h.arena is not None:
-                    start = record.slot * h.slot_bytes
-                    h.arena.buf[start:start + len(payload)] = payload
+                    self._write(h, record, *payload)
+                    self.result_nodes[node_id] += 1
                 out.append((h, record))
         return out
 

@@ -84,7 +84,12 @@ def free_bytes(device: Device, lanes_on_cpu: int = 1, own: Optional[int] = None)
         free, _ = torch.cuda.mem_get_info(device.index)
     else:
         free = cpu_available() // max(1, lanes_on_cpu)
-    limit = limit_bytes(device.name)
+    return capped(device.name, free)
+
+
+def capped(name: str, free: int) -> int:
+    """``free`` bytes of the device ``name`` under the environment's limit for it."""
+    limit = limit_bytes(name)
     return min(free, limit) if limit is not None else free
 
 

@@ -1,16 +1,27 @@
 """Ray lanes in ComfyUI's process, on a simulated cluster on this machine (a head that takes no
 work and two nodes with one CPU each): the node's output over Ray equals its output on local
-workers and ComfyUI's own nodes, the units run on both nodes, a warm prompt ships no weights."""
+workers and ComfyUI's own nodes (SD and Wan, tiled and exact, IMAGE and stream node), the units
+run on both nodes, a warm prompt ships no weights, pixels travel in the decoder's dtype, and an
+actor killed, a node removed or an interrupt mid-job change nothing in the output."""
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from testkit import ray_cluster
 from testkit.compare import TOL, latent, max_diff
+from testkit.procs import when_busy
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+# one runtime: the Ray e2e test runs on every runtime (actors rebuild the VAE with its loader)
+pytestmark = [pytest.mark.ray, pytest.mark.one_runtime]
+
+RAY = "ray:cpu:1"  # one CPU lane on each of the two nodes
 
 
 @pytest.fixture(scope="module")
@@ -22,31 +33,167 @@ def cluster(pack):
             yield c
         finally:
             pack.nodes.ray_pool.shutdown_pool()
+            pack.nodes.workers.shutdown_pool()
             ray.shutdown()
             mp.undo()
 
 
+@pytest.fixture
+def ray_pool(pack, cluster):
+    return pack.nodes.ray_pool.current_pool
+
+
+def worker_node_ids(cluster) -> set[str]:
+    return {n.node_id for n in cluster.list_all_nodes() if n is not cluster.head_node}
+
+
 def test_sd_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, load_vae, decode, core_tiled,
-                                                                        core_decode, cluster):
-    vae, z = load_vae("sd"), latent((1, 4, 24, 20), 61)
-    tiled = decode(z, vae, 64, 16, devices="ray:cpu:1", mode="tiled")
+                                                                        core_decode, cluster, ray_pool, hold_vae):
+    vae, z = load_vae("sd"), latent((1, 4, 16, 12), 61)
+    tiled = decode(z, vae, 64, 16, devices=RAY, mode="tiled")
     assert max_diff(tiled, core_tiled(z, vae, 64, 16)) <= TOL
-    per_lane = pack.nodes.lanes.last_report.per_lane()
-    pool = pack.nodes.ray_pool.current_pool()
-    assert len({s.node_id for s in pool.specs}) == 2, "one lane on each node"
-    assert sorted(per_lane) == sorted(pool.names) and all(n > 0 for n in per_lane.values()), per_lane
+    pool = ray_pool()
+    assert {s.node_id for s in pool.specs} == worker_node_ids(cluster), "one lane on each node"
+    hold_vae(pool, vae, RAY)  # tiles are pulled: an actor still loading rightly gets none
 
     puts, loads = pool.workers.puts, pool.stats.loads
-    exact = decode(z, vae, 64, 16, devices="ray:cpu:1", mode="exact")
+    exact = decode(z, vae, 64, 16, devices=RAY, mode="exact")
     assert max_diff(exact, core_decode(z, vae)) <= TOL
+    per_lane = pack.nodes.lanes.last_report.per_lane()  # bands in lock-step: every lane has rows
+    assert sorted(per_lane) == sorted(pool.names) and all(n > 0 for n in per_lane.values()), per_lane
+    assert set(pool.workers.result_nodes) == worker_node_ids(cluster), "results came from both nodes"
     assert pool.workers.puts - puts == 1, "a warm prompt puts its latent only, no weights"
     assert pool.stats.loads == loads, "no worker built the VAE again"
+    assert sorted(pool.workers.rates) == sorted(pool.names), "each lane's speed measured, for the next rows"
 
     assert torch.equal(tiled, decode(z, vae, 64, 16, devices="cpu:2", mode="tiled"))
     assert torch.equal(exact, decode(z, vae, 64, 16, devices="cpu:2", mode="exact"))
 
-    # ComfyUI's "free" (and the stop route) stops the actors too; the next prompt brings them back
-    assert pack.nodes.workers.release("a test") == 4  # two local workers, two actors
-    assert [h.state.value for h in pool.handles] == ["dead", "dead"] and not pool.pids()
-    assert torch.equal(decode(z, vae, 64, 16, devices="ray:cpu:1", mode="tiled"), tiled)
-    pack.nodes.workers.shutdown_pool()
+
+
+def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae, decode, core_tiled, core_decode,
+                                                                        stream_of, to_images, cluster, ray_pool):
+    vae = load_vae("wan21")
+    v = latent((1, 16, 3, 10, 14), 62)
+    tiled = decode(v, vae, 64, 16, 8, 4, devices=RAY)  # causal: time is never cut
+    assert max_diff(tiled, core_tiled(v, vae, 64, 16, 64, 8)) <= TOL
+    assert torch.equal(tiled, decode(v, vae, 64, 16, 8, 4, devices="cpu:2"))
+    assert torch.equal(to_images(stream_of(v, vae, 64, 16, 8, 4, devices=RAY)), tiled)
+
+    e = latent((1, 16, 3, 19, 4), 63)  # two bands in lock-step, GroupNorm combined in ComfyUI's process
+    exact = decode(e, vae, 64, 16, devices=RAY, mode="exact")
+    assert max_diff(exact, core_decode(e, vae)) <= TOL
+    assert torch.equal(exact, decode(e, vae, 64, 16, devices="cpu:2", mode="exact"))
+    assert torch.equal(to_images(stream_of(e, vae, 64, 16, devices=RAY, mode="exact")), exact)
+    assert set(ray_pool().workers.result_nodes) == worker_node_ids(cluster)
+
+
+def test_pixels_travel_in_the_decoders_dtype(comfy, load_vae, decode, cluster, ray_pool):
+    import comfy.sd
+
+    full = load_vae("wan21")  # bf16 convolutions are slow on a CPU: a small VAE, one tile
+    half = comfy.sd.VAE(sd=full.get_sd(), dtype=torch.bfloat16)  # a bf16 VAE, as on most GPUs
+    assert half.vae_dtype == torch.bfloat16
+    z = latent((1, 16, 2, 4, 4), 64)
+
+    def sent(vae):
+        before = ray_pool().workers.result_bytes if ray_pool() else 0
+        out = decode(z, vae, 64, 16, devices=RAY)
+        return out, ray_pool().workers.result_bytes - before
+
+    (wide, wide_bytes), (ours, half_bytes) = sent(full), sent(half)
+    assert half_bytes * 2 == wide_bytes > 0, "the same pixels, in half the bytes"
+    assert max_diff(ours, wide) > 0, "decoded in bf16"
+    assert torch.equal(ours, decode(z, half, 64, 16, devices="cpu:2")), "widened back exactly"
+
+
+def test_sigkill_of_an_actor_mid_job_gives_the_same_output_and_the_lane_rejoins(pack, load_vae, decode, ray_pool,
+                                                                                hold_vae):
+    vae, z = load_vae("sd"), latent((1, 4, 16, 16), 65)
+    clean = decode(z, vae, 64, 16, devices="cpu:2")
+    decode(latent((1, 4, 8, 8), 66), vae, 64, 16, devices=RAY)
+    pool = ray_pool()
+    hold_vae(pool, vae, RAY)  # both actors hold the VAE: each pulls a tile at once
+    lane = pool.names[1]
+    victim, restarts = pool.pids()[lane], pool.stats.restarts
+    killer = when_busy(pool, lane, lambda h: os.kill(h.pid, signal.SIGKILL))
+    ours = decode(z, vae, 64, 16, devices=RAY)
+    killer.join()
+    assert pool.stats.restarts == restarts + 1
+    assert torch.equal(ours, clean)
+    hold_vae(pool, vae, RAY)  # the restarted actor (up after the job ended) builds the VAE again
+    assert torch.equal(decode(z, vae, 64, 16, devices=RAY), clean)
+    assert ray_pool() is pool and pool.pids()[lane] != victim
+    assert pack.nodes.lanes.last_report.per_lane().get(lane, 0) > 0, "the restarted actor rejoined"
+
+
+def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_runs_on_the_same_actors(
+        comfy, load_vae, decode, core_tiled, ray_pool):
+    import comfy.model_management as mm
+
+    vae = load_vae("sd")
+    decode(latent((1, 4, 8, 8), 67), vae, 64, 16, devices=RAY)  # warm
+    pids = ray_pool().pids()
+    z = latent((1, 4, 48, 48), 68)  # ~100 tiles: tens of seconds on two one-CPU lanes
+    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(mm.InterruptProcessingException):
+        decode(z, vae, 64, 16, devices=RAY)
+    returned = time.monotonic() - start
+    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
+    assert not mm.processing_interrupted()
+    small = latent((1, 4, 10, 10), 69)
+    assert max_diff(decode(small, vae, 64, 16, devices=RAY), core_tiled(small, vae, 64, 16)) <= TOL
+    assert ray_pool().pids() == pids, "the same actors"
+
+
+def test_tile_size_auto_follows_the_free_memory_each_actor_measures(pack, load_vae, decode, core_tiled, core_decode,
+                                                                    monkeypatch, ray_pool):
+    sizing, parse = pack.parallel_vae.sizing, pack.parallel_vae.devices.parse
+    vae, z = load_vae("sd"), latent((1, 4, 16, 18), 72)
+    spec = pack.nodes.vae_info.describe(vae)
+    decode(latent((1, 4, 8, 8), 73), vae, 64, 16, devices=RAY)
+    pool = ray_pool()
+    measured = pool.free_memory()
+    assert sorted(measured) == sorted(pool.names) and min(measured.values()) > 1 << 30, measured
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, f"{pool.names[1]}=160")  # one tight lane decides
+    choice = pack.nodes.decode.auto_tile(vae, spec, parse(RAY))
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, "160")
+    assert choice.tile_size == pack.nodes.decode.auto_tile(vae, spec, parse("cpu")).tile_size < 512
+    monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, f"{pool.names[1]}=160")
+    size = choice.tile_size
+    assert max_diff(decode(z, vae, 0, 64, devices=RAY), core_tiled(z, vae, size, min(64, size // 4))) <= TOL
+    assert max_diff(decode(z, vae, 0, 64, devices=RAY, mode="exact"), core_decode(z, vae)) <= TOL
+
+
+def test_removing_a_node_mid_job_gives_the_same_output_from_the_other(pack, load_vae, decode, cluster, ray_pool,
+                                                                      hold_vae):
+    """Last in the module: the cluster keeps one worker node."""
+    vae, z = load_vae("sd"), latent((1, 4, 16, 16), 70)
+    clean = decode(z, vae, 64, 16, devices="cpu:2")
+    decode(latent((1, 4, 8, 8), 71), vae, 64, 16, devices=RAY)
+    pool = ray_pool()
+    hold_vae(pool, vae, RAY)
+    spec = pool.specs[1]
+    node = next(n for n in cluster.list_all_nodes() if n.node_id == spec.node_id)
+    remover = when_busy(pool, spec.name, lambda h: cluster.remove_node(node, allow_graceful=False))
+    start = time.monotonic()
+    ours = decode(z, vae, 64, 16, devices=RAY)
+    remover.join()
+    took = time.monotonic() - start
+    assert torch.equal(ours, clean)
+    deaths = [text for _, text in pool.stats.events if spec.name in text and "died" in text]
+    assert deaths and len(deaths) <= 3, deaths  # no start retried on a machine that is gone
+    assert took < 60, took
+    assert torch.equal(decode(z, vae, 64, 16, devices=RAY), clean)
+
+    # ComfyUI's "free" (and the stop route) stops the actors too (a dead actor starts again on the
+    # next prompt as after a SIGKILL, above)
+    pool = ray_pool()  # the machines left, once Ray has marked the node dead (health checks, ~13 s)
+    # an actor still starting counts as running too (the removed node's lane, retried by the last
+    # job, until Ray marks that node dead)
+    actors = sum(h.live for h in pool.handles)
+    assert actors >= len(pool.pids()) >= 1
+    assert pack.nodes.workers.release("a test") == 2 + actors  # two local workers and the actors
+    assert {h.state.value for h in pool.handles} == {"dead"} and not pool.pids()

@@ -1,12 +1,15 @@
 """A real ComfyUI server attached to a Ray cluster through RAY_ADDRESS (a simulated cluster on
 this machine: a head that takes no work and two one-CPU nodes): API JSON with
 devices=ray:cpu:1 equals VAE Decode (Tiled); a bad Ray value is a clear node error at queue time,
-and an unreachable cluster a clear node error when the node runs; the server keeps serving."""
+and an unreachable cluster a clear node error when the node runs; the server keeps serving; no
+actor outlives a killed ComfyUI."""
 from __future__ import annotations
+
+import time
 
 import pytest
 
-from testkit import ray_cluster
+from testkit import procs, ray_cluster
 from testkit.prompts import decode_prompt
 from testkit.server import saved_images
 
@@ -40,6 +43,20 @@ def test_api_prompt_on_ray_lanes_equals_vae_decode_tiled(own_server, put_latent_
     again = server.run(decode_prompt("sd", "sd_ray.latent", core, tile_size=64, overlap=16, devices="ray:cpu:1"))
     assert again.ok, (again.error, server.log_tail())
     assert (saved_images(server, again, "4") == ours).all()
+
+    shown = server.get("/parallel_vae/workers").json()["ray"]
+    assert [(r["state"], r["models"]) for r in shown["workers"]] == [("up", 1)] * 2, shown
+    assert all(r["device"].startswith(r["node"]) for r in shown["workers"]), "named by machine"
+    assert sorted(r["pid"] for r in shown["workers"]) == procs.ray_actors()
+
+    # ComfyUI killed: its actors go with it (Ray's owner fate-sharing), on every node
+    assert len(procs.ray_actors()) == 2, "ps shows ray::ParallelVAEWorker, one per lane"
+    server.proc.kill()
+    server.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while procs.ray_actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not procs.ray_actors(), "an actor outlived ComfyUI"
 
 
 def test_no_cluster_is_a_node_error_saying_how_to_start_one(own_server, put_latent_to):
