@@ -107,6 +107,25 @@ class ComfyServer:
     def post(self, path: str, payload: dict, **kw):
         return requests.post(f"{self.url}{path}", json=payload, timeout=kw.pop("timeout", 30), **kw)
 
+    def warm_workers(self, prompt: dict, count: int, tries: int = 5) -> None:
+        """Run ``prompt`` until the route shows ``count`` workers up, each holding a VAE. A prompt
+        ships the VAE to the workers that are up when it runs: on a cold start a worker still
+        starting may come up after a small prompt ended and hold nothing until the next one."""
+        rows = []
+        for _ in range(tries):
+            run = self.run(prompt)
+            assert run.ok, run.error or run.response
+            deadline = time.monotonic() + 15.0  # the load the prompt sent may still be running
+            while time.monotonic() < deadline:
+                rows = self.get("/parallel_vae/workers").json()["workers"]
+                if len(rows) == count and all(r["state"] == "up" and r["models"] and not r["loading"]
+                                              for r in rows):
+                    return
+                if len(rows) == count and all(r["state"] == "up" and not r["loading"] for r in rows):
+                    break  # up, not loading, some without a VAE: the next prompt ships it
+                time.sleep(0.1)
+        raise AssertionError(f"workers not warm after {tries} prompts: {rows}")
+
     def object_info(self, node: str) -> dict:
         r = self.get(f"/object_info/{node}")
         r.raise_for_status()

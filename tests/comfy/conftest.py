@@ -102,3 +102,16 @@ def torch_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hold_vae(pack):
+    """Load ``vae`` in every worker (or actor) of ``pool`` and wait until each holds it. Units are
+    pulled, so a worker still starting or loading when a small job runs rightly gets none, and a
+    worker that came up after a job ended holds nothing until the next one: tests that count which
+    worker decoded what make every worker ready first."""
+    def run(pool, vae, devices: str) -> dict:
+        nodes = pack.nodes
+        source = nodes.workers.model_source(vae, nodes.vae_info.describe(vae), pack.parallel_vae.devices.parse(devices))
+        return pool.wait_ready(source)
+    return run

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from testkit.compare import TOL, latent, max_diff
+from testkit.procs import when_busy
 
 SD_Z = (2, 4, 21, 14)
 
@@ -41,15 +42,17 @@ def test_sd_exact_on_two_and_three_workers_equals_untiled_and_in_process_bit_for
 
 
 def test_wan_exact_on_two_workers_equals_untiled_and_streams_in_frame_order(
-        pack, load_vae, decode, core_decode, stream_of, to_images, workers):
+        pack, load_vae, decode, core_decode, stream_of, to_images, workers, hold_vae):
     vae, z = load_vae("wan21"), latent((1, 16, 3, 19, 4), 5)
     ours = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
-    assert len(pack.nodes.lanes.last_report.pids()) == 2
     assert max_diff(ours, core_decode(z, vae)) <= TOL
+    hold_vae(workers.current_pool(), vae, "cpu:2")  # Wan's bands are pulled: a worker still loading gets none
     streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu:2", mode="exact"))
+    assert len(pack.nodes.lanes.last_report.pids()) == 2
     assert max_diff(streamed, ours) == 0.0
 
 
+@pytest.mark.one_runtime
 def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(pack, load_vae, decode, workers):
     vae, z = load_vae("sd"), latent((1, 4, 30, 8), 6)
     clean = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
@@ -58,19 +61,11 @@ def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(
     restarts = pool.stats.restarts
     seen = []
 
-    def kill_mid_lockstep():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            h = next(h for h in pool.handles if h.name == "cpu[1]")
-            if h.tasks:
-                time.sleep(0.3)  # inside the lock-step by now (it takes seconds)
-                seen.append(list(h.tasks))
-                os.kill(victim, signal.SIGKILL)
-                return
-            time.sleep(0.005)
+    def kill(h):
+        seen.append(list(h.tasks))
+        os.kill(victim, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_mid_lockstep)
-    killer.start()
+    killer = when_busy(pool, "cpu[1]", kill, settle=0.3)  # inside the lock-step by then (it takes seconds)
     again = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
     killer.join()
     assert seen, "the worker never got a task"
@@ -82,6 +77,7 @@ def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(
     assert len(ready) == 2 and victim not in ready.values()
 
 
+@pytest.mark.one_runtime
 def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_output(
         pack, load_vae, decode, workers, monkeypatch):
     from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
@@ -101,6 +97,7 @@ def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_ou
     assert torch.equal(again, clean)
 
 
+@pytest.mark.one_runtime
 def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succeeds(
         comfy, pack, load_vae, decode, core_decode, workers):
     import comfy.model_management as mm

@@ -11,7 +11,7 @@ import numpy as np
 from testkit import random_vaes
 from testkit.latents import read_png
 from testkit.procs import workers_of
-from testkit.prompts import video_prompt
+from testkit.prompts import decode_prompt, video_prompt
 from testkit.server import saved_images
 
 
@@ -51,6 +51,10 @@ def test_png_sequence_equals_parallel_decode_frame_for_frame_with_live_previews_
                               "temporal_size": 64, "temporal_overlap": 8, "devices": "cpu:2", "mode": "tiled"}}
     # (the same devices as the stream: one CPU thread per worker sums in another order than two)
     prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "e2e/stream_png/img"}}
+    # Tiles are pulled: a worker still loading the VAE rightly gets none of a small job. So warm-up
+    # prompts first, until both workers hold it; then each pulls a tile group at once.
+    put_latent("stream_warm.latent", (1, 16, 1, 8, 8), 30)
+    server.warm_workers(decode_prompt("wan21", "stream_warm.latent", devices="cpu:2"), 2)
     run = server.run(prompt)
     assert run.ok, run.error or run.response
     frames = saved_files(server, run, "4")

@@ -49,6 +49,7 @@ def test_no_worker_outlives_comfyui(own_server, put_latent_to, sig):
     assert not [p for p in pids if alive(p)], f"workers left behind after {sig.name}"
 
 
+@pytest.mark.one_runtime
 def test_soak_25_prompts_constant_workers_and_server_memory(server, put_latent):
     """The short soak of make test (the 100-prompt one with /free is `make soak`)."""
     put_latent("soak.latent", (1, 4, 12, 12), seed=33)
