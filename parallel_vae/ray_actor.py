@@ -107,12 +107,11 @@ class HostedWorker(Worker):
     def _pixels(self, record: msgs.Result) -> tuple[str, bytes]:
         """A Result's pixels as (dtype, bytes): in the decoder's dtype where that holds them exactly
         (the float32 slot widened them from it), so a bf16 or fp16 VAE sends half the bytes."""
-        import math
-
         import torch
 
-        n = math.prod(record.shape)
-        pixels = torch.frombuffer(self.arena.buf, dtype=torch.float32, count=n, offset=record.slot * self.slot_bytes)
+        from . import shm
+
+        pixels = shm.view(self.arena.buf, torch.float32, record.shape, record.slot * self.slot_bytes)
         narrow = self._carrier()
         if narrow is not None:
             cast = pixels.to(narrow)

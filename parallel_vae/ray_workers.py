@@ -154,13 +154,10 @@ class RayWorkers(Workers):
     def _write(self, h: RayHandle, record, dtype: str, data: bytes) -> None:
         """A Result's pixels into the parent's float32 slot for this worker, widened as the local
         worker widens them (exactly: they came from that dtype)."""
-        import math
-
         import torch
 
-        n = math.prod(record.shape)
-        slot = torch.frombuffer(h.arena.buf, dtype=torch.float32, count=n, offset=record.slot * h.slot_bytes)
-        slot.copy_(torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype), count=n))
+        slot = shm.view(h.arena.buf, torch.float32, record.shape, record.slot * h.slot_bytes)
+        slot.copy_(shm.view(bytearray(data), getattr(torch, dtype), record.shape))
         self.result_bytes += len(data)
 
     # -- actors -----------------------------------------------------------------------------------
