@@ -2,6 +2,7 @@
 websocket the way the editor and API clients drive it."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -41,6 +42,15 @@ def prepare_base(base: Path) -> Path:
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     return base
+
+
+def _with_tile_step(prompt: dict, step: int) -> dict:
+    """``prompt`` with every Parallel Tiled VAE Decode node's tile_size ``step`` steps of 32 larger."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"].startswith("ParallelVAEDecode"):
+            node["inputs"]["tile_size"] = node["inputs"].get("tile_size", 512) + 32 * step
+    return prompt
 
 
 class ComfyServer:
@@ -110,10 +120,12 @@ class ComfyServer:
     def warm_workers(self, prompt: dict, count: int, tries: int = 5) -> None:
         """Run ``prompt`` until the route shows ``count`` workers up, each holding a VAE. A prompt
         ships the VAE to the workers that are up when it runs: on a cold start a worker still
-        starting may come up after a small prompt ended and hold nothing until the next one."""
+        starting may come up after a small prompt ended and hold nothing until the next one. Each
+        try asks for a larger tile (one tile all the same on a small latent): ComfyUI would answer
+        the same prompt from its cache without running the node."""
         rows = []
-        for _ in range(tries):
-            run = self.run(prompt)
+        for i in range(tries):
+            run = self.run(_with_tile_step(prompt, i))
             assert run.ok, run.error or run.response
             deadline = time.monotonic() + 15.0  # the load the prompt sent may still be running
             while time.monotonic() < deadline:
