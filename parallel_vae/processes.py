@@ -438,6 +438,10 @@ class Workers:
             self.stats.weights_bytes += block.size
         _, block, manifest = weights
         for h in need:
+            # the worker makes room before it builds (Worker.load): forget now what it will drop, or
+            # a task for that VAE sent before its Loaded comes back would find it gone
+            while len(h.models) >= msgs.MAX_CACHED_VAES:
+                h.models.popitem(last=False)
             h.loading = source.fingerprint
             h.send(msgs.Load(source.fingerprint, source.recipe(h.spec), block.name, block.size, manifest))
 

@@ -116,6 +116,22 @@ def test_a_different_model_replaces_it_and_shared_memory_is_released(pool2):
     assert mine == [], "weights and latent blocks are unlinked once the job is over"
 
 
+def test_a_load_in_flight_that_evicts_a_vae_keeps_its_tasks_off_that_worker():
+    """A worker holding the most VAEs it keeps is sent a third (a load a small job left running);
+    the next job's VAE is the one that load evicts. Its task must not follow the Load into the
+    worker as if the VAE were still there (it failed there with a KeyError)."""
+    pool = make_pool(1)
+    try:
+        plan, z = toy_plan(), latent(seed=4)
+        for seed in range(protocol.MAX_CACHED_VAES):  # the worker now holds seeds 0.. (0 least recent)
+            pool_decode(pool, plan, z, source(seed=seed))
+        pool.workers.want_model(source(seed=9))  # sent, not waited for: its Loaded comes later
+        out, _ = pool_decode(pool, plan, z, source(seed=0))
+        assert torch.equal(out, local_reference(plan, z, seed=0))
+    finally:
+        pool.shutdown()
+
+
 def test_largest_tiles_are_handed_out_first(pool2):
     plan, z = toy_plan((1, 4, 21, 27), tile=96, overlap=32), latent((1, 4, 21, 27))
     _, report = pool_decode(pool2, plan, z)
