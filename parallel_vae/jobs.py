@@ -132,18 +132,23 @@ class Job:
                 self.poll()
                 workers.want_model(self.source)
                 self.assign()
-                for h, record in workers.receive(WAIT_S):
-                    if record is None:
-                        self.on_lost(h)
-                        continue
-                    workers.watchdog.heard(h.name, isinstance(record, msgs.Result))
-                    if not workers.on_common(h, record):
-                        result = self.on_message(h, record)
-                        if result is not None:
-                            try:
-                                yield result
-                            finally:  # also when the consumer stops (interrupt): the worker needs it back
-                                self.returned(h, record)
+                batch = collections.deque(workers.receive(WAIT_S))
+                try:
+                    while batch:
+                        h, record = batch.popleft()
+                        if record is None:
+                            self.on_lost(h)
+                            continue
+                        workers.watchdog.heard(h.name, isinstance(record, msgs.Result))
+                        if not workers.on_common(h, record):
+                            result = self.on_message(h, record)
+                            if result is not None:
+                                try:
+                                    yield result
+                                finally:  # also when the consumer stops (interrupt): the worker needs it back
+                                    self.returned(h, record)
+                finally:
+                    workers.unread(batch)  # an interrupt or an error ended the job mid-batch
                 self.after_round()
             finished = True
         finally:

@@ -160,12 +160,16 @@ def _rss_mib(pid: int) -> Optional[float]:
         return None
 
 
+def release_weights(shared: dict) -> None:
+    """Unlink every weights block the pool still keeps (it stops its workers)."""
+    for block, _ in shared.pop("weights", {}).values():
+        shm.release(block)
+
+
 def _stop(handles: list, shared: dict) -> None:
     """Stop worker processes: quit message and death pipe closed, then SIGTERM, then SIGKILL.
     A module function: the finalizer must not keep the pool alive."""
-    weights = shared.pop("weights", None)
-    if weights is not None:
-        shm.release(weights[1])
+    release_weights(shared)
     live = [h for h in handles if h.proc is not None and h.proc.poll() is None]
     for h in live:
         h.send(msgs.Quit())
@@ -224,7 +228,8 @@ class Workers:
         self.stats = PoolStats()
         self.watchdog = Watchdog()  # per device: unit times and silence, across jobs
         self.rates: dict[str, float] = {}  # per device: latent positions per busy second in exact bands
-        self._shared: dict = {}  # "weights": (fingerprint, block, manifest) while some worker still loads
+        self._shared: dict = {}  # "weights": {fingerprint: (block, manifest)} while some worker still needs it
+        self._unread: list = []  # records a job received and ended before handling (see unread)
         self.stop = weakref.finalize(self, _stop, self.handles, self._shared)
 
     def pids(self) -> dict[str, int]:
@@ -357,7 +362,24 @@ class Workers:
 
     # -- messages --------------------------------------------------------------------------------
     def receive(self, timeout: float) -> list[tuple[Handle, Optional[msgs.Record]]]:
-        """Records from workers, and (handle, None) once for each worker that died."""
+        """Records from workers, and (handle, None) once for each worker that died; first those a
+        job received and did not get to."""
+        if self._unread:
+            # what a worker sent in an earlier life (it stopped or started again since) means nothing now
+            out = [(h, record) for h, record, life in self._unread
+                   if h.started_at == life and (h.live or record is None)]
+            self._unread = []
+            return out + self._receive(0)
+        return self._receive(timeout)
+
+    def unread(self, records) -> None:
+        """Records a job received and did not handle (it ended on an interrupt or an error): the
+        next reader gets them first. Dropped, a Done would leave its task on the worker for good,
+        a Loaded its load, and an exact decode would wait on that worker forever."""
+        self._unread.extend((h, record, h.started_at) for h, record in records)
+
+    def _receive(self, timeout: float) -> list[tuple[Handle, Optional[msgs.Record]]]:
+        """What the workers' pipes hold (within ``timeout``), and deaths."""
         out = []
         for h in self.handles:
             if h.state is WorkerState.STARTING and time.monotonic() - h.started_at > START_TIMEOUT_S:
@@ -430,13 +452,12 @@ class Workers:
                 and h.loading is None]
         if not need:
             return
-        weights = self._shared.get("weights")
-        if weights is None or weights[0] != source.fingerprint:
-            self._drop_weights()
-            block, manifest = shm.pack(source.weights(), "w")
-            weights = self._shared["weights"] = (source.fingerprint, block, manifest)
-            self.stats.weights_bytes += block.size
-        _, block, manifest = weights
+        blocks = self._shared.setdefault("weights", {})
+        if source.fingerprint not in blocks:
+            self._drop_weights(but=source.fingerprint)
+            blocks[source.fingerprint] = shm.pack(source.weights(), "w")
+            self.stats.weights_bytes += blocks[source.fingerprint][0].size
+        block, manifest = blocks[source.fingerprint]
         for h in need:
             # the worker makes room before it builds (Worker.load): forget now what it will drop, or
             # a task for that VAE sent before its Loaded comes back would find it gone
@@ -445,17 +466,19 @@ class Workers:
             h.loading = source.fingerprint
             h.send(msgs.Load(source.fingerprint, source.recipe(h.spec), block.name, block.size, manifest))
 
-    def _drop_weights(self) -> None:
-        weights = self._shared.pop("weights", None)
-        if weights is not None:
-            shm.release(weights[1])
+    def _drop_weights(self, but: Optional[str] = None) -> None:
+        """Unlink the weights blocks of every VAE but ``but`` that no live worker is loading from
+        (a Load a small job left running still opens its block by name; mappings stay valid)."""
+        blocks = self._shared.get("weights", {})
+        loading = {h.loading for h in self.handles if h.live}
+        for fingerprint in [f for f in blocks if f != but and f not in loading]:
+            shm.release(blocks.pop(fingerprint)[0])
 
     def weights_done(self, fingerprint: str) -> None:
-        """Unlink the weights block once no live worker still needs it (mappings stay valid)."""
-        if "weights" not in self._shared:
-            return
-        if all(h.state is WorkerState.DEAD or fingerprint in h.models for h in self.handles):
-            self._drop_weights()
+        """A job or a load of ``fingerprint`` ended: keep its block only while a live worker still
+        lacks it (one still starting loads it next), and no other VAE's that no worker loads."""
+        held = all(h.state is WorkerState.DEAD or fingerprint in h.models for h in self.handles)
+        self._drop_weights(but=None if held else fingerprint)
 
     def ensure_arena(self, h: Handle, slot_bytes: int, slots: int) -> bool:
         """Give ``h`` result slots of at least ``slot_bytes``; False while it still holds a task

@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 
 from . import protocol as msgs
 from . import shm
-from .processes import PACKAGE_ROOT, START_TIMEOUT_S, Death, Handle, Workers, WorkerSpec, WorkerState, stopped
+from .processes import (PACKAGE_ROOT, START_TIMEOUT_S, Death, Handle, Workers, WorkerSpec, WorkerState,
+                        release_weights, stopped)
 
 log = logging.getLogger("parallel_vae")
 
@@ -87,9 +88,7 @@ class RayConn:
 
 def _stop_actors(handles: list, shared: dict) -> None:
     """End every actor (the finalizer's job too: a module function, it must not hold the pool)."""
-    weights = shared.pop("weights", None)
-    if weights is not None:
-        shm.release(weights[1])
+    release_weights(shared)
     shared.pop("refs", None)
     for h in handles:
         if h.actor is not None:
@@ -221,7 +220,7 @@ class RayWorkers(Workers):
         _stop_actors(self.handles, self._shared)
 
     # -- records ------------------------------------------------------------------------------------
-    def receive(self, timeout: float) -> list:
+    def _receive(self, timeout: float) -> list:
         import ray
 
         out = []

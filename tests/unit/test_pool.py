@@ -132,6 +132,33 @@ def test_a_load_in_flight_that_evicts_a_vae_keeps_its_tasks_off_that_worker():
         pool.shutdown()
 
 
+def test_a_load_still_running_keeps_its_weights_when_another_vae_is_sent():
+    """A small job can end with a worker still loading its VAE while the next job's VAE goes to
+    the others. The first VAE's weights block must stay until that worker has opened it: it was
+    unlinked, and the load failed with FileNotFoundError inside the next job."""
+    pool = make_pool(2)
+    try:
+        pool.warm(source(seed=0))
+        late, other = pool.handles
+        os.kill(late.pid, signal.SIGSTOP)  # it reads its Load only once let go
+        try:
+            pool.workers.want_model(source(seed=7))  # a Load to each
+            deadline = time.monotonic() + 30
+            while other.loading and time.monotonic() < deadline:
+                for h, record in pool.workers.receive(0.05):
+                    if record is not None:
+                        pool.workers.on_common(h, record)
+            assert other.loading is None and late.loading is not None
+            pool.workers.want_model(source(seed=8))  # only the other: the late one still loads
+        finally:
+            os.kill(late.pid, signal.SIGCONT)
+        plan, z = toy_plan(), latent(seed=6)
+        out, _ = pool_decode(pool, plan, z, source(seed=7))
+        assert torch.equal(out, local_reference(plan, z, seed=7))
+    finally:
+        pool.shutdown()
+
+
 def test_largest_tiles_are_handed_out_first(pool2):
     plan, z = toy_plan((1, 4, 21, 27), tile=96, overlap=32), latent((1, 4, 21, 27))
     _, report = pool_decode(pool2, plan, z)
@@ -178,6 +205,33 @@ def test_interrupt_returns_quickly_drops_queued_tiles_and_the_next_job_succeeds(
     out, report = pool_decode(pool2, toy_plan(), latent(seed=6))
     assert torch.equal(out, local_reference(toy_plan(), latent(seed=6)))
     assert len(report.units) == len(toy_plan().tiles), "late results of the cancelled job were dropped"
+
+
+def test_an_interrupt_mid_batch_loses_no_record(pool2):
+    """The consumer stops on a result (ComfyUI's interrupt, raised from the progress update) while
+    the batch it came in still holds other records: the other worker's Done among them. They must
+    reach the pool all the same: lost, that task stayed on the worker for good (an exact decode then
+    waited on it forever)."""
+    plan, z = toy_plan(), latent(seed=8)
+    pool2.warm(source())
+    seen = []
+
+    def on_unit(unit):
+        seen.append(unit)
+        if len(seen) == 1:
+            time.sleep(1.0)  # the other worker finishes its tile: its Result and Done come in one batch
+        else:
+            raise KeyboardInterrupt("interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        pool_decode(pool2, plan, z, on_unit=on_unit)
+    deadline = time.monotonic() + 10
+    while any(h.tasks for h in pool2.handles) and time.monotonic() < deadline:
+        pool2.workers.drain()
+        time.sleep(0.05)
+    assert not [h.tasks for h in pool2.handles if h.tasks], "a task stayed on a worker"
+    out, _ = pool_decode(pool2, plan, z)
+    assert torch.equal(out, local_reference(plan, z))
 
 
 def test_out_of_memory_on_one_worker_retries_the_tile_on_another(monkeypatch):
