@@ -176,13 +176,9 @@ class ParallelVAEWorker:
     def free_memory(self, device: str, cpu_lanes_here: int) -> int:
         """Free bytes for this lane, measured on its machine (tile_size auto): CUDA's free memory
         on its GPU, or the available RAM shared by the node's CPU lanes."""
-        if device.startswith("cuda"):
-            import torch
+        from .sizing import measured_free
 
-            return int(torch.cuda.mem_get_info(torch.device(device))[0])
-        from .sizing import cpu_available
-
-        return cpu_available() // max(1, cpu_lanes_here)
+        return measured_free(device, cpu_lanes_here)
 
     def _serve(self) -> None:
         try:
