@@ -5,7 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 
-OBJECT_STORE = 200 << 20  # per node; tiles and one VAE fit many times over
+# Per node: the weights of a full-size SD VAE (319 MiB in float32) and the rest of what the tests
+# keep put fit in memory with room to spare, so nothing ever spills to disk.
+OBJECT_STORE = 1 << 30
+# Ray writes what the store cannot hold to disk, and fails that once the disk is 95% full: a shared
+# CI disk decided the outcome. A threshold of 0 makes any use of the disk fail at once, on every
+# machine alike, so a test that outgrows the store is caught here, not on a full day.
+NO_DISK = {"local_fs_capacity_threshold": 0.0}
 
 
 @contextlib.contextmanager
@@ -15,7 +21,8 @@ def simulated(nodes: int = 2):
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                             "object_store_memory": OBJECT_STORE})
+                                                             "object_store_memory": OBJECT_STORE,
+                                                             "_system_config": NO_DISK})
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
