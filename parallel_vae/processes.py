@@ -459,12 +459,13 @@ class Workers:
             self.stats.weights_bytes += blocks[source.fingerprint][0].size
         block, manifest = blocks[source.fingerprint]
         for h in need:
+            # sent first: a send that raises (a Ray put refused) reached no worker, so nothing is marked
+            h.send(msgs.Load(source.fingerprint, source.recipe(h.spec), block.name, block.size, manifest))
             # the worker makes room before it builds (Worker.load): forget now what it will drop, or
             # a task for that VAE sent before its Loaded comes back would find it gone
             while len(h.models) >= msgs.MAX_CACHED_VAES:
                 h.models.popitem(last=False)
             h.loading = source.fingerprint
-            h.send(msgs.Load(source.fingerprint, source.recipe(h.spec), block.name, block.size, manifest))
 
     def _drop_weights(self, but: Optional[str] = None) -> None:
         """Unlink the weights blocks of every VAE but ``but`` that no live worker is loading from

@@ -159,6 +159,46 @@ def test_a_load_still_running_keeps_its_weights_when_another_vae_is_sent():
         pool.shutdown()
 
 
+class RefusingLoads:
+    """A worker's connection whose sending of a Load fails in the parent, as a Ray put does when
+    the object store and the disk are full; everything else goes through."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def send(self, wire):
+        if wire[0] == "load":
+            raise RuntimeError("the object store is full")
+        return self.conn.send(wire)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_load_that_could_not_be_sent_leaves_the_worker_free_for_the_next_one():
+    """A Load whose sending raised never reached the worker: it must not be taken as loading (the
+    worker was never sent another VAE and sat out every later job: clean-clone CI, a Ray put
+    refused on a full disk) nor as having dropped a VAE to make room."""
+    pool = make_pool(1)
+    try:
+        plan, z = toy_plan(), latent(seed=5)
+        for seed in range(protocol.MAX_CACHED_VAES):  # full: a Load sent would drop seed 0
+            pool_decode(pool, plan, z, source(seed=seed))
+        h = pool.workers.handles[0]
+        held = list(h.models)
+        h.conn = RefusingLoads(h.conn)
+        try:
+            with pytest.raises(RuntimeError, match="object store is full"):
+                pool.workers.want_model(source(seed=9))
+        finally:
+            h.conn = h.conn.conn
+        assert h.loading is None and list(h.models) == held
+        out, _ = pool_decode(pool, plan, z, source(seed=9))
+        assert torch.equal(out, local_reference(plan, z, seed=9))
+    finally:
+        pool.shutdown()
+
+
 def test_largest_tiles_are_handed_out_first(pool2):
     plan, z = toy_plan((1, 4, 21, 27), tile=96, overlap=32), latent((1, 4, 21, 27))
     _, report = pool_decode(pool2, plan, z)
