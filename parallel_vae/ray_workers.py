@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from . import protocol as msgs
 from . import shm
+from .errors import DecodeError
 from .processes import (PACKAGE_ROOT, START_TIMEOUT_S, Death, Handle, Workers, WorkerSpec, WorkerState,
                         release_weights, stopped)
 
@@ -141,6 +142,11 @@ class RayWorkers(Workers):
             block = shm.Attached(name, nbytes)
             try:
                 ref = ray.put(np.frombuffer(block.buf, dtype=np.uint8, count=nbytes))
+            except (ray.exceptions.ObjectStoreFullError, ray.exceptions.OutOfDiskError) as e:
+                raise DecodeError(
+                    f"Ray's object store on this machine could not take {nbytes / 2**20:.1f} MiB (a VAE's "
+                    f"weights or a latent): give it more memory (ray start --object-store-memory=BYTES) or "
+                    f"free disk space for Ray's spilling. Ray said: {str(e).strip()}") from e
             finally:
                 block.close()
             refs[name] = ref

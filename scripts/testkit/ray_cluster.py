@@ -15,17 +15,17 @@ NO_DISK = {"local_fs_capacity_threshold": 0.0}
 
 
 @contextlib.contextmanager
-def simulated(nodes: int = 2):
+def simulated(nodes: int = 2, object_store: int = OBJECT_STORE):
     from ray.cluster_utils import Cluster
 
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                             "object_store_memory": OBJECT_STORE,
+                                                             "object_store_memory": object_store,
                                                              "_system_config": NO_DISK})
     try:
         for _ in range(nodes):
-            cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
+            cluster.add_node(num_cpus=1, object_store_memory=object_store)
         yield cluster
     finally:
         cluster.shutdown()
