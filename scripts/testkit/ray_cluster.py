@@ -15,21 +15,48 @@ NO_DISK = {"local_fs_capacity_threshold": 0.0}
 
 
 @contextlib.contextmanager
+def _env(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
 def simulated(nodes: int = 2, object_store: int = OBJECT_STORE):
     from ray.cluster_utils import Cluster
 
-    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                             "object_store_memory": object_store,
-                                                             "_system_config": NO_DISK})
-    try:
-        for _ in range(nodes):
-            cluster.add_node(num_cpus=1, object_store_memory=object_store)
-        yield cluster
-    finally:
-        cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-        else:
-            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+    with _env("RAY_USAGE_STATS_ENABLED", "0"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                 "object_store_memory": object_store,
+                                                                 "_system_config": NO_DISK})
+        try:
+            for _ in range(nodes):
+                cluster.add_node(num_cpus=1, object_store_memory=object_store)
+            yield cluster
+        finally:
+            cluster.shutdown()
+
+
+@contextlib.contextmanager
+def attached(release, nodes: int = 2, object_store: int = OBJECT_STORE):
+    """A simulated cluster this process reaches through RAY_ADDRESS, as the pack does in ComfyUI;
+    on the way out ``release()`` ends what the process holds there, then its Ray driver ends."""
+    import ray
+
+    with simulated(nodes, object_store) as cluster, _env("RAY_ADDRESS", cluster.address):
+        try:
+            yield cluster
+        finally:
+            release()
+            ray.shutdown()
+
+
+def worker_node_ids(cluster) -> set[str]:
+    """The nodes that take work (not the head)."""
+    return {n.node_id for n in cluster.list_all_nodes() if n is not cluster.head_node}

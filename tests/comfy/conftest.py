@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from testkit import comfy_env, random_vaes
+from testkit import comfy_env, random_vaes, ray_cluster
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +115,13 @@ def hold_vae(pack):
         source = nodes.workers.model_source(vae, nodes.vae_info.describe(vae), pack.parallel_vae.devices.parse(devices))
         return pool.wait_ready(source)
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_attached(pack):
+    """``ray_attached(**kw)``: this process attached to a simulated Ray cluster
+    (testkit.ray_cluster.attached); the pack's pools end before Ray's driver does."""
+    def release():
+        pack.nodes.ray_pool.shutdown_pool()
+        pack.nodes.workers.shutdown_pool()
+    return lambda **kw: ray_cluster.attached(release, **kw)

@@ -18,17 +18,9 @@ SMALL_STORE = 80 << 20  # Ray's least (75 MiB) and more than a small Wan 2.1's 1
 
 
 @pytest.fixture(scope="module")
-def small_cluster(pack):
-    mp = pytest.MonkeyPatch()
-    with ray_cluster.simulated(2, object_store=SMALL_STORE) as c:
-        mp.setenv("RAY_ADDRESS", c.address)
-        try:
-            yield c
-        finally:
-            pack.nodes.ray_pool.shutdown_pool()
-            pack.nodes.workers.shutdown_pool()
-            ray.shutdown()
-            mp.undo()
+def small_cluster(ray_attached):
+    with ray_attached(object_store=SMALL_STORE) as c:
+        yield c
 
 
 def test_weights_the_store_cannot_hold_are_a_clear_error_and_the_lanes_stay_usable(pack, load_vae, decode, hold_vae,
@@ -41,5 +33,4 @@ def test_weights_the_store_cannot_hold_are_a_clear_error_and_the_lanes_stay_usab
     pool = pack.nodes.ray_pool.current_pool()
     hold_vae(pool, wan, RAY)  # both lanes take the next VAE: neither still waits for SD's load
     assert torch.equal(decode(v, wan, 64, 16, 8, 4, devices=RAY), decode(v, wan, 64, 16, 8, 4, devices="cpu:2"))
-    nodes = {n.node_id for n in small_cluster.list_all_nodes() if n is not small_cluster.head_node}
-    assert set(pool.workers.result_nodes) == nodes, "results came from both nodes"
+    assert set(pool.workers.result_nodes) == ray_cluster.worker_node_ids(small_cluster), "results came from both nodes"
