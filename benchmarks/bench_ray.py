@@ -26,7 +26,6 @@ METHODS = {"local cpu:2": "cpu:2", "ray:cpu:1 (2 nodes)": "ray:cpu:1"}
 
 def child(devices: str, shape: tuple, tile: int) -> None:
     import contextlib
-    import os
 
     import torch
     from testkit import comfy_env, latents, random_vaes, ray_cluster
@@ -36,8 +35,7 @@ def child(devices: str, shape: tuple, tile: int) -> None:
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
     stack = contextlib.ExitStack()
     if devices.startswith("ray"):
-        cluster = stack.enter_context(ray_cluster.simulated(2))
-        os.environ["RAY_ADDRESS"] = cluster.address
+        stack.enter_context(ray_cluster.attached(pack.nodes.ray_pool.shutdown_pool))
     run = lambda z: node.execute({"samples": z}, vae, tile, tile // 4, 64, 8, devices, mode="tiled").result[0]  # noqa: E731
     with stack, torch.inference_mode():
         t = time.perf_counter()
@@ -54,12 +52,7 @@ def child(devices: str, shape: tuple, tile: int) -> None:
         pixel_bytes = getattr(pool.workers, "result_bytes", 0) - cold_pixels  # local workers: shared memory
         tiles = len(pack.nodes.lanes.last_report.units)
         per_lane = pack.nodes.lanes.last_report.per_lane()
-        if devices.startswith("ray"):
-            pack.nodes.ray_pool.shutdown_pool()
-            import ray
-
-            ray.shutdown()
-        else:
+        if not devices.startswith("ray"):  # Ray's pool ends with the cluster (ray_cluster.attached)
             pack.nodes.workers.shutdown_pool()
     print(json.dumps({"seconds": seconds, "cold": cold, "tiles": tiles, "per_lane": per_lane,
                       "cold_bytes": cold_bytes, "warm_bytes": warm_bytes, "pixel_bytes": pixel_bytes,
