@@ -35,7 +35,7 @@ TILES = (512, 0)
 
 def child(case: str, tile: int) -> None:
     import torch
-    from testkit import comfy_env, latents, random_vaes
+    from testkit import comfy_env, latents, observe, random_vaes
 
     family, shape, mode, devices = CASES[case]
     _, vae = random_vaes.load_in_process(family)
@@ -45,14 +45,14 @@ def child(case: str, tile: int) -> None:
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
     run = lambda z: node.execute({"samples": z}, vae, tile, 64, 64, 8, devices, mode=mode).result[0]  # noqa: E731
     warm = shape[:-2] + (8, 8)
-    with torch.inference_mode():
+    with torch.inference_mode(), observe.decodes(pack) as seen:
         run(latents.random_latent(warm, seed=1))
         z = latents.random_latent(shape, seed=7)
         t = time.perf_counter()
         run(z)
         seconds = time.perf_counter() - t
-    units = len(pack.nodes.lanes.last_report.units)
-    pack.nodes.workers.shutdown_pool()
+    units = len(seen.last.units)
+    pack.nodes.backends.shutdown()
     print(json.dumps({"seconds": seconds, "units": units, "note": texts[-1] if texts else ""}))
 
 

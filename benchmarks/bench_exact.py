@@ -63,8 +63,10 @@ def worker_peaks_kib(pool) -> int:
 def child(case: str, label: str, out: Path) -> None:
     import resource
 
+    import contextlib
+
     import torch
-    from testkit import comfy_env, latents, random_vaes
+    from testkit import comfy_env, latents, observe, random_vaes
 
     family, shape, warm_shape, _ = CASES[case]
     node, devices, mode, tile, overlap = METHODS[label]
@@ -78,16 +80,17 @@ def child(case: str, label: str, out: Path) -> None:
         run = lambda z: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, tile, overlap, 64, 8)[0]  # noqa: E731
     else:
         run = lambda z: nodes.VAEDecode().decode(vae, {"samples": z})[0]  # noqa: E731
-    with torch.inference_mode():
+    watch = observe.decodes(pack) if pack else contextlib.nullcontext()
+    with torch.inference_mode(), watch as seen:
         run(latents.random_latent(warm_shape, seed=1))
         z = latents.random_latent(shape, seed=1234)
         t = time.perf_counter()
         images = run(z)
         seconds = time.perf_counter() - t
-    workers = worker_peaks_kib(pack.nodes.workers.current_pool()) if pack and devices != "cpu" else 0
+    workers = worker_peaks_kib(pack.nodes.backends.local_pool()) if pack and devices != "cpu" else 0
     torch.save(images.float().contiguous(), out)
     parent_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    report = pack.nodes.lanes.last_report if pack else None
+    report = seen.last if pack else None
     print(json.dumps({"seconds": seconds, "peak_rss_mb": (parent_kib + workers) / 1024,
                       "units": len(report.units) if report else None}))
 
@@ -138,10 +141,10 @@ def prefix_share() -> None:
     for family, shape in (("sd", (1, 4, 64, 64)), ("sd", (1, 4, 128, 128)), ("wan21_full", (1, 16, 5, 32, 32))):
         _, vae = random_vaes.load_in_process(family)
         sys.path.insert(0, str(REPO))
-        from parallel_vae import exact
+        from parallel_vae import families
 
         model = vae.first_stage_model
-        ex = exact.executor("image" if family == "sd" else "wan21", model, vae.vae_dtype, "cpu")
+        ex = families.exact_executor("image" if family == "sd" else "wan21", model, vae.vae_dtype, "cpu")
         z = latents.random_latent(shape, seed=1)
         with torch.inference_mode():
             t = time.perf_counter()

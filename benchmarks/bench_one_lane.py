@@ -58,7 +58,7 @@ def main() -> None:
     for label, sec in best.items():
         diff = float((outs[label] - outs["VAEDecodeTiled"]).abs().max())
         print(f"| {label} | {sec:.2f} | {sec / ref - 1:+.1%} | {diff:.2e} |")
-    pack.nodes.workers.shutdown_pool()
+    pack.nodes.backends.shutdown()
 
 
 if __name__ == "__main__":

@@ -28,32 +28,32 @@ def child(devices: str, shape: tuple, tile: int) -> None:
     import contextlib
 
     import torch
-    from testkit import comfy_env, latents, random_vaes, ray_cluster
+    from testkit import comfy_env, latents, observe, random_vaes, ray_cluster
 
     _, vae = random_vaes.load_in_process("sd")
     pack = comfy_env.load_pack()
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
     stack = contextlib.ExitStack()
     if devices.startswith("ray"):
-        stack.enter_context(ray_cluster.attached(pack.nodes.ray_pool.shutdown_pool))
+        stack.enter_context(ray_cluster.attached(pack.nodes.backends.shutdown))
     run = lambda z: node.execute({"samples": z}, vae, tile, tile // 4, 64, 8, devices, mode="tiled").result[0]  # noqa: E731
-    with stack, torch.inference_mode():
+    with stack, torch.inference_mode(), observe.decodes(pack) as seen:
         t = time.perf_counter()
         run(latents.random_latent(shape, seed=1))
         cold = time.perf_counter() - t
-        pool = (pack.nodes.ray_pool if devices.startswith("ray") else pack.nodes.workers).current_pool()
-        cold_bytes = getattr(pool.workers, "put_bytes", 0)
-        cold_pixels = getattr(pool.workers, "result_bytes", 0)
+        pool = (pack.nodes.backends.ray_pool if devices.startswith("ray") else pack.nodes.backends.local_pool)()
+        cold_bytes = getattr(pool.transport, "put_bytes", 0)
+        cold_pixels = getattr(pool.transport, "result_bytes", 0)
         z = latents.random_latent(shape, seed=2)
         t = time.perf_counter()
         run(z)
         seconds = time.perf_counter() - t
-        warm_bytes = getattr(pool.workers, "put_bytes", 0) - cold_bytes
-        pixel_bytes = getattr(pool.workers, "result_bytes", 0) - cold_pixels  # local workers: shared memory
-        tiles = len(pack.nodes.lanes.last_report.units)
-        per_lane = pack.nodes.lanes.last_report.per_lane()
-        if not devices.startswith("ray"):  # Ray's pool ends with the cluster (ray_cluster.attached)
-            pack.nodes.workers.shutdown_pool()
+        warm_bytes = getattr(pool.transport, "put_bytes", 0) - cold_bytes
+        pixel_bytes = getattr(pool.transport, "result_bytes", 0) - cold_pixels  # local workers: shared memory
+        tiles = len(seen.last.units)
+        per_lane = seen.last.per_lane()
+        if not devices.startswith("ray"):  # Ray's lanes end with the cluster (ray_cluster.attached)
+            pack.nodes.backends.shutdown()
     print(json.dumps({"seconds": seconds, "cold": cold, "tiles": tiles, "per_lane": per_lane,
                       "cold_bytes": cold_bytes, "warm_bytes": warm_bytes, "pixel_bytes": pixel_bytes,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

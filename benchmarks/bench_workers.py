@@ -101,7 +101,9 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     import resource
 
     import torch
-    from testkit import comfy_env, latents, random_vaes
+    import contextlib
+
+    from testkit import comfy_env, latents, observe, random_vaes
 
     torch.set_num_threads(threads)
     family, shape, settings, _ = CASES[case]
@@ -116,10 +118,11 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
     else:
         run = lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, *settings)[0]  # noqa: E731
     times, first_unit, sent, cpu = [], [], [], []
-    with torch.inference_mode():
+    watch = observe.decodes(pack) if pack else contextlib.nullcontext()
+    with torch.inference_mode(), watch as seen:
         for i in range(repeat + 1):  # run 0 is the warm-up (and starts the workers): not counted
             gc.collect()
-            pool = pack.nodes.workers.current_pool() if pack else None
+            pool = pack.nodes.backends.local_pool() if pack else None
             before = pool.stats.weights_bytes if pool else 0
             pids = list(pool.pids().values()) if pool else []
             cpu0 = (time.process_time(), cpu_seconds(pids))
@@ -129,14 +132,13 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
             if i:
                 times.append(time.perf_counter() - t)
                 cpu.append((time.process_time() - cpu0[0], cpu_seconds(pids) - cpu0[1]))
-                report = pack.nodes.lanes.last_report if pack else None
-                if report is not None:
-                    first_unit.append(report.first_unit_at - start)
-                pool = pack.nodes.workers.current_pool() if pack else None
+                if pack:
+                    first_unit.append(seen.first_unit_at - start)
+                pool = pack.nodes.backends.local_pool() if pack else None
                 sent.append((pool.stats.weights_bytes - before) if pool else 0)
             if i < repeat:
                 del images
-    pool = pack.nodes.workers.current_pool() if pack else None
+    pool = pack.nodes.backends.local_pool() if pack else None
     workers_hwm, workers_pss = worker_memory_kib(pool)
     torch.save(images.float().contiguous(), out)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -146,7 +148,7 @@ def child(case: str, label: str, out: Path, repeat: int) -> None:
                       "weights_sent": max(sent) if sent else 0,
                       "cpu_s": cpu[times.index(min(times))]}))  # (ComfyUI's process, workers) in the best run
     if pack:
-        pack.nodes.workers.shutdown_pool()
+        pack.nodes.backends.shutdown()
 
 
 def parent(cases: list[str], rounds: int, methods: list[str]) -> None:

@@ -79,11 +79,11 @@ def child() -> None:
                 ref = nodes.VAEDecodeTiled().decode(vae, {"samples": z}, 256, 64, 64, 8)[0]
                 row(f"{family}: ours tiled, workers cuda:0,cpu", seconds=s,
                     max_abs_vs_tiled=float((out - ref).abs().max()))
-                held = [r.get("held_mib") for r in pack.nodes.workers.report()["workers"]]
+                held = [r.get("held_mib") for r in pack.nodes.backends.report()["workers"]]
                 free_before = torch.cuda.mem_get_info()[0]
-                pack.nodes.workers.release("gpu check")
+                pack.nodes.backends.release("gpu check")
                 time.sleep(1.0)
-                row(f"{family}: /free path (workers.release)", worker_held_mib=held,
+                row(f"{family}: /free path (backends.release)", worker_held_mib=held,
                     gpu_free_gain_mib=(torch.cuda.mem_get_info()[0] - free_before) / 2**20)
                 if family == "sd":
                     torch.cuda.empty_cache()

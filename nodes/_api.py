@@ -4,4 +4,11 @@ try:
 except ImportError:  # a ComfyUI older or newer than the pinned surface
     from comfy_api.latest import ComfyExtension, io
 
-__all__ = ["ComfyExtension", "io"]
+
+def latent_node(node_id: str, display_name: str, description: str, inputs: list, outputs: list, **more) -> "io.Schema":
+    """The schema of one of the pack's nodes in ComfyUI's latent category."""
+    return io.Schema(node_id=node_id, display_name=display_name, category="latent", description=description,
+                     inputs=inputs, outputs=outputs, **more)
+
+
+__all__ = ["ComfyExtension", "io", "latent_node"]

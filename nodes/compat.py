@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 
 import torch
 
 import comfy.model_management as mm
+import comfy.sd
 
 
 def comfyui_version() -> str:
@@ -32,6 +34,12 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 VERSION = comfyui_version()
 
+# The ComfyUI tree this process runs: workers put it first on their path to import its loader.
+COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.sd.__file__)))
+# A worker on the CPU: no GPU visible, and ComfyUI told so before it probes devices.
+CPU_WORKER_ENV = (("CUDA_VISIBLE_DEVICES", ""),)
+CPU_WORKER_SETUP = (("comfy.cli_args", "args.cpu", True),)
+
 
 def pixel_dtype() -> torch.dtype:
     """The dtype ComfyUI's decode casts each tile's pixels to before blending (0.18+: float16 with
@@ -49,8 +57,6 @@ def device_context(device):
 
 def vae_takes_metadata() -> bool:
     """``comfy.sd.VAE(metadata=...)`` exists (0.9.2+; VAELoader passes the file's metadata)."""
-    import comfy.sd
-
     return "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters
 
 

@@ -1,29 +1,20 @@
-"""Parallel Tiled VAE Decode: VAEDecodeTiled's output, computed tile by tile on the named devices."""
+"""Parallel Tiled VAE Decode: VAEDecodeTiled's output, computed tile by tile on the named devices
+(the node's schema and its queue-time checks; the decode itself is job.py's)."""
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Callable
-
-from ..parallel_vae import blend, engine, exact, sizing
+from ..parallel_vae import blend, engine, families
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
-from ..parallel_vae.exact import shares as exact_shares
-from ..parallel_vae.inputs import check_latent
-from ..parallel_vae.plan import (TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX,
-                                 validate_settings)
-from ._api import io
-from . import compat, lanes, ray_pool, vae_info, workers
+from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX, validate_settings
+from ._api import io, latent_node
+from .job import MODES, DecodeJob, check_mode
 from .progress import NodeProgress
-
-log = logging.getLogger("parallel_vae")
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2, TAEHV) ignore it: they are never cut in time, because "
                "restarting their causal cache at a temporal tile edge makes the video flicker. Each spatial "
                "tile is decoded frame after frame with its cache carried forward instead.")
 
 EXACT_NOTE = " Not used in exact mode, which has no tile seams to blend."
-MODES = ("auto", "exact", "tiled")
 
 TOOLTIPS = {
     "samples": "The latent to decode: an image latent [B, C, H, W] or a video latent [B, C, T, H, W] made for "
@@ -50,7 +41,7 @@ TOOLTIPS = {
     "mode": "exact: the same image as the untiled VAE Decode (no seams), computed in row bands spread over the "
             "devices; image VAE bands pass each other their edge rows and normalisation statistics, Wan bands "
             "decode their rows plus a margin as wide as the decoder's reach. Supported: "
-            + "; ".join(exact.SUPPORTED) + ". "
+            + "; ".join(families.EXACT_SUPPORTED) + ". "
             "tiled: the same result as VAE Decode (Tiled), seams included. auto: exact where the VAE supports "
             "it, else tiled.",
 }
@@ -72,20 +63,16 @@ def decode_inputs() -> list:
     ]
 
 
+DESCRIPTION = ("Decodes latents in tiles with the same result as VAE Decode (Tiled), on the devices you name. "
+               "Causal video VAEs (Wan, TAEHV) are never cut in time, so their videos do not flicker at tile edges.")
+
+
 class ParallelVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ParallelVAEDecode",
-            display_name="Parallel Tiled VAE Decode",
-            category="latent",
-            description="Decodes latents in tiles with the same result as VAE Decode (Tiled), on the devices you "
-                        "name. Causal video VAEs (Wan, TAEHV) are never cut in time, so their videos do not "
-                        "flicker at tile edges.",
-            inputs=decode_inputs(),
-            outputs=[io.Image.Output(tooltip="The decoded images; a video's frames come as one image batch.")],
-            hidden=[io.Hidden.unique_id],
-        )
+        outputs = [io.Image.Output(tooltip="The decoded images; a video's frames come as one image batch.")]
+        return latent_node("ParallelVAEDecode", "Parallel Tiled VAE Decode", DESCRIPTION, decode_inputs(), outputs,
+                           hidden=[io.Hidden.unique_id])
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
@@ -109,149 +96,9 @@ class ParallelVAEDecode(io.ComfyNode):
                 mode="auto") -> io.NodeOutput:
         job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
                                 cls.hidden.unique_id if cls.hidden is not None else None, mode)
-        lane, progress = job.start(NodeProgress.poll)
-        storage, out = blend.allocate_output(job.plan)
-        lanes.last_report = engine.decode(job.plan, job.latent, lane, out, finish=job.finisher(progress),
-                                          on_unit=progress.unit)
-        progress.finish()
+        run = job.start(NodeProgress.poll)
+        storage, out = blend.allocate_output(run.plan)
+        engine.decode(run.plan, job.latent, run.units, out, finish=job.finisher(run.progress),
+                      on_unit=run.progress.unit)
+        run.progress.finish()
         return io.NodeOutput(storage.reshape((-1,) + tuple(storage.shape[-3:])))
-
-
-def check_mode(mode) -> str:
-    if mode is None:
-        return "auto"
-    if mode not in MODES:
-        raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
-    return mode
-
-
-def exact_refusal(spec, vae) -> str | None:
-    return exact.refusal(spec.family, vae.first_stage_model)
-
-
-def device_frees(vae, named) -> list[tuple[str, int]]:
-    """(name, free bytes) of each device that decodes. ComfyUI's own device counts its free
-    memory as ComfyUI does (what it could free too); worker devices are measured, Ray lanes by
-    their actors on their machines."""
-    if device_lists.uses_ray(named):
-        return ray_pool.lane_frees(named)
-    if device_lists.uses_workers(named):
-        on_cpu = sum(d.kind == "cpu" for d in named)
-        return [(d.name, sizing.free_bytes(d, on_cpu)) for d in named]
-    device = lanes.choose(named, vae)
-    return [(device.name, sizing.free_bytes(device, own=lanes.free_memory(device.torch_device)))]
-
-
-def auto_tile(vae, spec, named) -> sizing.Choice:
-    """tile_size 0: the largest tile all ``named`` devices have memory for."""
-    return sizing.choose(vae_info.decode_cost(vae, spec), device_frees(vae, named))
-
-
-def exact_lanes(vae, spec, named, shape, tile_size: int, auto: bool):
-    """What exact.plan needs of the devices: 1 in ComfyUI's process; on workers and Ray lanes,
-    each lane's measured speed, and with tile_size auto its own memory (rows it can hold, one band)."""
-    if not device_lists.uses_workers(named):
-        return 1
-    if device_lists.uses_ray(named):
-        names, speeds = ray_pool.lane_speeds(named)
-    else:
-        names, speeds = [d.name for d in named], workers.speeds(named)
-    row_px = shape[-1] * spec.scales[-1].factor * spec.scales[-2].factor  # output pixels of one latent row
-    if not auto:
-        band_rows = max(1, tile_size * tile_size // row_px)
-        return [exact_shares.LaneShare(n, v, None, band_rows) for n, v in zip(names, speeds)]
-    cost = vae_info.decode_cost(vae, spec)
-    frees = dict(device_frees(vae, named))
-    out = []
-    for name, v in zip(names, speeds):
-        rows = max(1, int(min(sizing.max_pixels(cost, frees[name]) // row_px, 1 << 30)))
-        out.append(exact_shares.LaneShare(name, v, rows, rows))
-    return out
-
-
-def first_part(samples):
-    """A nested (audio+video) latent's first part where core's VAE Decode (Tiled) decodes that
-    (ComfyUI 0.32+); older ComfyUI fails on them, and so does check_latent, with a clear message."""
-    if getattr(samples, "is_nested", False) and compat.NESTED_FIRST_PART:
-        return samples.unbind()[0]
-    return samples
-
-
-def to_frames(region):
-    """A finished region ``[1, C, F, H, W]`` or ``[1, C, H, W]`` as IMAGE frames ``[n, H, W, C]`` (a view)."""
-    return region[0].movedim(0, -1) if region.dim() == 5 else region.movedim(1, -1)
-
-
-@dataclass
-class DecodeJob:
-    """Everything a decode needs, checked: shared by the decode node and the stream node."""
-
-    vae: object
-    spec: object
-    latent: object
-    plan: object
-    devices: list
-    node_id: object
-    sized: str = ""  # why tile_size 0 became the size used; how exact rows were shared by device
-
-    @classmethod
-    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
-                mode="auto"):
-        mode = check_mode(mode)
-        spec = vae_info.describe(vae)
-        if not isinstance(samples, dict) or "samples" not in samples:
-            raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
-        latent = check_latent(first_part(samples["samples"]), spec)
-        named = device_lists.parse(devices)
-        sized, auto = "", tile_size == TILE_AUTO
-        if auto:
-            choice = auto_tile(vae, spec, named)
-            tile_size, sized = choice.tile_size, choice.why
-            overlap = min(overlap, tile_size // 4)  # what VAE Decode (Tiled) makes of a larger one
-        settings = spec.settings(tile_size, overlap, temporal_size, temporal_overlap)
-        refusal = exact_refusal(spec, vae) if mode != "tiled" else None
-        if mode == "exact" and refusal is not None:
-            raise InputError("mode", f"exact is not available for {spec.label}: {refusal}. Exact mode supports "
-                                     f"{'; '.join(exact.SUPPORTED)}. Use mode=tiled (or auto, which picks tiled "
-                                     f"for this VAE).")
-        shape = tuple(latent.shape)
-        if mode != "tiled" and refusal is None:
-            plan = exact.plan(spec.family, vae.first_stage_model, shape, spec.scales, spec.out_channels,
-                              tile_size, exact_lanes(vae, spec, named, shape, tile_size, auto))
-            if plan.lanes and auto:
-                sized = f"auto: rows by device speed and memory: {exact_shares.describe(plan)}"
-            elif plan.lanes:
-                sized = f"rows by device speed: {exact_shares.describe(plan)}"
-        else:
-            plan = spec.plan(shape, settings)
-        return cls(vae, spec, latent, plan, named, node_id, sized)
-
-    def start(self, poll: Callable[[], None]):
-        """The lane to decode on (workers wait with ``poll``) and the node's progress reporter."""
-        if device_lists.uses_ray(self.devices):
-            pool = ray_pool.get_pool(self.devices)
-            lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
-            note = f"{len(pool.specs)} Ray lane{'s' if len(pool.specs) > 1 else ''}"
-        elif device_lists.uses_workers(self.devices):
-            pool = workers.get_pool(self.devices)
-            lane = engine.PoolLane(pool, workers.model_source(self.vae, self.spec, self.devices), poll=poll)
-            note = f"{len(self.devices)} worker process{'es' if len(self.devices) > 1 else ''}"
-        else:
-            lane = lanes.local_lane(self.vae, self.spec, lanes.choose(self.devices, self.vae), self.plan, poll)
-            note = "in-process"
-        what = f"{len(self.plan.tiles)} bands" if self.plan.exact else f"{len(self.plan.tiles)} tiles"
-        note = f"{self.plan.mode}, {what}, {note}" + (f"; {self.sized}" if self.sized else "")
-        log.info("parallel_vae: %s, latent %s -> %s mode, %s x %d steps on %s", self.spec.label,
-                 list(self.latent.shape), self.plan.mode, what, self.plan.steps, ", ".join(lane.names))
-        return lane, NodeProgress(self.plan, self.node_id, lane.names, note, self.sized)
-
-    def finisher(self, progress: NodeProgress) -> Callable:
-        """The blender's hook for each finished segment: ComfyUI's post-processing of the pixels (to
-        0..1, in place), then the frames to the progress reporter (their preview)."""
-        def finish(segment, region) -> None:
-            result = self.vae.process_output(region)
-            if result is not region:
-                region.copy_(result)
-            progress.frames(to_frames(region))
-
-        return finish

@@ -79,7 +79,7 @@ class LiveView:
         """After the caller counted ``unit`` for its lane: remember its tile, send progress if due."""
         index = unit.tile.index % self.per_tile
         self.steps[index] = self.steps.get(index, 0) + 1
-        self.changed[index] = (unit.lane, self.steps[index])
+        self.changed[index] = (unit.by, self.steps[index])
         if self.enabled and time.monotonic() - self._last_event >= EVENT_INTERVAL_S:
             self._progress()
 

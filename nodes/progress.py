@@ -48,9 +48,9 @@ class NodeProgress:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def unit(self, unit) -> None:
-        """After each decoded unit (an engine.Decoded): count it for its lane."""
+        """After each decoded unit (a units.Decoded): count it for the lane that decoded it."""
         self.poll()
-        self.done[unit.lane] += 1
+        self.done[unit.by] += 1
         preview, self._preview = self._preview, None
         self.bar.update_absolute(self.bar.current + 1, None, preview)
         self.live.unit(unit)

@@ -19,7 +19,7 @@ import logging
 
 from aiohttp import web
 
-from . import workers
+from . import backends
 
 log = logging.getLogger("parallel_vae")
 
@@ -35,18 +35,18 @@ async def watch_free(request: web.Request, handler):
         except Exception:
             body = {}
         if isinstance(body, dict) and (body.get("unload_models") or body.get("free_memory")):
-            workers.release_soon("ComfyUI's free")
+            backends.release_soon("ComfyUI's free")
     return response
 
 
 async def workers_report(request: web.Request) -> web.Response:
-    return web.json_response(workers.report())
+    return web.json_response(backends.report())
 
 
 async def workers_stop(request: web.Request) -> web.Response:
     import asyncio
 
-    stopped = await asyncio.get_running_loop().run_in_executor(None, workers.release, "the stop route")
+    stopped = await asyncio.get_running_loop().run_in_executor(None, backends.release, "the stop route")
     return web.json_response({"stopped": stopped})
 
 

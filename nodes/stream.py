@@ -16,19 +16,25 @@ import torch
 from ..parallel_vae import engine
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.stream import FrameStream
-from ._api import io
-from . import lanes
-from .decode import DecodeJob, ParallelVAEDecode, decode_inputs, to_frames
+from ._api import io, latent_node
+from .decode import ParallelVAEDecode, decode_inputs
+from .job import DecodeJob, to_frames
 from .progress import NodeProgress
 
 STREAM = io.Custom("PARALLEL_VAE_STREAM")
 FRAMES_PER_BATCH_MAX = 4096
 IN_FLIGHT = 2  # finished batches waiting for the consumer before the decode pauses
+STREAM_DESCRIPTION = ("Parallel Tiled VAE Decode that hands frames on in batches while it decodes, to Save Video "
+                      "(Stream) or Stream to Images: a long video never sits in memory whole. The decode runs when "
+                      "the next node pulls the frames; each node that pulls them decodes again.")
+TO_IMAGES_DESCRIPTION = ("Collects a Parallel Tiled VAE Decode (Stream) into one IMAGE batch for any other node (the "
+                         "whole video in memory, as VAE Decode would give it).")
 
 
 @dataclass
 class DecodeStream:
-    """The output of ParallelVAEDecodeStream: what to decode, not the decoded frames."""
+    """The output of ParallelVAEDecodeStream: what to decode (checked), not the decoded frames.
+    Nothing runs until a consumer opens it: no backend is reached, no worker started."""
 
     job: DecodeJob
     frames_per_batch: int
@@ -36,7 +42,7 @@ class DecodeStream:
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the frames."""
-        return self.job.plan.out_shape[-1], self.job.plan.out_shape[-2]
+        return self.job.out_shape[-1], self.job.out_shape[-2]
 
     def open(self) -> FrameStream:
         """Start decoding; iterate the result (in the node's thread) to get FrameBatch-es in order."""
@@ -47,26 +53,23 @@ class DecodeStream:
             stream.check()
             NodeProgress.poll()
 
-        lane, progress = job.start(poll)  # in the node's thread: an in-process lane loads the model here
+        run = job.start(poll, order="frame")  # in the node's thread: an in-process lane loads the model here
 
         def source(check):
-            report = engine.Report(list(lane.names))
-
             def on_unit(unit):
                 check()
-                progress.unit(unit)
+                run.progress.unit(unit)
 
-            segments = engine.segments(job.plan, job.latent, lane, report, finish=job.finisher(progress),
-                                       on_unit=on_unit, order="frame")
+            segments = engine.segments(run.plan, job.latent, run.units, engine.Report(),
+                                       finish=job.finisher(run.progress), on_unit=on_unit)
             for segment, region in segments:
                 frames = to_frames(region).contiguous()
                 del region
-                yield engine.frame_range(job.plan, segment)[0], frames
-            lanes.last_report = report
-            progress.finish()
+                yield engine.frame_range(run.plan, segment)[0], frames
+            run.progress.finish()
 
         context = contextvars.copy_context()  # the node's ids, so progress and previews land on it
-        stream = FrameStream(source, job.plan.frames, self.frames_per_batch, in_flight=IN_FLIGHT,
+        stream = FrameStream(source, run.plan.frames, self.frames_per_batch, in_flight=IN_FLIGHT,
                              poll=NodeProgress.poll, run_in=context.run)
         return stream
 
@@ -74,25 +77,17 @@ class DecodeStream:
 class ParallelVAEDecodeStream(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ParallelVAEDecodeStream",
-            display_name="Parallel Tiled VAE Decode (Stream)",
-            category="latent",
-            description="Parallel Tiled VAE Decode that hands frames on in batches while it decodes, to Save "
-                        "Video (Stream) or Stream to Images: a long video never sits in memory whole. The decode "
-                        "runs when the next node pulls the frames; each node that pulls them decodes again.",
-            # mode stays last (optional): frames_per_batch goes before it
-            inputs=decode_inputs()[:-1] + [
-                io.Int.Input("frames_per_batch", default=8, min=1, max=FRAMES_PER_BATCH_MAX,
-                             tooltip="Frames handed on together. Memory holds about three batches (plus the "
-                                     "tiles being decoded), whatever the length of the video."),
-                decode_inputs()[-1],
-            ],
-            outputs=[STREAM.Output(display_name="FRAMES",
-                                   tooltip="The decoded frames as a stream, for Save Video (Stream) or Stream "
-                                           "to Images.")],
-            hidden=[io.Hidden.unique_id],
-        )
+        # mode stays last (optional): frames_per_batch goes before it
+        inputs = decode_inputs()[:-1] + [
+            io.Int.Input("frames_per_batch", default=8, min=1, max=FRAMES_PER_BATCH_MAX,
+                         tooltip="Frames handed on together. Memory holds about three batches (plus the tiles being "
+                                 "decoded), whatever the length of the video."),
+            decode_inputs()[-1],
+        ]
+        outputs = [STREAM.Output(display_name="FRAMES", tooltip="The decoded frames as a stream, for Save Video "
+                                                                "(Stream) or Stream to Images.")]
+        return latent_node("ParallelVAEDecodeStream", "Parallel Tiled VAE Decode (Stream)", STREAM_DESCRIPTION, inputs,
+                           outputs, hidden=[io.Hidden.unique_id])
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
@@ -121,15 +116,9 @@ def check_stream(frames) -> DecodeStream:
 class ParallelVAEStreamToImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ParallelVAEStreamToImages",
-            display_name="Stream to Images",
-            category="latent",
-            description="Collects a Parallel Tiled VAE Decode (Stream) into one IMAGE batch for any other node "
-                        "(the whole video in memory, as VAE Decode would give it).",
-            inputs=[STREAM.Input("frames", tooltip="The stream to collect.")],
-            outputs=[io.Image.Output(tooltip="Every frame, in order.")],
-        )
+        return latent_node("ParallelVAEStreamToImages", "Stream to Images", TO_IMAGES_DESCRIPTION,
+                           [STREAM.Input("frames", tooltip="The stream to collect.")],
+                           [io.Image.Output(tooltip="Every frame, in order.")])
 
     @classmethod
     def execute(cls, frames) -> io.NodeOutput:

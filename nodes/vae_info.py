@@ -1,25 +1,12 @@
 """Read what the engine needs from a ComfyUI ``comfy.sd.VAE`` into a plain VaeSpec."""
 from __future__ import annotations
 
+from ..parallel_vae import families
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.plan import AxisScale
 from ..parallel_vae.sizing import Cost
-from ..parallel_vae.spec import CAUSAL_FAMILIES, GENERIC_FAMILIES, VaeSpec
+from ..parallel_vae.spec import VaeSpec
 from . import compat
-
-
-def _causal_family(model) -> str | None:
-    from comfy.ldm.wan import vae as wan21
-    from comfy.ldm.wan import vae2_2 as wan22
-    from comfy.taesd.taehv import TAEHV
-
-    if isinstance(model, wan22.WanVAE):
-        return "wan22"
-    if isinstance(model, wan21.WanVAE):
-        return "wan21"
-    if isinstance(model, TAEHV):
-        return "taehv"
-    return None
 
 
 def describe(vae) -> VaeSpec:
@@ -44,15 +31,15 @@ def describe(vae) -> VaeSpec:
         ratio = vae.upscale_ratio
         if isinstance(ratio, (tuple, list)) or int(ratio) != ratio or ratio < 1:
             raise InputError("vae", f"{name} has an upscale ratio {ratio!r} this node cannot tile")
-        return VaeSpec("image", f"{GENERIC_FAMILIES['image']} ({name})", vae.latent_channels,
-                       (AxisScale(int(ratio)),) * 2, vae.output_channels)
+        family = families.detect(model, 2)
+        return VaeSpec(family.key, f"{family.label} ({name})", vae.latent_channels, (AxisScale(int(ratio)),) * 2,
+                       vae.output_channels)
     if vae.latent_dim != 3:
         raise InputError("vae", f"{name} has {vae.latent_dim}-D latents; only image (2-D) and video (3-D) "
                                 f"VAEs are supported")
     scales = _video_scales(vae, name)
-    family = _causal_family(model) or "video"
-    label = CAUSAL_FAMILIES.get(family) or GENERIC_FAMILIES[family]
-    return VaeSpec(family, f"{label} ({name})", vae.latent_channels, scales, vae.output_channels)
+    family = families.detect(model, 3)
+    return VaeSpec(family.key, f"{family.label} ({name})", vae.latent_channels, scales, vae.output_channels)
 
 
 def _video_scales(vae, name: str) -> tuple[AxisScale, ...]:
@@ -68,7 +55,6 @@ def _video_scales(vae, name: str) -> tuple[AxisScale, ...]:
         raise InputError("vae", f"{name} maps latent frames to pixels in a way this node cannot tile "
                                 f"(upscale_ratio={up!r}, index formula={index!r})")
     return time_scale, AxisScale(int(up[1])), AxisScale(int(up[2]))
-
 
 
 def decode_cost(vae, spec: VaeSpec) -> Cost:

@@ -1,4 +1,4 @@
-"""Parse the node's ``devices`` string into the lanes that decode.
+"""Parse the node's ``devices`` string into the devices that decode (each the lane of one backend).
 
 Accepted (case-insensitive, comma-separated where it makes sense):
   auto          every visible CUDA device; the CPU when there is none
@@ -13,12 +13,13 @@ A Ray item stands alone; the cluster is reached when the node runs (nodes/ray_po
 
 One device named as ``cpu`` or a single CUDA device decodes in ComfyUI's own process (no copy of
 the VAE, ComfyUI's memory management); ``cpu:N`` (even ``cpu:1``) and two or more devices decode
-on persistent worker processes, one per device (``uses_workers``).
+on persistent worker processes, one per device (``uses_workers``). nodes/backends.py makes the
+choice, once per prompt.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .errors import InputError
@@ -30,9 +31,9 @@ RAY_CPU_MAX = 64  # CPU lanes per node
 @dataclass(frozen=True)
 class Device:
     kind: str  # "cpu" | "cuda" | "ray" (the lanes of a Ray cluster, found when the node runs)
-    index: int  # CUDA ordinal, the CPU lane number, or a Ray value's CPU lanes per node (0: GPUs)
-    lanes: int = 1  # CPU lanes sharing the cores (the same for every lane of one cpu:N)
-    pooled: bool = field(default=False, compare=False)  # named as cpu:N: worker processes, even N=1
+    index: int  # CUDA ordinal, the CPU worker's number, or a Ray value's CPU lanes per node (0: GPUs)
+    cpu_share: int = 1  # CPU workers sharing the cores (the same for every device of one cpu:N)
+    pooled: bool = False  # named as cpu:N: worker processes, even N=1 (so cpu:1 is not cpu)
 
     @property
     def torch_device(self) -> str:
@@ -40,12 +41,12 @@ class Device:
 
     @property
     def name(self) -> str:
-        """How progress text names the lane: cuda:1, cpu, or cpu[0] of cpu:2."""
+        """The lane's name in progress text: cuda:1, cpu, or cpu[0] of cpu:2."""
         if self.kind == "cuda":
             return f"cuda:{self.index}"
         if self.kind == "ray":
             return f"ray:cpu:{self.index}" if self.index else "ray"
-        return "cpu" if self.lanes == 1 else f"cpu[{self.index}]"
+        return "cpu" if self.cpu_share == 1 else f"cpu[{self.index}]"
 
 
 def cuda_count() -> int:
@@ -90,8 +91,8 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
             n = _number(item[4:], item, spec)
             limit = cpu_lane_limit(cpu_cores)
             if not 1 <= n <= limit:
-                raise InputError("devices", f"{item!r} asks for {n} CPU lanes; this machine has {cpu_cores} "
-                                            f"cores, so use cpu:1..cpu:{limit} (lanes beyond the cores "
+                raise InputError("devices", f"{item!r} asks for {n} CPU workers; this machine has {cpu_cores} "
+                                            f"cores, so use cpu:1..cpu:{limit} (workers beyond the cores "
                                             f"share them)")
             out += [Device("cpu", i, n, pooled=True) for i in range(n)]
         elif item == "cuda":
@@ -135,7 +136,7 @@ def uses_ray(devices: list[Device]) -> bool:
 
 
 def cpu_lane_limit(cpu_cores: int) -> int:
-    """More lanes than cores only share the cores (one torch thread each); twice is plenty."""
+    """More CPU workers than cores only share the cores (one torch thread each); twice is plenty."""
     return max(4, 2 * cpu_cores)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import time
 from typing import Callable, Iterator, Optional
 
@@ -18,11 +19,11 @@ import torch
 
 from . import protocol as msgs
 from . import shm
-from .engine import Decoded
 from .errors import DecodeError
 from .plan import CAUSAL, Plan
-from .processes import Death, Handle, ModelSource, Workers, WorkerState
-from .schedule import Group, TileQueue, largest_first, lane_groups
+from .schedule import Group, TileQueue, frame_groups, largest_first
+from .units import Decoded, Work
+from .workers import Death, Handle, ModelSource, Workers, WorkerState
 
 log = logging.getLogger("parallel_vae")
 
@@ -34,11 +35,9 @@ LOOKAHEAD_STEPS = 2  # frame order: how many frames a worker may run ahead of th
 _job_ids = itertools.count(1)
 
 
-def wire_plan(plan: Plan) -> dict:
-    """What a worker needs of a plan, as builtins: the pack's classes live under a path-shaped
-    module name inside ComfyUI, which a worker cannot unpickle."""
-    return {"causal": plan.kind == CAUSAL, "step_frames": tuple(plan.step_frames), "exact": plan.exact,
-            "tiles": [(t.batch, tuple(t.lat_start), tuple(t.lat_size)) for t in plan.tiles]}
+def next_job_id() -> int:
+    """A job id never used before in this process (workers drop what they know of older ones)."""
+    return next(_job_ids)
 
 
 class Job:
@@ -50,12 +49,12 @@ class Job:
     """
 
     def __init__(self, workers: Workers, latent: torch.Tensor, source: ModelSource,
-                 poll: Callable[[], None], plan_wire: dict):
-        self.workers, self.source, self.poll, self.plan_wire = workers, source, poll, plan_wire
-        self.id = next(_job_ids)
+                 poll: Callable[[], None], work: Work):
+        self.workers, self.source, self.poll, self.work = workers, source, poll, work
+        self.id = next_job_id()
         self.latent = latent.detach().to("cpu").contiguous()
         self.block = None
-        self.latent_ref: Optional[tuple] = None  # JobData.latent: (block name, nbytes, dtype, shape)
+        self.introduced: set[Handle] = set()  # worker lives sent this job's JobData (under this id)
         self.restarts = 0
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -92,14 +91,15 @@ class Job:
 
     # -- helpers for the hooks ---------------------------------------------------------------------
     def ready(self, h: Handle) -> bool:
-        """Up and holding this job's model."""
-        return h.state is WorkerState.UP and self.source.fingerprint in h.models
+        """Up and holding this job's model (as it said)."""
+        return h.holds(self.source.fingerprint)
 
     def introduce(self, h: Handle) -> None:
-        """Send this job's plan and latent to ``h`` before its first task."""
-        if h.job_id != self.id:
-            h.send(msgs.JobData(self.id, self.source.fingerprint, self.plan_wire, self.latent_ref))
-            h.job_id = self.id
+        """Send this job's work and latent to ``h`` before its first task."""
+        if h not in self.introduced:
+            h.send(msgs.JobData(self.id, self.source.fingerprint, self.work.wire(), self.block.name, self.block.size,
+                                self.latent.dtype, tuple(self.latent.shape)))
+            self.introduced.add(h)
 
     def threads_for(self, h: Handle, units: int) -> int:
         """Torch threads for a CPU task of a job that has fewer units than live CPU workers: the
@@ -117,14 +117,12 @@ class Job:
             self.restarts += 1
             self.workers.stats.restarts += 1
             log.warning("parallel_vae: restarting the worker for %s", h.name)
-            self.workers.spawn(h)
+            self.workers.spawn(h.index)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> Iterator[Decoded]:
         workers = self.workers
-        self.block, manifest = shm.pack({"z": self.latent}, "z")
-        _, dtype, shape, _ = manifest[0]
-        self.latent_ref = (self.block.name, self.block.size, dtype, shape)
+        self.block, _ = shm.pack({"z": self.latent}, "z")
         finished = False
         try:
             workers.ensure_started()
@@ -157,21 +155,15 @@ class Job:
             workers.weights_done(self.source.fingerprint)
 
 
-def _slot_bytes(plan: Plan) -> int:
+def slot_bytes(plan: Plan) -> int:
+    """Bytes of the largest unit's float32 pixels: one result slot."""
     channels = plan.out_shape[1]
     if plan.kind == CAUSAL:
         frames = max(f1 - f0 for f0, f1 in plan.step_frames)
-        per = max(_prod(t.out_size[1:]) for t in plan.tiles) * frames
+        per = max(math.prod(t.out_size[1:]) for t in plan.tiles) * frames
     else:
-        per = max(_prod(t.out_size) for t in plan.tiles)
+        per = max(math.prod(t.out_size) for t in plan.tiles)
     return 4 * channels * per
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
 
 
 def _oom_error(group: Group, where: str) -> DecodeError:
@@ -185,13 +177,12 @@ class TileJob(Job):
 
     def __init__(self, workers: Workers, plan: Plan, latent: torch.Tensor, source: ModelSource, poll,
                  order: str = "tile"):
-        super().__init__(workers, latent, source, poll, wire_plan(plan))
+        super().__init__(workers, latent, source, poll, Work.of(plan))
         self.plan = plan
         # Frame order for causal video: one group of tiles per worker, decoded frame by frame there;
         # a worker that runs ahead of the others is held back (its slots are freed later).
         self.throttle = order == "frame" and plan.kind == CAUSAL
-        groups = (lane_groups(plan, len(workers.handles)) if self.throttle
-                  else [Group((t,)) for t in largest_first(plan)])
+        groups = frame_groups(plan, len(workers.handles)) if self.throttle else largest_first(plan)
         self.groups = {g.index: g for g in groups}
         self.queue = TileQueue(groups)
         self.steps_done: collections.Counter = collections.Counter()  # tile -> steps delivered
@@ -199,7 +190,7 @@ class TileJob(Job):
         self.delivered: set[tuple[int, int]] = set()
         self.done_tiles: set[int] = set()
         self.oom: collections.Counter = collections.Counter()
-        self.slot_bytes = _slot_bytes(plan)
+        self.slot_bytes = slot_bytes(plan)
 
     def finished(self) -> bool:
         return len(self.done_tiles) >= len(self.plan.tiles)
@@ -209,7 +200,7 @@ class TileJob(Job):
             if not self.ready(h) or len(h.tasks) >= PREFETCH:
                 continue
             if h.tasks and (h.tasks[0][0] != self.id or self.plan.kind == CAUSAL):
-                continue  # prefetch only behind a tile of this job, never behind a causal lane
+                continue  # prefetch only behind a tile of this job, never behind a causal group
             if not self.workers.ensure_arena(h, self.slot_bytes, SLOTS):
                 continue
             group = self.queue.take(h.name)
@@ -292,7 +283,7 @@ class TileJob(Job):
             raise _oom_error(group, f"{h.name}: {text}")
 
     def on_lost(self, h: Handle) -> None:
-        """Requeue its tiles of this job (a causal lane restarts from its first frame)."""
+        """Requeue its tiles of this job (a causal group restarts from its first frame)."""
         mine = [key for job_id, key in h.tasks if job_id == self.id]
         h.tasks = []
         self.held = [(o, slot) for o, slot in self.held if o is not h]

@@ -1,9 +1,9 @@
 """Exact mode for GroupNorm VAEs on the workers: each batch item's bands decoded in lock-step.
 
 One item at a time, its bands are cut into one contiguous group per live worker (as the plan
-shared rows out by device speed and memory, exact/shares.py; evenly once a device is lost). Each
-worker reports its busy time (less its waits on the others), which sets its speed for the next
-plans. At every
+shared rows out by lane speed and memory, exact/shares.py; evenly once a worker is lost). Each
+worker reports its busy time (less its waits on the others), which sets its lane's speed for the
+next plans (``Speeds``). At every
 GroupNorm each worker sends the row moments of its bands (GroupStats); once every group has
 reported, the parent combines them in row order (float64) and sends every worker the same
 statistics (SharedStats). Before every conv that reads across band edges each worker sends the
@@ -22,20 +22,21 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import protocol as msgs
 from . import shm
-from .engine import Decoded
 from .errors import DecodeError
 from .exact import stats
-from .exact.lockstep import neighbours
 from .exact.geometry import bands_of, split_rows
-from .jobs import SLOTS, Job, _job_ids, _slot_bytes, wire_plan
+from .exact.lockstep import neighbours
+from .jobs import SLOTS, Job, next_job_id, slot_bytes
 from .plan import Plan
-from .processes import Death, Handle, ModelSource, Workers, WorkerState
+from .units import Decoded, Work
+from .workers import Death, Handle, ModelSource, Workers, WorkerState
 
 log = logging.getLogger("parallel_vae")
 
@@ -43,16 +44,48 @@ LOCKSTEP_TIMEOUT_S = float(os.environ.get("PARALLEL_VAE_LOCKSTEP_TIMEOUT", "600"
 MAX_ATTEMPTS = 6  # per item: lost workers and out-of-memory retries together
 
 
+class Speeds:
+    """Each lane's measured speed in exact bands: latent positions per busy second (less waits
+    on lock-step partners), averaged over the jobs so far."""
+
+    def __init__(self):
+        self.rates: dict[str, float] = {}
+
+    def rated(self, name: str, positions: int, busy_s: float) -> None:
+        if busy_s > 0 and positions > 0:
+            rate = positions / busy_s
+            old = self.rates.get(name)
+            self.rates[name] = rate if old is None else 0.5 * (old + rate)
+
+    def relative(self, names: Sequence[str]) -> dict[str, float]:
+        """Speeds of ``names`` relative to their mean (1.0 each until measured; one not measured
+        counts as the mean of those that were)."""
+        known = [self.rates[n] for n in names if n in self.rates]
+        if not known:
+            return dict.fromkeys(names, 1.0)
+        mean = sum(known) / len(known)
+        return {n: self.rates.get(n, mean) / mean for n in names}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One worker's group of an attempt: the bands it decodes (contiguous, top to bottom)."""
+
+    worker: Handle
+    bands: tuple[int, ...]
+
+
 class LockstepJob(Job):
     def __init__(self, workers: Workers, plan: Plan, latent: torch.Tensor, source: ModelSource,
-                 poll: Callable[[], None]):
-        super().__init__(workers, latent, source, poll, wire_plan(plan))
+                 poll: Callable[[], None], speeds: Speeds):
+        super().__init__(workers, latent, source, poll, Work.of(plan))
         self.plan = plan
-        self.slot_bytes = _slot_bytes(plan)
+        self.speeds = speeds
+        self.slot_bytes = slot_bytes(plan)
         self.item = 0
         self.split = 1
         self.attempts = 0
-        self.groups: dict[int, tuple[Handle, tuple[int, ...]]] = {}  # key -> (worker, band indices)
+        self.groups: dict[int, Part] = {}  # by key (its first band)
         self.pending: set[int] = set()  # groups of the running attempt not done yet
         self.reported: dict[int, dict[int, msgs.Record]] = {}  # sync point k -> key -> GroupStats/GroupRows
         self.delivered: set[int] = set()
@@ -74,13 +107,13 @@ class LockstepJob(Job):
         live = [h for h in live if self.workers.ensure_arena(h, self.slot_bytes, SLOTS)]
         bands = bands_of(self.plan, self.item)
         grouping = self.grouping(live, len(bands))
-        self.plan_wire = {**self.plan_wire, "split": self.split}
+        self.work = self.work.split_in(self.split)
         self.reported = {}
         self.last_heard = time.monotonic()
         for h, (p, q) in grouping:
-            indices = tuple(index for index, _, _ in bands[p:q])
+            indices = tuple(band.index for band in bands[p:q])
             key = indices[0]
-            self.groups[key] = (h, indices)
+            self.groups[key] = Part(h, indices)
             self.pending.add(key)
             self.introduce(h)
             h.tasks.append((self.id, key))
@@ -88,11 +121,11 @@ class LockstepJob(Job):
 
     def grouping(self, live: list[Handle], bands: int) -> list[tuple[Handle, tuple[int, int]]]:
         """(worker, bands [p, q) of the item) for each group: as the plan shared the rows out by
-        device, while every device it names is live; else even over the live workers."""
+        lane, while every lane it names is live; else even over the live workers."""
         by_name = {h.name: h for h in live}
-        if self.plan.lanes and all(name in by_name for name, _ in self.plan.lanes):
+        if self.plan.shares and all(name in by_name for name, _ in self.plan.shares):
             out, p = [], 0
-            for name, count in self.plan.lanes:
+            for name, count in self.plan.shares:
                 out.append((by_name[name], (p, p + count)))
                 p += count
             return out
@@ -106,14 +139,15 @@ class LockstepJob(Job):
         if self.attempts > MAX_ATTEMPTS:
             raise DecodeError(f"exact mode gave up on batch item {self.item} after {MAX_ATTEMPTS} attempts "
                               f"(last: {why}); use mode=tiled")
-        for h, _ in self.groups.values():
-            if h.state is WorkerState.UP:
-                h.send(msgs.Cancel(self.id))
+        for part in self.groups.values():
+            if part.worker.state is WorkerState.UP:
+                part.worker.send(msgs.Cancel(self.id))
         self.groups, self.pending, self.reported = {}, set(), {}
-        self.id = next(_job_ids)  # a fresh id: records of the cancelled attempt are strays now
+        self.id = next_job_id()  # a fresh id: records of the cancelled attempt are strays now
+        self.introduced = set()
 
     def item_done(self) -> None:
-        missing = [i for i, _, _ in bands_of(self.plan, self.item) if i not in self.delivered]
+        missing = [band.index for band in bands_of(self.plan, self.item) if band.index not in self.delivered]
         if missing:
             raise DecodeError(f"exact mode: bands {missing} of item {self.item} never arrived")
         self.item += 1
@@ -140,7 +174,7 @@ class LockstepJob(Job):
         if isinstance(record, msgs.Done):
             h.task_over(record.job_id, record.key)
             if current:
-                self.workers.rated(h.name, self._positions(record.key), record.busy_s)
+                self.speeds.rated(h.name, self._positions(record.key), record.busy_s)
                 self.pending.discard(record.key)
                 if not self.pending:
                     self.item_done()
@@ -150,20 +184,20 @@ class LockstepJob(Job):
             if not current or record.why is msgs.Failure.CANCELLED:
                 return None
             if record.why is msgs.Failure.OOM:
-                rows = min(e - a for _, a, e in bands_of(self.plan, self.item))
+                rows = min(band.rows for band in bands_of(self.plan, self.item))
                 if self.split >= rows:
                     raise DecodeError(f"exact mode ran out of memory on {h.name} even with bands of one latent "
                                       f"row: {record.message}; use mode=tiled with a smaller tile_size")
                 self.split *= 2
                 self.abort(f"{h.name} ran out of memory; bands split {self.split} ways")
                 return None
-            raise DecodeError(f"{h.name} failed on exact bands {self.groups[record.key][1]}: {record.message}")
+            raise DecodeError(f"{h.name} failed on exact bands {self.groups[record.key].bands}: {record.message}")
         self.workers.on_stray(h, record)
         return None
 
     def _positions(self, key: int) -> int:
         """Latent positions (rows x width) of one group's bands."""
-        tiles = [self.plan.tiles[i] for i in self.groups[key][1]]
+        tiles = [self.plan.tiles[i] for i in self.groups[key].bands]
         return sum(math.prod(t.lat_size[-2:]) for t in tiles)
 
     def _share(self, k: int) -> None:
@@ -179,16 +213,16 @@ class LockstepJob(Job):
         if isinstance(ordered[0], msgs.GroupRows):
             beyond = neighbours([r.top for r in ordered], [r.bottom for r in ordered])
             for key, (above, below) in zip(keys, beyond):
-                self.groups[key][0].send(msgs.SharedRows(self.id, k, above, below))
+                self.groups[key].worker.send(msgs.SharedRows(self.id, k, above, below))
             return
         parts = [stats.Moments.from_wire(m) for r in ordered for m in r.moments]
         mean, rstd = stats.combine(parts, ordered[0].eps)
         shared = msgs.SharedStats(self.id, k, mean.numpy().tobytes(), rstd.numpy().tobytes(), tuple(mean.shape))
         for key in keys:
-            self.groups[key][0].send(shared)
+            self.groups[key].worker.send(shared)
 
     def on_lost(self, h: Handle) -> None:
-        in_attempt = any(o is h for o, _ in self.groups.values())
+        in_attempt = any(part.worker is h for part in self.groups.values())
         h.tasks = []
         if in_attempt:
             self.abort(f"{h.name} {h.cause}")
@@ -198,7 +232,7 @@ class LockstepJob(Job):
         super().after_round()
         if self.groups and time.monotonic() - self.last_heard > LOCKSTEP_TIMEOUT_S:
             waiting = max(self.reported, default=None)
-            quiet = [h for key, (h, _) in self.groups.items()
+            quiet = [part.worker for key, part in self.groups.items()
                      if key in self.pending and (waiting is None or key not in self.reported[waiting])]
             for h in quiet:
                 log.warning("parallel_vae: %s was silent for %.0f s in an exact decode; stopping it",

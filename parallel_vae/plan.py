@@ -9,6 +9,7 @@ Axes: a latent is ``[B, C, *axes]`` with axes ``(H, W)`` for images and ``(T, H,
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,10 +57,7 @@ class Tile:
 
     @property
     def volume(self) -> int:
-        v = 1
-        for n in self.lat_size:
-            v *= n
-        return v
+        return math.prod(self.lat_size)
 
 
 @dataclass(frozen=True)
@@ -85,9 +83,9 @@ class Plan:
     # "tiled" (VAEDecodeTiled's grid) or "exact" (row bands of the untiled decode, exact/geometry.py)
     mode: str = "tiled"
     halo: int = 0  # exact mode: latent rows each band reads beyond its own on either side
-    # exact mode on workers: (device name, bands of each item) top to bottom, where rows were
-    # shared out by device speed and memory (exact/shares.py); empty: any even grouping
-    lanes: tuple[tuple[str, int], ...] = ()
+    # exact mode on workers: (lane name, bands of each item) top to bottom, where rows were
+    # shared out by lane speed and memory (exact/shares.py); empty: any even grouping
+    shares: tuple[tuple[str, int], ...] = ()
 
     @property
     def exact(self) -> bool:

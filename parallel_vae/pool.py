@@ -1,15 +1,16 @@
-"""Persistent decode workers, one process per device: the pool's public face.
+"""Persistent decode workers, one per lane: the pool's public face.
 
 The pool lives in the parent (ComfyUI's process) and is driven by the thread that runs the node:
 ``warm`` starts the workers and loads a model in them, ``run`` decodes a plan on them and yields
 each unit as it arrives, ``shutdown`` stops them (so does garbage collection, and each worker also
 exits when its parent dies). One job runs at a time. The parts behind it:
 
-  processes.py   the worker processes and what each holds (start, health, models, slots, stop)
-  jobs.py        one job: what to hand out, result slots, back-pressure, retries, cancel
-  lockstep_job.py  exact mode's GroupNorm bands in lock-step across workers
-  protocol.py    the messages between parent and worker, as named records
-  worker.py      the worker process itself
+  workers.py       the parent's view of the workers: what each does and holds, deaths, models, slots
+  processes.py     workers as local processes (a Transport); ray_workers.py: as Ray actors
+  jobs.py          one job: what to hand out, result slots, back-pressure, retries, cancel
+  lockstep_job.py  exact mode's GroupNorm bands in lock-step across workers, and lane speeds
+  protocol.py      the messages between parent and worker, as named records
+  worker.py        the worker itself
 """
 from __future__ import annotations
 
@@ -22,15 +23,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .engine import Decoded
 from .errors import DecodeError
-from .jobs import LOOKAHEAD_STEPS, SLOTS, WAIT_S, TileJob, wire_plan
-from .lockstep_job import LockstepJob
+from .jobs import WAIT_S, TileJob
+from .lockstep_job import LockstepJob, Speeds
 from .plan import CAUSAL, Plan
-from .processes import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Workers, WorkerSpec, WorkerState
+from .units import Decoded
+from .workers import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Transport, Workers, WorkerSpec, WorkerState
 
-__all__ = ["WorkerPool", "WorkerSpec", "ModelSource", "PoolStats", "wire_plan",
-           "LOOKAHEAD_STEPS", "SLOTS", "WAIT_S", "START_TIMEOUT_S", "idle_limits"]
+__all__ = ["WorkerPool", "idle_limits"]
 
 log = logging.getLogger("parallel_vae")
 
@@ -58,12 +58,17 @@ def _tidy_loop(pool_ref, stop: threading.Event) -> None:
 
 
 class WorkerPool:
-    """Workers for ``specs``, started on first use and kept until ``shutdown``."""
+    """Workers for ``specs`` over ``transport``, started on first use and kept until ``shutdown``."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], python_path: Sequence[str] = (), imports: Sequence[str] = (),
-                 max_restarts: Optional[int] = None, kind: type = Workers):
-        # kind: Workers (local processes) or ray_workers.RayWorkers (actors on a Ray cluster)
-        self.workers = kind(specs, python_path, imports, max_restarts)
+    def __init__(self, specs: Sequence[WorkerSpec], transport: Transport, imports: Sequence[str] = (),
+                 max_restarts: Optional[int] = None):
+        self.workers = Workers(specs, transport, imports, max_restarts)
+        self.transport = transport
+        self.specs: list[WorkerSpec] = self.workers.specs
+        self.names = [s.name for s in self.specs]
+        self.handles: list[Handle] = self.workers.handles  # the current life of each worker (updated in place)
+        self.stats: PoolStats = self.workers.stats
+        self.speeds = Speeds()  # per lane, in exact bands (lockstep_job.py)
         self._lock = threading.Lock()  # one job (or warm-up) at a time
         self.idle_drop_s, self.idle_exit_s = idle_limits()
         self.last_used = time.monotonic()
@@ -72,37 +77,14 @@ class WorkerPool:
         threading.Thread(target=_tidy_loop, args=(weakref.ref(self), self._stop_tidy), daemon=True,
                          name="pvae-pool-tidy").start()
 
-    @property
-    def specs(self) -> list[WorkerSpec]:
-        return self.workers.specs
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.specs]
-
-    @property
-    def handles(self) -> list[Handle]:
-        return self.workers.handles
-
-    @property
-    def stats(self) -> PoolStats:
-        return self.workers.stats
-
     def pids(self) -> dict[str, int]:
         return self.workers.pids()
 
-    def speeds(self, names: Sequence[str]) -> list[float]:
-        """Relative speeds of the devices ``names`` in exact bands, as measured (1.0 before)."""
-        return self.workers.speeds(names)
-
-    def free_memory(self) -> dict[str, int]:
-        """{lane: free bytes} measured by the workers' own machines (Ray lanes); local workers
-        share ComfyUI's machine, which measures them itself (sizing.free_bytes): {}."""
-        measure = getattr(self.workers, "free_memory", None)
-        if measure is None:
-            return {}
+    def start(self) -> list[Handle]:
+        """Start every worker that is not running (not waiting for them); their handles."""
         with self._lock:
-            return measure()
+            self.workers.ensure_started()
+            return list(self.workers.handles)
 
     def warm(self, source: ModelSource, poll: Callable[[], None] = lambda: None) -> dict[str, int]:
         """Start every worker and load ``source`` in it; returns {name: pid} of ready workers."""
@@ -140,13 +122,13 @@ class WorkerPool:
         The caller blends each result before advancing the iterator (the pixels are a view of a
         slot that is freed then). ``poll`` runs at least every WAIT_S seconds; an exception from
         it (ComfyUI's interrupt) cancels the job in the workers and propagates. ``order="frame"``
-        decodes causal video frame by frame (schedule.lane_groups), for streams. Exact plans of
+        decodes causal video frame by frame (schedule.frame_groups), for streams. Exact plans of
         GroupNorm VAEs run in lock-step (lockstep_job.py); exact Wan bands need nothing from each
         other and are scheduled like causal tiles.
         """
         with self._lock:
             if plan.exact and plan.kind != CAUSAL:
-                job = LockstepJob(self.workers, plan, latent, source, poll)
+                job = LockstepJob(self.workers, plan, latent, source, poll, self.speeds)
             else:
                 job = TileJob(self.workers, plan, latent, source, poll, order)
             try:

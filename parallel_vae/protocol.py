@@ -1,27 +1,35 @@
-"""The messages between the pool (parent) and a worker process, as named records.
+"""The messages between the pool (parent) and a worker, as named records.
 
 Each record is a small frozen dataclass with a ``kind``; on the wire it travels as the plain
 tuple ``(kind, *fields)`` with enums as their string values: a worker cannot unpickle the
 pack's own classes, which live under a path-shaped module name inside ComfyUI. Both sides build
-messages with ``send(conn, record)`` and read them with ``recv(conn)``/``parse(tuple)``, so no code
-reads a field by its position. In order, per worker:
+messages with ``send(conn, record)`` and read them with ``recv(conn)``/``parse(tuple)``, and every
+other module reads a record's fields by name. In order, per worker:
 
   parent -> worker                                worker -> parent
   Init(config)                                    Up(pid) | InitFailed(message)
-  Load(fingerprint, recipe, block, nbytes,        Loaded(fingerprint, seconds)
-       manifest)                                  | LoadFailed(fingerprint, message, why)
+  Load(fingerprint, recipe, block, nbytes,        Loaded(fingerprint, seconds, models)
+       manifest)                                  | LoadFailed(fingerprint, message, why, models)
   Arena(name, nbytes, slot_bytes, slots)
-  JobData(job_id, fingerprint, plan, latent)      (no reply; plan is plain data, see jobs.wire_plan)
-  Task(job_id, key, tiles)                        Result(job_id, tile, step, slot, shape)...,
-                                                  then Done(job_id, key) | Failed(job_id, key, why, message)
+  JobData(job_id, fingerprint, work,              (no reply; work is units.Work in plain data)
+          latent_block, latent_nbytes,
+          latent_dtype, latent_shape)
+  Task(job_id, key, tiles, threads)               Result(job_id, tile, step, slot, shape)...,
+                                                  then Done(job_id, key, busy_s)
+                                                  | Failed(job_id, key, why, message)
   Free(slot)  Cancel(job_id)  Quit()
+  Drop()                                          Idle(held, models)
+
+The worker owns what it holds: ``models`` in Loaded, LoadFailed and Idle is the list of VAE
+fingerprints it keeps built after that step (it drops the least recent to make room), and the
+parent takes that list as it is.
 
 A task is a group of tiles (usually one). A causal group is decoded frame by frame across its
 tiles, each tile keeping its own causal cache, so a stream gets whole frames early. A Result's
 pixels sit in the worker's arena slot until the parent sends Free(slot).
 
 A job kind that needs messages of its own defines records here or in its own module with
-``@register`` (both the parent and the worker must import that module before they meet one).
+``@record`` (both the parent and the worker must import that module before they meet one).
 This module imports nothing of the pack, so worker.py and the parent share it as it is.
 """
 from __future__ import annotations
@@ -29,9 +37,7 @@ from __future__ import annotations
 import enum
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional
-
-MAX_CACHED_VAES = 2  # VAEs a worker keeps built (least recently used goes first); the parent mirrors it
+from typing import Any, Optional
 
 
 class ProtocolError(ValueError):
@@ -59,11 +65,16 @@ _ENUM_FIELDS: dict[type, dict[str, type[enum.Enum]]] = {}
 
 @dataclass(frozen=True)
 class Record:
-    kind: ClassVar[str] = ""
+    kind: typing.ClassVar[str] = ""
 
     def wire(self) -> tuple:
         """The plain tuple that crosses the connection."""
         return (self.kind, *(_plain(getattr(self, f.name)) for f in fields(self)))
+
+    def blocks(self) -> list[tuple[str, int]]:
+        """(name, bytes) of the parent's shared-memory blocks this record names, for the worker to
+        map (a transport without shared memory carries them along)."""
+        return []
 
 
 def _plain(value: Any) -> Any:
@@ -71,7 +82,7 @@ def _plain(value: Any) -> Any:
 
 
 def register(cls: type[Record]) -> type[Record]:
-    """Make ``cls`` known to ``parse`` by its ``kind`` (a class decorator)."""
+    """Make ``cls`` (a frozen dataclass with its ``kind``) known to ``parse``."""
     if not cls.kind:
         raise TypeError(f"{cls.__name__} needs a kind")
     known = _KINDS.get(cls.kind)
@@ -82,6 +93,15 @@ def register(cls: type[Record]) -> type[Record]:
     _ENUM_FIELDS[cls] = {f.name: hints[f.name] for f in fields(cls)
                          if isinstance(hints.get(f.name), type) and issubclass(hints[f.name], enum.Enum)}
     return cls
+
+
+def record(kind: str):
+    """Class decorator: ``@record("free") class Free(Record): slot: int`` makes a frozen dataclass
+    record of that kind, known to ``parse``."""
+    def make(cls):
+        cls.kind = kind
+        return register(dataclass(frozen=True)(cls))
+    return make
 
 
 def parse(msg: Any) -> Record:
@@ -104,8 +124,8 @@ def parse(msg: Any) -> Record:
     return cls(**values)
 
 
-def send(conn, record: Record) -> None:
-    conn.send(record.wire())
+def send(conn, message: Record) -> None:
+    conn.send(message.wire())
 
 
 def recv(conn) -> Record:
@@ -113,131 +133,112 @@ def recv(conn) -> Record:
 
 
 # -- parent -> worker -----------------------------------------------------------------------------
-@register
-@dataclass(frozen=True)
+@record("init")
 class Init(Record):
-    kind: ClassVar[str] = "init"
     config: dict  # name, device, threads, setup, imports
 
 
-@register
-@dataclass(frozen=True)
+@record("load")
 class Load(Record):
-    kind: ClassVar[str] = "load"
     fingerprint: str
-    recipe: dict  # see pool.ModelSource
+    recipe: dict  # see processes.ModelSource
     block: str  # shared-memory block holding the weights
     nbytes: int
     manifest: list  # shm.pack's (key, dtype, shape, offset)
 
+    def blocks(self) -> list[tuple[str, int]]:
+        return [(self.block, self.nbytes)]
 
-@register
-@dataclass(frozen=True)
+
+@record("arena")
 class Arena(Record):
     """Result slots: ``slots`` of ``slot_bytes`` each in the parent's block ``name``."""
 
-    kind: ClassVar[str] = "arena"
     name: str
     nbytes: int
     slot_bytes: int
     slots: int
 
 
-@register
-@dataclass(frozen=True)
+@record("job")
 class JobData(Record):
-    kind: ClassVar[str] = "job"
     job_id: int
     fingerprint: str
-    plan: dict
-    latent: tuple  # (block name, nbytes, dtype, shape)
+    work: dict  # units.Work.wire()
+    latent_block: str  # shared-memory block holding the latent
+    latent_nbytes: int
+    latent_dtype: Any  # a torch dtype (pickles by name)
+    latent_shape: tuple
+
+    def blocks(self) -> list[tuple[str, int]]:
+        return [(self.latent_block, self.latent_nbytes)]
 
 
-@register
-@dataclass(frozen=True)
+@record("task")
 class Task(Record):
-    kind: ClassVar[str] = "task"
     job_id: int
     key: int  # the group's index
     tiles: tuple
     threads: int = 0  # torch threads for this task (0: the worker's own); see jobs.Job.threads_for
 
 
-@register
-@dataclass(frozen=True)
+@record("free")
 class Free(Record):
-    kind: ClassVar[str] = "free"
     slot: int
 
 
-@register
-@dataclass(frozen=True)
+@record("cancel")
 class Cancel(Record):
-    kind: ClassVar[str] = "cancel"
     job_id: int
 
 
-@register
-@dataclass(frozen=True)
+@record("quit")
 class Quit(Record):
-    kind: ClassVar[str] = "quit"
+    pass
 
 
-@register
-@dataclass(frozen=True)
+@record("drop")
 class Drop(Record):
     """Forget every VAE and give memory back (the pool's idle timeout); answered with Idle."""
 
-    kind: ClassVar[str] = "drop"
-
 
 # -- worker -> parent -----------------------------------------------------------------------------
-@register
-@dataclass(frozen=True)
+@record("up")
 class Up(Record):
-    kind: ClassVar[str] = "up"
     pid: int
 
 
-@register
-@dataclass(frozen=True)
+@record("init_failed")
 class InitFailed(Record):
-    kind: ClassVar[str] = "init_failed"
     message: str
 
 
-@register
-@dataclass(frozen=True)
+@record("idle")
 class Idle(Record):
     """The worker went idle and gave memory back: what it still holds on its device (CUDA:
-    torch's reserved bytes; CPU: its resident set), and how many VAEs it keeps built."""
+    torch's reserved bytes; CPU: its resident set), and the VAEs it keeps built."""
 
-    kind: ClassVar[str] = "idle"
     held: int
-    models: int
+    models: tuple
 
 
-@register
-@dataclass(frozen=True)
+@record("loaded")
 class Loaded(Record):
-    kind: ClassVar[str] = "loaded"
     fingerprint: str
-    seconds: float  # 0.0: it was already cached
+    seconds: float  # 0.0: it was already built
+    models: tuple  # every VAE it keeps built now, least recent first
 
 
-@register
-@dataclass(frozen=True)
+@record("load_failed")
 class LoadFailed(Record):
-    kind: ClassVar[str] = "load_failed"
     fingerprint: str
     message: str
     why: LoadFailure
+    models: tuple  # what it still keeps built
 
 
-@register
-@dataclass(frozen=True)
+@record("result")
 class Result(Record):
-    kind: ClassVar[str] = "result"
     job_id: int
     tile: int
     step: int
@@ -245,19 +246,15 @@ class Result(Record):
     shape: tuple
 
 
-@register
-@dataclass(frozen=True)
+@record("done")
 class Done(Record):
-    kind: ClassVar[str] = "done"
     job_id: int
     key: int
     busy_s: float = 0.0  # the task's time less its waits on lock-step partners (a device's speed)
 
 
-@register
-@dataclass(frozen=True)
+@record("failed")
 class Failed(Record):
-    kind: ClassVar[str] = "failed"
     job_id: int
     key: int
     why: Failure
@@ -265,13 +262,11 @@ class Failed(Record):
 
 
 # -- exact mode: GroupNorm statistics and conv edge rows in lock-step (lockstep_job.py) ----------
-@register
-@dataclass(frozen=True)
+@record("gn")
 class GroupStats(Record):
     """A task's bands reached GroupNorm ``k``: the moments of each band's own rows, in band order
     (exact.stats.Moments.as_wire). The worker waits for SharedStats before going on."""
 
-    kind: ClassVar[str] = "gn"
     job_id: int
     key: int
     k: int
@@ -280,12 +275,10 @@ class GroupStats(Record):
     moments: list
 
 
-@register
-@dataclass(frozen=True)
+@record("gn_all")
 class SharedStats(Record):
     """The global (mean, rstd) of GroupNorm ``k``, float64 [B, G] as bytes, the same for every band."""
 
-    kind: ClassVar[str] = "gn_all"
     job_id: int
     k: int
     mean: bytes
@@ -293,13 +286,11 @@ class SharedStats(Record):
     shape: tuple
 
 
-@register
-@dataclass(frozen=True)
+@record("rows")
 class GroupRows(Record):
     """A task's bands reached the conv at sync point ``k``: the top rows of its first band and the
     bottom rows of its last (exact.lockstep.rows_to_wire). The worker waits for SharedRows."""
 
-    kind: ClassVar[str] = "rows"
     job_id: int
     key: int
     k: int
@@ -308,13 +299,11 @@ class GroupRows(Record):
     bottom: tuple
 
 
-@register
-@dataclass(frozen=True)
+@record("rows_all")
 class SharedRows(Record):
     """What lies beyond a task's bands at sync point ``k``: the bottom rows of the group above and
     the top rows of the group below (None at the image's edge)."""
 
-    kind: ClassVar[str] = "rows_all"
     job_id: int
     k: int
     above: Optional[tuple]

@@ -2,7 +2,7 @@
 actor calls instead of a socket, with the bulk data (weights, latent, result slots) carried by
 Ray's object store instead of shared memory.
 
-The parent (ray_workers.py) calls ``post(wires, names, *arrays)``: records in order, plus the
+The parent (ray_workers.py) calls ``post(seq, wires, names, *arrays)``: records in order, plus the
 blocks they name (the arrays arrive resolved from the object store, once per machine). The worker
 runs its ordinary loop in a thread and ``take(timeout)`` returns what it sent, each Result with
 its slot's pixels (in the decoder's dtype), and the node the actor runs on. The class name holds
@@ -122,9 +122,9 @@ class HostedWorker(Worker):
     def _carrier(self):
         """The narrowest dtype the current job's pixels came through: ComfyUI's intermediate
         dtype if narrower than float32, else the decoder's own (None: float32 throughout)."""
-        if self.job is None or self.job[1] not in self.cache:
+        if self.job is None or self.job.fingerprint not in self.cache:
             return None
-        decoder = self.cache[self.job[1]][1]
+        decoder = self.cache[self.job.fingerprint].decoder
         for dtype in (decoder.pixel_dtype, decoder.dtype):
             if dtype.is_floating_point and dtype.itemsize < 4:
                 return dtype
@@ -173,12 +173,12 @@ class ParallelVAEWorker:
     def quit(self) -> None:
         self.conn.close()
 
-    def free_memory(self, device: str, cpu_lanes_here: int) -> int:
+    def free_memory(self, device: str, cpu_workers_here: int) -> int:
         """Free bytes for this lane, measured on its machine (tile_size auto): CUDA's free memory
         on its GPU, or the available RAM shared by the node's CPU lanes."""
         from .sizing import measured_free
 
-        return measured_free(device, cpu_lanes_here)
+        return measured_free(device, cpu_workers_here)
 
     def _serve(self) -> None:
         try:

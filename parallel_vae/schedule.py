@@ -1,42 +1,38 @@
 """Which unit of work runs when, and where.
 
 A unit is (tile, step): a whole tile for image and generic video plans (step 0), one latent
-frame of one spatial tile for causal video.
+frame of one spatial tile for causal video. A group is the tiles one lane decodes together,
+frame by frame across them (units.decode).
 
-In-process, one lane walks the plan tile by tile, and a causal tile through all of its frames
-before the next tile starts: only one causal cache is alive at a time (the memory profile of
-ComfyUI's own tiled decode), and every segment receives its tiles in plan order.
+In-process, one lane walks the plan group by group: in "tile" order each tile alone, a causal tile
+through all of its frames before the next tile starts (only one causal cache alive at a time: the
+memory profile of ComfyUI's own tiled decode), and every segment receives its tiles in plan order.
+Exact bands of one batch item are always one group (they exchange rows, or share the prefix).
 
-Across workers, scheduling is pull-based: an idle worker takes the largest tile still waiting, so
-a slower device simply takes fewer tiles. A causal tile is a sticky lane: all of its frames are
-decoded by one worker, where its causal cache lives.
+Across workers, scheduling is pull-based: an idle worker takes the largest group still waiting,
+so a slower device simply takes fewer tiles. A causal tile is decoded by one worker, where its
+causal cache lives.
 
 Streaming wants frames in order instead ("frame" order): every tile of a frame before any tile of
 the next, so a frame is finished as early as possible and the reorder buffer stays small. For
-causal video this keeps every tile's cache alive at once (in-process), or splits the tiles into one
-group per worker, each decoded frame by frame by that worker (``lane_groups``).
+causal video this keeps every tile's cache alive at once (in-process: one group per batch item),
+or splits the tiles into one group per worker, each decoded frame by frame there
+(``frame_groups``).
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
-from .plan import Plan, Tile
-
-ORDERS = ("tile", "frame")
+from .plan import CAUSAL, Plan, Tile
 
 
-def in_process_order(plan: Plan, order: str = "tile") -> Iterator[tuple[Tile, int]]:
-    if order == "frame":
-        for batch in range(plan.batch):
-            for step in range(plan.steps):
-                for tile in plan.tiles_of(batch):
-                    yield tile, step
-        return
-    for tile in plan.tiles:
-        for step in range(plan.steps):
-            yield tile, step
+def in_process_groups(plan: Plan, order: str = "tile") -> list[tuple[int, ...]]:
+    """The groups (tile indices) one lane decodes in turn, in plan order."""
+    if plan.exact or (order == "frame" and plan.kind == CAUSAL):
+        return [tuple(t.index for t in plan.tiles_of(b)) for b in range(plan.batch)]
+    return [(t.index,) for t in plan.tiles]
 
 
 @dataclass(frozen=True)
@@ -54,14 +50,14 @@ class Group:
         return sum(t.volume for t in self.tiles)
 
 
-def lane_groups(plan: Plan, lanes: int) -> list[Group]:
-    """Split each batch item's tiles into at most ``lanes`` groups of about equal volume (largest
+def frame_groups(plan: Plan, workers: int) -> list[Group]:
+    """Split each batch item's tiles into at most ``workers`` groups of about equal volume (largest
     tile to the lightest group), each group in plan order; batch items in order (a stream emits
     them in order), the heaviest group first within one."""
     groups: list[Group] = []
     for batch in range(plan.batch):
         tiles = plan.tiles_of(batch)
-        buckets: list[list[Tile]] = [[] for _ in range(max(1, min(lanes, len(tiles))))]
+        buckets: list[list[Tile]] = [[] for _ in range(max(1, min(workers, len(tiles))))]
         load = [0] * len(buckets)
         for tile in sorted(tiles, key=lambda t: (-t.volume, t.index)):
             i = min(range(len(buckets)), key=lambda b: (load[b], b))
@@ -72,40 +68,39 @@ def lane_groups(plan: Plan, lanes: int) -> list[Group]:
     return groups
 
 
-def largest_first(plan: Plan) -> list[Tile]:
-    """Tiles by decreasing latent volume, plan order among equals (the big ones must not come last)."""
-    return sorted(plan.tiles, key=lambda t: (-t.volume, t.index))
+def largest_first(plan: Plan) -> list[Group]:
+    """One group per tile, by decreasing latent volume, plan order among equals (the big ones
+    must not come last)."""
+    return [Group((t,)) for t in sorted(plan.tiles, key=lambda t: (-t.volume, t.index))]
 
 
 class TileQueue:
-    """Tiles waiting for a worker, with bounded retries and per-tile excluded lanes."""
+    """Groups waiting for a worker, with bounded retries and per-group excluded workers (named by
+    their lane)."""
 
-    def __init__(self, tiles: list[Tile], max_attempts: int = 3):
-        self.waiting: deque[Tile] = deque(tiles)
+    def __init__(self, groups: list[Group], max_attempts: int = 3):
+        self.waiting: deque[Group] = deque(groups)
         self.max_attempts = max_attempts
         self.attempts: Counter[int] = Counter()
         self.excluded: defaultdict[int, set[str]] = defaultdict(set)
 
-    def __len__(self) -> int:
-        return len(self.waiting)
-
-    def take(self, lane: str) -> Optional[Tile]:
-        for i, tile in enumerate(self.waiting):
-            if lane not in self.excluded[tile.index]:
+    def take(self, worker: str) -> Optional[Group]:
+        for i, group in enumerate(self.waiting):
+            if worker not in self.excluded[group.index]:
                 del self.waiting[i]
-                return tile
+                return group
         return None
 
-    def requeue(self, tile: Tile, lane: Optional[str] = None, exclude: bool = False) -> bool:
-        """Put a tile back at the front; False when it has used up its attempts."""
-        self.attempts[tile.index] += 1
-        if self.attempts[tile.index] >= self.max_attempts:
+    def requeue(self, group: Group, worker: Optional[str] = None, exclude: bool = False) -> bool:
+        """Put a group back at the front; False when it has used up its attempts."""
+        self.attempts[group.index] += 1
+        if self.attempts[group.index] >= self.max_attempts:
             return False
-        if exclude and lane is not None:
-            self.excluded[tile.index].add(lane)
-        self.waiting.appendleft(tile)
+        if exclude and worker is not None:
+            self.excluded[group.index].add(worker)
+        self.waiting.appendleft(group)
         return True
 
-    def unrunnable(self, lanes: list[str]) -> list[Tile]:
-        """Waiting tiles that every one of ``lanes`` is excluded from."""
-        return [t for t in self.waiting if lanes and all(l in self.excluded[t.index] for l in lanes)]
+    def unrunnable(self, workers: list[str]) -> list[Group]:
+        """Waiting groups that every one of ``workers`` is excluded from."""
+        return [g for g in self.waiting if workers and all(w in self.excluded[g.index] for w in workers)]

@@ -72,22 +72,22 @@ def cpu_available() -> int:
         return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
 
 
-def free_bytes(device: Device, lanes_on_cpu: int = 1, own: Optional[int] = None) -> int:
-    """Free memory for one lane on ``device``: CUDA's free memory on that GPU, or the available RAM
-    shared by the CPU lanes; ``own`` replaces the measurement (ComfyUI's view for its own device);
-    the environment's limit caps it."""
-    free = own if own is not None else measured_free(device.torch_device, lanes_on_cpu)
+def free_bytes(device: Device, cpu_workers: int = 1, own: Optional[int] = None) -> int:
+    """Free memory for the lane on ``device``: CUDA's free memory on that GPU, or the available RAM
+    shared by ``cpu_workers``; ``own`` replaces the measurement (ComfyUI's view for its own
+    device); the environment's limit caps it."""
+    free = own if own is not None else measured_free(device.torch_device, cpu_workers)
     return capped(device.name, free)
 
 
-def measured_free(torch_device: str, lanes_on_cpu: int = 1) -> int:
+def measured_free(torch_device: str, cpu_workers: int = 1) -> int:
     """Free memory for one lane on ``torch_device`` (cpu, cuda:N) of this machine, uncapped: a Ray
     actor measures its own machine with it, and the parent caps it by the lane's name."""
     if torch_device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.mem_get_info(torch.device(torch_device))[0])
-    return cpu_available() // max(1, lanes_on_cpu)
+    return cpu_available() // max(1, cpu_workers)
 
 
 def capped(name: str, free: int) -> int:

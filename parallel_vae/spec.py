@@ -3,16 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import families
 from . import plan as plans
-
-# Causal video VAEs: decoded frame by frame with their cache, never cut in time.
-CAUSAL_FAMILIES = {"wan21": "Wan 2.1 VAE", "wan22": "Wan 2.2 VAE", "taehv": "TAEHV (tiny video VAE)"}
-GENERIC_FAMILIES = {"image": "image VAE", "video": "video VAE"}
 
 
 @dataclass(frozen=True)
 class VaeSpec:
-    family: str  # a key of CAUSAL_FAMILIES or GENERIC_FAMILIES
+    family: str  # a key of families.FAMILIES
     label: str  # for messages, e.g. "Wan 2.1 VAE (WanVAE)"
     latent_channels: int
     scales: tuple[plans.AxisScale, ...]  # one per latent axis: (H, W) or (T, H, W)
@@ -24,7 +21,7 @@ class VaeSpec:
 
     @property
     def causal(self) -> bool:
-        return self.family in CAUSAL_FAMILIES
+        return families.of(self.family).causal
 
     @property
     def spatial_compression(self) -> int:
@@ -33,6 +30,10 @@ class VaeSpec:
     @property
     def temporal_compression(self):
         return self.scales[0].factor if self.latent_dim == 3 else None
+
+    def out_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The decoded pixels' shape ``[B, C, *axes]`` for a latent of this shape."""
+        return (latent_shape[0], self.out_channels) + tuple(s.size(n) for s, n in zip(self.scales, latent_shape[2:]))
 
     def settings(self, tile_size: int, overlap: int, temporal_size: int, temporal_overlap: int):
         return plans.settings_from_pixels(tile_size, overlap, temporal_size, temporal_overlap,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -57,8 +56,6 @@ class FrameStream:
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._ended = False
-        self.first_batch_at: Optional[float] = None  # time.monotonic() when the first batch was ready
-        self.delivered = 0  # frames handed to the consumer
 
     # -- producer ------------------------------------------------------------------------------
     def check(self) -> None:
@@ -141,9 +138,6 @@ class FrameStream:
                     self.close()
                     raise
         if kind == "batch":
-            if self.first_batch_at is None:
-                self.first_batch_at = time.monotonic()
-            self.delivered += value.frames.shape[0]
             return value
         self._ended = True
         self._join()

@@ -1,7 +1,9 @@
 """One decode worker process: ``python -m parallel_vae.worker --conn FD --death FD``.
 
-The pool (processes.py) starts one per device. Everything it needs comes over the connection as
+The pool (workers.py) starts one per device. Everything it needs comes over the connection as
 the records of protocol.py, which lists them in order; this module imports nothing of the pool.
+It owns its state and says what it holds: the VAEs it keeps built come back with every Loaded,
+LoadFailed and Idle.
 
 Weights, latents and results never travel through the connection: they sit in shared memory
 blocks the parent owns (shm.py). A recipe names a factory (``"module:callable"``) the worker
@@ -18,20 +20,26 @@ import argparse
 import ctypes
 import gc
 import importlib
+import importlib.util
 import os
 import sys
 import threading
 import time
 import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any, Optional
 
 from . import protocol as msgs
 from .errors import ModelMismatch
-from .protocol import MAX_CACHED_VAES
+
+MAX_CACHED_VAES = 2  # VAEs a worker keeps built (the least recently used goes first)
 KEEP_HEAP_ENV = "PARALLEL_VAE_KEEP_HEAP"
-# test hook: "start", "oom:<tile or *>:<worker>", "hang:<tile or *>:<worker>:<marker file>"
-FAULT_ENV = "PARALLEL_VAE_TEST_FAULT"
+# A Python file whose functions the worker calls at set points: ``on_init(worker)`` after its Init,
+# ``before_task(worker, work, tiles)`` before each task. The test suite's faults (a worker that
+# fails to start, runs out of memory or hangs) live in such a file; nothing the pack ships uses it.
+HOOKS_ENV = "PARALLEL_VAE_WORKER_HOOKS"
 
 
 def _watch_parent(death_fd: int) -> None:
@@ -59,6 +67,16 @@ def _apply_setup(setup) -> None:
         for part in parents:
             obj = getattr(obj, part)
         setattr(obj, last, value)
+
+
+def _load_hooks():
+    path = os.environ.get(HOOKS_ENV)
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("parallel_vae_worker_hooks", path)
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
 
 
 def _share_weights(module, weights) -> bool:
@@ -112,23 +130,44 @@ class Cancelled(Exception):
     pass
 
 
+@dataclass
+class Built:
+    """A VAE this worker keeps: ComfyUI's object, its decoder, its exact executor once used, and
+    the shared block its CPU weights live in (None: it copied them)."""
+
+    built: Any
+    decoder: Any
+    family: str
+    block: Any = None
+    executor: Any = None
+
+
+@dataclass
+class Job:
+    """The job whose latent this worker holds (JobData)."""
+
+    id: int
+    fingerprint: str
+    work: Any  # units.Work
+    latent: Any  # a tensor over ``block``
+    block: Any
+
+
 class Worker:
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.cache: "OrderedDict[str, tuple]" = OrderedDict()  # fp -> (built, decoder, shared block)
+        self.cache: "OrderedDict[str, Built]" = OrderedDict()  # least recently used first
         self.name = "?"
         self.device = None
         self.arena = None
         self.slot_bytes = 0
         self.free_slots: list[int] = []
-        self.job = None  # (job_id, fingerprint, plan, latent tensor, attached block)
-        self.cancelled: set[int] = set()
+        self.job: Optional[Job] = None
+        self.cancelled: set[int] = set()  # of the current job or later ones (older ids are dropped)
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
         self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> SharedStats/SharedRows
         self.waited = 0.0  # seconds the running task spent waiting on its lock-step partners
-        self.families: dict[str, str] = {}  # fingerprint -> decoder family (for exact executors)
-        self.executors: dict[str, object] = {}  # fingerprint -> exact-mode band executor, built on first use
-        self.fault = os.environ.get(FAULT_ENV, "")
+        self.hooks = _load_hooks()
         self.heap = Heap()
         self.busy = False  # worked since the heap was last given back
         self.threads = 1  # torch threads of this worker's own (Init)
@@ -140,6 +179,9 @@ class Worker:
 
         return shm.Attached(name, nbytes)
 
+    def models(self) -> tuple:
+        return tuple(self.cache)
+
     # -- setup ---------------------------------------------------------------------------------
     def init(self, config: dict) -> None:
         import torch
@@ -150,8 +192,8 @@ class Worker:
             importlib.import_module(path)
         self.threads = int(config["threads"])
         torch.set_num_threads(self.threads)
-        if self.fault == "start":
-            raise RuntimeError(f"{FAULT_ENV}=start: this worker fails on start, as asked")
+        if self.hooks is not None and hasattr(self.hooks, "on_init"):
+            self.hooks.on_init(self)
         self.device = torch.device(config["device"])
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -162,16 +204,14 @@ class Worker:
     def load(self, fingerprint: str, recipe: dict, block_name: str, nbytes: int, manifest) -> float:
         import torch
 
-        from . import identity, shm
-        from .models import make_decoder
+        from . import families, identity, shm
 
         start = time.perf_counter()
         if fingerprint in self.cache:
             self.cache.move_to_end(fingerprint)
             return 0.0
         while len(self.cache) >= MAX_CACHED_VAES:
-            gone, _ = self.cache.popitem(last=False)
-            self.executors.pop(gone, None)
+            self.cache.popitem(last=False)
             gc.collect()
             self._empty_cache()
         block = self.attach(block_name, nbytes)
@@ -190,11 +230,10 @@ class Worker:
             if not shared:
                 block.close()  # the factory copied the weights into its own parameters
         module.to(self.device)
-        decoder = make_decoder(recipe["family"], module, dtype, self.device, output_device=self.device,
-                               pixel_dtype=recipe.get("pixel_dtype", torch.float32),
-                               latent_channels=recipe.get("latent_channels"))
-        self.cache[fingerprint] = (built, decoder, block if shared else None)
-        self.families[fingerprint] = recipe["family"]
+        decoder = families.make_decoder(recipe["family"], module, dtype, self.device, output_device=self.device,
+                                        pixel_dtype=recipe.get("pixel_dtype", torch.float32),
+                                        latent_channels=recipe.get("latent_channels"))
+        self.cache[fingerprint] = Built(built, decoder, recipe["family"], block if shared else None)
         return time.perf_counter() - start
 
     def _empty_cache(self) -> None:
@@ -210,21 +249,23 @@ class Worker:
         self.slot_bytes = slot_bytes
         self.free_slots = list(range(slots))
 
-    def set_job(self, job_id: int, fingerprint: str, plan, latent: tuple) -> None:
+    def set_job(self, record: msgs.JobData) -> None:
         from . import shm
+        from .units import Work
 
         self.drop_job()
-        name, nbytes, dtype, shape = latent
+        self.cancelled = {j for j in self.cancelled if j >= record.job_id}  # job ids only grow
         try:
-            block = self.attach(name, nbytes)
+            block = self.attach(record.latent_block, record.latent_nbytes)
         except FileNotFoundError:  # the job ended (cancelled) before this message was read
-            self.cancelled.add(job_id)
+            self.cancelled.add(record.job_id)
             return
-        self.job = (job_id, fingerprint, plan, shm.view(block.buf, dtype, shape), block)
+        latent = shm.view(block.buf, record.latent_dtype, record.latent_shape)
+        self.job = Job(record.job_id, record.fingerprint, Work.from_wire(record.work), latent, block)
 
     def drop_job(self) -> None:
         if self.job is not None:
-            block = self.job[4]
+            block = self.job.block
             self.job = None
             block.close()
 
@@ -257,69 +298,29 @@ class Worker:
                 raise Cancelled
         return self.free_slots.pop()
 
-    def _units(self, decoder, plan, latent, tiles):
-        """(tile, step, pixels) of a task: tile by tile, or for causal video frame by frame."""
-        from .engine import box_of
+    def _executor(self, built: Built):
+        """The exact-mode band executor of a VAE, built on first use."""
+        from . import families
 
-        def box(t):
-            batch, start, size = plan["tiles"][t]
-            return box_of(latent, batch, start, size)
-
-        if not plan["causal"]:
-            for t in tiles:
-                yield t, 0, decoder.decode(box(t))
-            return
-        streams = [(t, decoder.steps(box(t), plan["step_frames"])) for t in tiles]
-        for step in range(len(plan["step_frames"])):
-            for t, stream in streams:
-                pixels = next(stream, None)
-                if pixels is None:
-                    raise RuntimeError(f"the VAE stopped after {step} latent frames on tile {t}")
-                yield t, step, pixels
-
-    def _exact_units(self, fingerprint: str, job_id: int, key: int, plan, latent, tiles):
-        """(band, step, pixels) of an exact-mode task, with the family's band executor."""
-        from .exact import executor
-        from .exact import task as exact_task
-
-        decoder = self.cache[fingerprint][1]
-        ex = self.executors.get(fingerprint)
-        if ex is None:
-            ex = self.executors[fingerprint] = executor(self.families[fingerprint], decoder.module, decoder.dtype,
-                                                        self.device,
-                                                        patch_size=int(getattr(decoder.module, "patch_size", 2)))
-        answer = lambda requests: self._answer(job_id, key, requests)  # noqa: E731
-        for index, step, pixels in exact_task.run(ex, plan, latent, tiles, answer, self._empty_cache):
-            yield index, step, decoder._out(pixels)
+        if built.executor is None:
+            built.executor = families.exact_executor(built.family, built.decoder.module, built.decoder.dtype,
+                                                     self.device)
+        return built.executor
 
     def _answer(self, job_id: int, key: int, requests) -> list:
-        """The lock-step's round trip: this task's part out (moments, or its outer edge rows), the
-        item's statistics or the neighbouring groups' edge rows back; one answer per band."""
-        import torch
-
+        """The lock-step's round trip: this task's part out, the item's statistics or the
+        neighbouring groups' edge rows back (exact/lockstep.py); one answer per band."""
         from .exact import lockstep
 
-        lockstep.check_same(requests)
-        what, k, name = requests[0][:3]
-        if what == "rows":
-            self.send(msgs.GroupRows(job_id, key, k, name, lockstep.rows_to_wire(requests[0][3]),
-                                     lockstep.rows_to_wire(requests[-1][4])))
-        else:
-            self.send(msgs.GroupStats(job_id, key, k, name, requests[0][3], [r[4].as_wire() for r in requests]))
+        self.send(lockstep.report(job_id, key, requests))
         since = time.monotonic()
+        k = requests[0].k
         while (job_id, k) not in self.shared:
             self.handle(msgs.recv(self.conn))
             if job_id in self.cancelled:
                 raise Cancelled
         self.waited += time.monotonic() - since
-        shared = self.shared.pop((job_id, k))
-        if what == "rows":
-            device = requests[0][3].device
-            return lockstep.band_neighbours(requests, lockstep.rows_from_wire(shared.above, device),
-                                       lockstep.rows_from_wire(shared.below, device))
-        mean = torch.frombuffer(bytearray(shared.mean), dtype=torch.float64).reshape(shared.shape)
-        rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)
-        return [(mean, rstd)] * len(requests)
+        return lockstep.answers_from(requests, self.shared.pop((job_id, k)))
 
     def run_task(self, job_id: int, key: int, tiles, threads: int = 0) -> None:
         import torch
@@ -335,33 +336,25 @@ class Worker:
     def _run_task(self, job_id: int, key: int, tiles) -> None:
         import torch
 
-        from . import shm
+        from . import shm, units
 
-        if self.job is None or self.job[0] != job_id:  # its job ended before the job message arrived
+        job = self.job
+        if job is None or job.id != job_id:  # its job ended before the job message arrived
             self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "its job is gone"))
             return
-        _, fingerprint, plan, latent, _ = self.job
         self.shared = {k: v for k, v in self.shared.items() if k[0] == job_id}  # drop a cancelled job's
-        units = None
+        decoded = None
         started, self.waited = time.monotonic(), 0.0
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
-            decoder = self.cache[fingerprint][1]
-            if self.fault.startswith("hang:"):  # alive and silent, once (the marker file): the watchdog's case
-                _, t, who, marker = self.fault.split(":", 3)
-                if (t == "*" or int(t) in tiles) and who == self.name and not os.path.exists(marker):
-                    open(marker, "w").close()
-                    while True:
-                        time.sleep(1.0)
-            if self.fault.startswith("oom:") and plan.get("split", 1) == 1:  # a split retry is let through
-                _, t, who = self.fault.split(":", 2)
-                if (t == "*" or int(t) in tiles) and who == self.name:
-                    raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated out of memory on tile {t}")
-            if plan.get("exact"):
-                units = self._exact_units(fingerprint, job_id, key, plan, latent, tiles)
-            else:
-                units = self._units(decoder, plan, latent, tiles)
-            for tile_index, step, pixels in units:
+            built = self.cache[job.fingerprint]
+            if self.hooks is not None and hasattr(self.hooks, "before_task"):
+                self.hooks.before_task(self, job.work, tiles)
+            executor = self._executor(built) if job.work.exact else None
+            decoded = units.decode(job.work, job.latent, tiles, built.decoder, executor,
+                                   answer=lambda requests: self._answer(job_id, key, requests),
+                                   empty_cache=self._empty_cache)
+            for tile_index, step, pixels in decoded:
                 slot = self._take_slot(job_id)
                 shape = tuple(pixels.shape)
                 target = shm.view(self.arena.buf, torch.float32, shape, slot * self.slot_bytes)
@@ -372,7 +365,7 @@ class Worker:
         except Cancelled:
             self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "cancelled"))
         except torch.OutOfMemoryError as e:
-            units = None  # drop the generator (and the causal caches) before emptying the cache
+            decoded = None  # drop the generator (and the causal caches) before emptying the cache
             gc.collect()
             self._empty_cache()
             self.send(msgs.Failed(job_id, key, msgs.Failure.OOM, f"out of memory: {e}".strip()))
@@ -383,24 +376,23 @@ class Worker:
     def load_model(self, record: msgs.Load) -> None:
         try:
             seconds = self.load(record.fingerprint, record.recipe, record.block, record.nbytes, record.manifest)
-            self.send(msgs.Loaded(record.fingerprint, seconds))
+            self.send(msgs.Loaded(record.fingerprint, seconds, self.models()))
         except ModelMismatch as e:
-            self.send(msgs.LoadFailed(record.fingerprint, e.what, msgs.LoadFailure.MISMATCH))
+            self.send(msgs.LoadFailed(record.fingerprint, e.what, msgs.LoadFailure.MISMATCH, self.models()))
         except Exception as e:
             self.send(msgs.LoadFailed(record.fingerprint, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}",
-                                      msgs.LoadFailure.ERROR))
+                                      msgs.LoadFailure.ERROR, self.models()))
 
     def idle(self) -> None:
         """Give back what the finished job left: torch's cached device blocks, the freed heap;
         then tell the parent what is still held."""
         self._empty_cache()
         self.heap.give_back()
-        self.send(msgs.Idle(self.held(), len(self.cache)))
+        self.send(msgs.Idle(self.held(), self.models()))
 
     def drop(self) -> None:
         """Forget every VAE (the pool's idle timeout), then give memory back."""
         self.cache.clear()  # as the LRU bound does: the shared weight blocks go with their modules
-        self.executors.clear()
         self.drop_job()
         gc.collect()
         self.idle()
@@ -420,7 +412,7 @@ class Worker:
         """Records in order; a task runs to its end before the next record is taken."""
         run = {msgs.Load: self.load_model,
                msgs.Arena: lambda r: self.set_arena(r.name, r.nbytes, r.slot_bytes, r.slots),
-               msgs.JobData: lambda r: self.set_job(r.job_id, r.fingerprint, r.plan, r.latent),
+               msgs.JobData: self.set_job,
                msgs.Task: lambda r: self.run_task(r.job_id, r.key, r.tiles, r.threads)}
         while True:
             if self.busy and not self.backlog and not self.conn.poll(0):

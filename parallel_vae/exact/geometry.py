@@ -8,6 +8,7 @@ the image). The halo covers the up path's receptive field, worked out from the l
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from ..plan import CAUSAL, IMAGE, AxisScale, Plan, Tile
@@ -17,6 +18,19 @@ MIN_ROWS_PER_HALO = 2  # bands much shorter than their halo mostly recompute the
 # input's in the last bit: bands of at least this many latent rows keep the output bit-identical
 # whatever the band count (unless tile_size asks for smaller ones)
 MIN_BAND_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Band:
+    """An exact band: the plan's tile ``index`` owns latent rows ``[a, e)`` of its batch item."""
+
+    index: int
+    a: int
+    e: int
+
+    @property
+    def rows(self) -> int:
+        return self.e - self.a
 
 
 def conv_spread(module) -> int:
@@ -88,9 +102,9 @@ def split_rows(height: int, bands: int) -> list[tuple[int, int]]:
 
 def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: int, halo: int) -> int:
     """How many bands: at least enough that a band's own rows hold at most tile_size x tile_size
-    output pixels (the memory bound, as a tile), and one per lane where the rows allow bands of
-    at least MIN_BAND_ROWS rows and MIN_ROWS_PER_HALO halos (more lanes than that would mostly
-    recompute halos)."""
+    output pixels (the memory bound, as a tile), and one per lane (of ``lanes`` decoding at once)
+    where the rows allow bands of at least MIN_BAND_ROWS rows and MIN_ROWS_PER_HALO halos (more
+    than that would mostly recompute halos)."""
     rows_max = max(1, (tile_size * tile_size) // max(1, width * px_per_row * px_per_row))
     for_memory = -(-height // rows_max)
     for_lanes = min(max(1, lanes), max(1, height // max(MIN_BAND_ROWS, MIN_ROWS_PER_HALO * halo)))
@@ -98,10 +112,10 @@ def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: 
 
 
 def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int,
-               spans: Sequence[tuple[int, int]], halo: int, lanes: tuple = ()) -> Plan:
+               spans: Sequence[tuple[int, int]], halo: int, shares: tuple = ()) -> Plan:
     """A plan whose tiles are the bands ``spans`` (latent rows [a, e), top to bottom) of each batch
     item: own rows only, no feather, one pass, so the blender writes each band's pixels where they
-    belong unchanged. ``lanes``: see Plan.lanes."""
+    belong unchanged. ``shares``: see Plan.shares."""
     shape = tuple(latent_shape)
     causal = len(shape) == 5
     width = shape[-1]
@@ -125,14 +139,14 @@ def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_cha
         ts = scales[0]
         steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(shape[2]))
     return Plan(CAUSAL if causal else IMAGE, shape, out_shape, tuple(scales), 1, tuple(tiles), steps,
-                mode="exact", halo=halo, lanes=tuple(lanes))
+                mode="exact", halo=halo, shares=tuple(shares))
 
 
-def bands_of(plan: Plan, batch: int) -> list[tuple[int, int, int]]:
-    """(tile index, a, e) of each band of one batch item, top to bottom."""
+def bands_of(plan: Plan, batch: int) -> list[Band]:
+    """The bands of one batch item, top to bottom."""
     axis = 1 if plan.kind == CAUSAL else 0
-    return [(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
+    return [Band(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
+__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
            "split_rows"]

@@ -1,22 +1,49 @@
-"""Run bands that exchange GroupNorm statistics and conv edge rows in lock-step, in one thread.
+"""Run bands that exchange GroupNorm statistics and conv edge rows in lock-step.
 
-Every band is a generator (sd.SdExact.band) that yields a request at each sync point:
-("gn", k, name, eps, Moments), answered with the global (mean, rstd), or
-("rows", k, name, top, bottom), answered with (the band above's bottom rows, the band below's top
-rows). The coordinator checks that all bands reached the same sync point and answers each band.
+Every band is a generator (sd.SdExact.band) that yields a request at each sync point: a
+``StatsRequest`` (the moments of its rows), answered with the global (mean, rstd), or a
+``RowsRequest`` (its edge rows), answered with (the band above's bottom rows, the band below's top
+rows). ``run`` drives bands in one thread; ``answers`` answers bands that are a whole batch item.
+In a worker whose bands are part of an item, ``report`` makes the record for the parent (which
+holds every worker's part) and ``answers_from`` turns the parent's reply into each band's answer.
 """
 from __future__ import annotations
 
-from typing import Callable, Generator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Generator, Optional, Sequence, Union
 
 import torch
 
+from .. import protocol as msgs
 from ..errors import DecodeError
 from . import stats
 
 
-def check_same(requests: Sequence[tuple]) -> None:
-    keys = {(r[0], r[1], r[2]) for r in requests}
+@dataclass(frozen=True)
+class StatsRequest:
+    """A band reached GroupNorm ``k`` (named ``name``): its rows' moments."""
+
+    k: int
+    name: str
+    eps: float
+    moments: stats.Moments
+
+
+@dataclass(frozen=True)
+class RowsRequest:
+    """A band reached the conv at sync point ``k``: the rows its neighbours' convs read."""
+
+    k: int
+    name: str
+    top: torch.Tensor
+    bottom: torch.Tensor
+
+
+Request = Union[StatsRequest, RowsRequest]
+
+
+def check_same(requests: Sequence[Request]) -> None:
+    keys = {(type(r).__name__, r.k, r.name) for r in requests}
     if len(keys) != 1:
         raise DecodeError(f"exact mode: bands fell out of step at {sorted(keys)}")
 
@@ -27,11 +54,6 @@ def neighbours(tops: Sequence, bottoms: Sequence, above=None, below=None) -> lis
     last (None at the image's edge)."""
     n = len(tops)
     return [(bottoms[i - 1] if i else above, tops[i + 1] if i + 1 < n else below) for i in range(n)]
-
-
-def band_neighbours(requests: Sequence[tuple], above=None, below=None) -> list:
-    """``neighbours`` of the bands' "rows" requests."""
-    return neighbours([r[3] for r in requests], [r[4] for r in requests], above, below)
 
 
 def rows_to_wire(rows: torch.Tensor) -> tuple:
@@ -48,17 +70,38 @@ def rows_from_wire(wire: Optional[tuple], device) -> Optional[torch.Tensor]:
     return flat.reshape(shape).to(device)
 
 
-def answers(requests: Sequence[tuple]) -> list:
+def answers(requests: Sequence[Request]) -> list:
     """Each band's answer, for bands that are the whole item, in band order."""
     check_same(requests)
-    if requests[0][0] == "rows":
-        return band_neighbours(requests)
-    shared = stats.combine([r[4] for r in requests], requests[0][3])
+    if isinstance(requests[0], RowsRequest):
+        return neighbours([r.top for r in requests], [r.bottom for r in requests])
+    shared = stats.combine([r.moments for r in requests], requests[0].eps)
     return [shared] * len(requests)
 
 
+def report(job_id: int, key: int, requests: Sequence[Request]) -> msgs.Record:
+    """What a worker's group of bands sends the parent at a sync point: the moments of each band,
+    or the top rows of its first band and the bottom rows of its last."""
+    check_same(requests)
+    first, last = requests[0], requests[-1]
+    if isinstance(first, RowsRequest):
+        return msgs.GroupRows(job_id, key, first.k, first.name, rows_to_wire(first.top), rows_to_wire(last.bottom))
+    return msgs.GroupStats(job_id, key, first.k, first.name, first.eps, [r.moments.as_wire() for r in requests])
+
+
+def answers_from(requests: Sequence[Request], shared: msgs.Record) -> list:
+    """Each band's answer from the parent's SharedRows (its neighbours' rows) or SharedStats."""
+    if isinstance(shared, msgs.SharedRows):
+        device = requests[0].top.device
+        return neighbours([r.top for r in requests], [r.bottom for r in requests],
+                          rows_from_wire(shared.above, device), rows_from_wire(shared.below, device))
+    mean = torch.frombuffer(bytearray(shared.mean), dtype=torch.float64).reshape(shared.shape)
+    rstd = torch.frombuffer(bytearray(shared.rstd), dtype=torch.float64).reshape(shared.shape)
+    return [(mean, rstd)] * len(requests)
+
+
 def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
-        answer: Callable[[Sequence[tuple]], list] = answers) -> list:
+        answer: Callable[[Sequence[Request]], list] = answers) -> list:
     """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each sync
     point (interrupt checks); ``answer`` turns the bands' requests into one answer per band (in a
     worker: a round trip to the parent, which also has the other workers' bands)."""

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from . import stats
 from .attention import attention_block
 from .geometry import conv_spread
-
-Request = tuple  # ("gn", k, name, eps, Moments) or ("rows", k, name, top, bottom): a band's sync point
+from .lockstep import Request, RowsRequest, StatsRequest
 
 
 class _Sync:
@@ -60,7 +59,12 @@ class SdExact:
     causal = False
     halo = 0  # a band reads no rows beyond its own: its neighbours send the edges each conv needs
 
-    def __init__(self, model, dtype: torch.dtype, device):
+    @staticmethod
+    def halo_of(model) -> int:
+        return SdExact.halo
+
+    def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
+        # (patch_size and first_chunk: the executors' common signature; a 2-D decoder has neither)
         self.model = model
         self.decoder = model.decoder
         self.dtype = dtype
@@ -113,7 +117,7 @@ class SdExact:
     # -- one band --------------------------------------------------------------------------------
     def band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
         """Own rows ``[a, e)``: yields a Request at each sync point and is sent back (mean, rstd) for
-        "gn", (rows above or None, rows below or None) for "rows"; returns the band's pixels
+        a StatsRequest, (rows above or None, rows below or None) for a RowsRequest; returns the band's pixels
         ``[1, C, px*(e-a), W*px]`` on the device."""
         me = _Sync(a, e, mid.shape[-2])
         x = mid[:, :, a:e].contiguous()
@@ -143,7 +147,7 @@ class SdExact:
         if rows < spread:
             raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
         # clones: a view would keep this band's whole tensor alive in the neighbour's hands
-        above, below = yield ("rows", me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
+        above, below = yield RowsRequest(me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
         parts = [p for p in (above, x, below) if p is not None]
         if len(parts) == 1:
             return conv(x)
@@ -158,7 +162,7 @@ class SdExact:
         return y[:, :, top:top + rows].contiguous()
 
     def _norm(self, me: _Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
-        mean, rstd = yield ("gn", me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
+        mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
         return stats.normalize(x, norm, mean, rstd, inplace=inplace)
 
     def _resblock(self, me: _Sync, block, box: list):

@@ -1,11 +1,11 @@
-"""Which latent rows each device decodes in exact mode, and in how many bands.
+"""Which latent rows each lane decodes in exact mode, and in how many bands.
 
 Bands that run in lock-step (SD family) wait for each other at every GroupNorm, so the job takes
-as long as its slowest device: rows go to devices in proportion to their measured speed. A device
-holds all its rows' activations at once (its bands are alive together between sync points), so
-its free memory caps its rows; what a capped device cannot take goes to the others. Within a
-device, a band holds at most ``band_rows`` rows (the tile_size bound on one conv's working set).
-The output does not depend on any of this (bands exchange what crosses their edges).
+as long as its slowest lane: rows go to lanes in proportion to their measured speed. A lane holds
+all its rows' activations at once (its bands are alive together between sync points), so its
+free memory caps its rows; what a capped lane cannot take goes to the others. Within a lane, a
+band holds at most ``band_rows`` rows (the tile_size bound on one conv's working set). The output
+does not depend on any of this (bands exchange what crosses their edges).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from .geometry import MIN_BAND_ROWS, bands_of, split_rows
 
 
 @dataclass(frozen=True)
-class LaneShare:
-    """One device's terms: relative speed, the most rows its memory holds (None: no limit), and
-    the most rows of one band."""
+class Terms:
+    """One lane's terms for rows: relative speed, the most rows its memory holds (None: no
+    limit), and the most rows of one band."""
 
     name: str
     speed: float = 1.0
@@ -29,13 +29,19 @@ class LaneShare:
 
 @dataclass(frozen=True)
 class Split:
-    """Each lane given rows, with its bands (a, e), top to bottom (lanes given none are left out)."""
+    """Each lane given rows, by name, with its bands (a, e), top to bottom (lanes given none are
+    left out)."""
 
-    lanes: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    owners: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
 
     @property
     def spans(self) -> list[tuple[int, int]]:
-        return [span for _, bands in self.lanes for span in bands]
+        return [span for _, bands in self.owners for span in bands]
+
+    @property
+    def shares(self) -> tuple[tuple[str, int], ...]:
+        """(lane, bands of each item): Plan.shares."""
+        return tuple((name, len(bands)) for name, bands in self.owners)
 
 
 def _fill(height: int, speeds: Sequence[float], caps: Sequence[float]) -> list[float]:
@@ -71,15 +77,15 @@ def _whole(height: int, share: Sequence[float]) -> list[int]:
     return rows
 
 
-def split(height: int, lanes: Sequence[LaneShare]) -> Split:
-    """Rows ``[0, height)`` over ``lanes`` top to bottom in their order. Where there are more lanes
+def split(height: int, terms: Sequence[Terms]) -> Split:
+    """Rows ``[0, height)`` over the lanes of ``terms`` top to bottom in their order. Where there are more lanes
     than the memory bound needs bands, a lane whose share would be under MIN_BAND_ROWS rows
     (bit-identity, see geometry) is left out, slowest first."""
-    active = [lane for lane in lanes if lane.speed > 0] or list(lanes[:1])
-    need = -(-height // max(1, min(lane.band_rows for lane in active)))
+    active = [t for t in terms if t.speed > 0] or list(terms[:1])
+    need = -(-height // max(1, min(t.band_rows for t in active)))
     while True:
-        speeds = [lane.speed for lane in active]
-        caps = [float(lane.max_rows) if lane.max_rows is not None else math.inf for lane in active]
+        speeds = [t.speed for t in active]
+        caps = [float(t.max_rows) if t.max_rows is not None else math.inf for t in active]
         share = _fill(height, speeds, caps)
         rows = _whole(height, share)
         small = [i for i, r in enumerate(rows) if r < MIN_BAND_ROWS] if len(active) > need else []
@@ -87,26 +93,31 @@ def split(height: int, lanes: Sequence[LaneShare]) -> Split:
             break
         active.pop(min(small, key=lambda i: (active[i].speed, -i)))
     out, a = [], 0
-    for lane, n in zip(active, rows):
+    for t, n in zip(active, rows):
         if n == 0:
             continue
-        count = min(n, -(-n // max(1, lane.band_rows)))  # the memory bound wins over MIN_BAND_ROWS
-        out.append((lane.name, tuple((a + p, a + q) for p, q in split_rows(n, count))))
+        count = min(n, -(-n // max(1, t.band_rows)))  # the memory bound wins over MIN_BAND_ROWS
+        out.append((t.name, tuple((a + p, a + q) for p, q in split_rows(n, count))))
         a += n
     return Split(tuple(out))
 
 
-def describe(plan) -> str:
-    """Rows per device of an exact plan that shared them out, for the progress text:
-    "cpu[0] 640 px rows in 2 bands, cpu[1] 384 px rows"."""
-    bands, parts, i = bands_of(plan, 0), [], 0
-    px = plan.scales[-2].factor
-    for name, count in plan.lanes:
-        own = bands[i:i + count]
+def rows_by_lane(plan) -> dict[str, int]:
+    """Latent rows of each batch item per lane of an exact plan that shared them out."""
+    bands, out, i = bands_of(plan, 0), {}, 0
+    for name, count in plan.shares:
+        out[name] = bands[i + count - 1].e - bands[i].a
         i += count
-        rows = (own[-1][2] - own[0][1]) * px
-        parts.append(f"{name} {rows} px rows" + (f" in {count} bands" if count > 1 else ""))
-    return ", ".join(parts)
+    return out
 
 
-__all__ = ["LaneShare", "Split", "describe", "split"]
+def describe(plan) -> str:
+    """Rows per lane of an exact plan that shared them out, for the progress text:
+    "cpu[0] 640 px rows in 2 bands, cpu[1] 384 px rows"."""
+    px = plan.scales[-2].factor
+    counts = dict(plan.shares)
+    return ", ".join(f"{name} {rows * px} px rows" + (f" in {counts[name]} bands" if counts[name] > 1 else "")
+                     for name, rows in rows_by_lane(plan).items())
+
+
+__all__ = ["Split", "Terms", "describe", "rows_by_lane", "split"]

@@ -41,11 +41,16 @@ class WanExact:
         for m in dec.upsamples.modules():  # DupUp3D shortcuts are not nn.Upsample, so not counted
             factor *= upsample_factor(m) or 1
         self.px_per_row = factor * patch_size
-        self.halo = halo_rows(self.rf_rows(dec))
+        self.halo = self.halo_of(model)
 
     @staticmethod
     def rf_rows(decoder) -> float:
         return receptive_rows([decoder.upsamples, decoder.head], skip=("DupUp3D",))
+
+    @classmethod
+    def halo_of(cls, model) -> int:
+        """Rows a band reads beyond its own on each side: the up path's receptive field."""
+        return halo_rows(cls.rf_rows(model.decoder))
 
     @staticmethod
     def refusal(model) -> str | None:

@@ -17,8 +17,6 @@ from .generic import GenericDecoder
 
 
 class TaehvStepper(GenericDecoder):
-    can_step = True
-
     @staticmethod
     def fits(module) -> bool:
         needed = ("decoder", "frames_to_trim", "patch_size", "process_in")
@@ -62,4 +60,4 @@ class TaehvStepper(GenericDecoder):
                 frames = F.pixel_shuffle(frames, m.patch_size)
             drop = min(trim, frames.shape[1])
             trim -= drop
-            yield self._out(frames[:, drop:].movedim(2, 1))
+            yield self.output(frames[:, drop:].movedim(2, 1))

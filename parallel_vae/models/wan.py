@@ -33,14 +33,9 @@ def count_modules(module, class_name: str) -> int:
 
 
 class WanStepper(GenericDecoder):
-    can_step = True
-
-    def __init__(self, module, dtype, device, output_device="cpu", pixel_dtype=torch.float32,
-                 patch_size: int = 1, first_chunk: bool = False):
-        super().__init__(module, dtype, device, output_device, pixel_dtype)
-        self.patch_size = patch_size
-        self.first_chunk = first_chunk
-        self.cache_slots = count_modules(module.decoder, "CausalConv3d")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_slots = count_modules(self.module.decoder, "CausalConv3d")
 
     @staticmethod
     def fits(module) -> bool:
@@ -64,5 +59,5 @@ class WanStepper(GenericDecoder):
             if self.patch_size > 1:
                 out = unpatchify(out, self.patch_size)
             for part in out.chunk(n, 2):  # a pair's 8 frames are 4 per latent frame
-                yield self._out(part)
+                yield self.output(part)
             i += n

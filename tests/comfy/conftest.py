@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from testkit import comfy_env, random_vaes, ray_cluster
+from testkit import comfy_env, observe, random_vaes, ray_cluster
 
 
 @pytest.fixture(scope="session")
@@ -105,23 +105,29 @@ def torch_threads():
 
 
 @pytest.fixture(scope="session")
-def hold_vae(pack):
+def source_of(pack):
+    """What workers are sent of a ComfyUI VAE (the node's own ModelSource for it)."""
+    return lambda vae: pack.nodes.model.vae_model(vae, pack.nodes.vae_info.describe(vae)).source
+
+
+@pytest.fixture(scope="session")
+def hold_vae(source_of):
     """Load ``vae`` in every worker (or actor) of ``pool`` and wait until each holds it. Units are
     pulled, so a worker still starting or loading when a small job runs rightly gets none, and a
     worker that came up after a job ended holds nothing until the next one: tests that count which
     worker decoded what make every worker ready first."""
-    def run(pool, vae, devices: str) -> dict:
-        nodes = pack.nodes
-        source = nodes.workers.model_source(vae, nodes.vae_info.describe(vae), pack.parallel_vae.devices.parse(devices))
-        return pool.wait_ready(source)
-    return run
+    return lambda pool, vae: pool.wait_ready(source_of(vae))
 
 
 @pytest.fixture(scope="session")
 def ray_attached(pack):
     """``ray_attached(**kw)``: this process attached to a simulated Ray cluster
-    (testkit.ray_cluster.attached); the pack's pools end before Ray's driver does."""
-    def release():
-        pack.nodes.ray_pool.shutdown_pool()
-        pack.nodes.workers.shutdown_pool()
-    return lambda **kw: ray_cluster.attached(release, **kw)
+    (testkit.ray_cluster.attached); the pack's workers and actors end before Ray's driver does."""
+    return lambda **kw: ray_cluster.attached(pack.nodes.backends.shutdown, **kw)
+
+
+@pytest.fixture
+def decodes(pack):
+    """The units of the latest decode: ``decodes.last`` (an engine.Report: tile, step, lane, pid)."""
+    with observe.decodes(pack) as seen:
+        yield seen

@@ -8,11 +8,11 @@ import pytest
 from testkit.compare import TOL, latent, max_diff
 
 
-def chosen(pack, vae, devices: str):
-    """The sizing.Choice the node makes for ``devices``."""
-    decode_module = pack.nodes.decode
-    spec = pack.nodes.vae_info.describe(vae)
-    return decode_module.auto_tile(vae, spec, pack.parallel_vae.devices.parse(devices))
+def chosen(pack, vae, devices: str) -> int:
+    """The tile size the node picks for ``devices`` now (tile_size 0, tiled mode)."""
+    job = pack.nodes.job.DecodeJob.prepare({"samples": latent((1, 4, 8, 8), 0)}, vae, 0, 64, 64, 8, devices, None,
+                                           "tiled")
+    return job.plan_for(pack.nodes.backends.backend_for(job.devices)).tile_size
 
 
 def test_auto_tile_shrinks_with_memory_and_equals_vae_decode_tiled_at_the_chosen_size(
@@ -22,7 +22,7 @@ def test_auto_tile_shrinks_with_memory_and_equals_vae_decode_tiled_at_the_chosen
     sizes = []
     for mib in (8192, 400, 160):
         monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, str(mib))
-        sizes.append(chosen(pack, vae, "cpu").tile_size)
+        sizes.append(chosen(pack, vae, "cpu"))
     assert sizes[0] > sizes[1] > sizes[2], sizes
     for mib, size in zip((400, 160), sizes[1:]):
         monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, str(mib))
@@ -34,7 +34,7 @@ def test_auto_tile_shrinks_with_memory_and_equals_vae_decode_tiled_at_the_chosen
 
 
 def test_auto_tile_in_exact_mode_equals_untiled_vae_decode_and_says_why(pack, load_vae, decode, core_decode,
-                                                                        monkeypatch):
+                                                                        decodes, monkeypatch):
     sizing = pack.parallel_vae.sizing
     vae, z = load_vae("sd"), latent((1, 4, 24, 20), 52)
     monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, "160")
@@ -42,9 +42,9 @@ def test_auto_tile_in_exact_mode_equals_untiled_vae_decode_and_says_why(pack, lo
     monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
     ours = decode(z, vae, 0, 64, devices="cpu", mode="exact")
     assert max_diff(ours, core_decode(z, vae)) <= TOL
-    size = chosen(pack, vae, "cpu").tile_size
+    size = chosen(pack, vae, "cpu")
     assert f"auto {size} px: cpu has 0.2 GiB free" in texts[-1], texts[-1]
-    bands = len(pack.nodes.lanes.last_report.units)
+    bands = len(decodes.last.units)
     assert bands == -(-24 // max(1, size * size // (20 * 64))), (bands, size)
 
 

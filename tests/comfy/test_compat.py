@@ -23,11 +23,12 @@ PROBE = {"wan21": (3, 4), "wan22": (1, 2), "taehv": (3, 4)}  # latent height, wi
 def test_stepper_is_trusted_and_bit_identical_to_decode(pack, load_vae, family):
     """Wan 2.1 decodes in pairs of latent frames from ComfyUI 0.18 and per frame before; either way
     every step yields its own frames (1, then 4 per latent frame) and they equal decode() exactly."""
-    models = pack.parallel_vae.models
+    families = pack.parallel_vae.families
     vae = load_vae(family)
-    dec = models.make_decoder(family, vae.first_stage_model, vae.vae_dtype, vae.device,
-                              latent_channels=CHANNELS[family])
-    assert dec.can_step, f"the {family} stepper did not pass its check against decode() on this ComfyUI"
+    dec = families.make_decoder(family, vae.first_stage_model, vae.vae_dtype, vae.device,
+                                latent_channels=CHANNELS[family])
+    assert type(dec) is families.of(family).stepper, \
+        f"the {family} stepper did not pass its check against decode() on this ComfyUI"
     for t in LATENT_FRAMES[family]:
         z = latent((1, CHANNELS[family], t) + PROBE[family], 30 + t)
         with torch.inference_mode():
@@ -40,7 +41,7 @@ def test_stepper_is_trusted_and_bit_identical_to_decode(pack, load_vae, family):
 def test_a_stepper_that_disagrees_with_decode_falls_back_to_whole_tiles(pack, load_vae, decode, core_tiled,
                                                                          monkeypatch, caplog):
     """The guard that turns a changed model into a slowdown instead of wrong pixels."""
-    models = pack.parallel_vae.models
+    models, families = pack.parallel_vae.models, pack.parallel_vae.families
     stepper = models.wan.WanStepper
     real_steps = stepper.steps
 
@@ -53,7 +54,7 @@ def test_a_stepper_that_disagrees_with_decode_falls_back_to_whole_tiles(pack, lo
     try:
         vae = load_vae("wan21")
         with caplog.at_level(logging.WARNING, logger="parallel_vae"):
-            dec = models.make_decoder("wan21", vae.first_stage_model, vae.vae_dtype, vae.device, latent_channels=16)
+            dec = families.make_decoder("wan21", vae.first_stage_model, vae.vae_dtype, vae.device, latent_channels=16)
         assert type(dec) is models.GenericDecoder
         assert "does not match WanVAE.decode" in caplog.text and "decoding whole tiles instead" in caplog.text
         z = latent((1, 16, 3, 10, 14), 41)
@@ -62,7 +63,8 @@ def test_a_stepper_that_disagrees_with_decode_falls_back_to_whole_tiles(pack, lo
     finally:
         monkeypatch.undo()
         models.check.forget()
-    assert models.make_decoder("wan21", vae.first_stage_model, vae.vae_dtype, vae.device, latent_channels=16).can_step
+    again = families.make_decoder("wan21", vae.first_stage_model, vae.vae_dtype, vae.device, latent_channels=16)
+    assert type(again) is stepper, "trusted again once the stepper agrees"
 
 
 @pytest.mark.parametrize("family", sorted(CHANNELS))
@@ -77,7 +79,7 @@ def test_causal_decode_with_a_whole_frame_tile_is_bit_identical_to_vae_decode(pa
     z = latent((1, CHANNELS[family], 3, 4, 5) if family != "wan22" else (1, 48, 2, 1, 2), 50)
     ours, streamed = decode(z, vae, 1024, 64, devices=devices), to_images(stream_of(z, vae, 1024, 64, devices=devices))
     if devices != "cpu":
-        torch_threads(sum(s.threads for s in pack.nodes.workers.worker_specs(pack.parallel_vae.devices.parse(devices))))
+        torch_threads(sum(s.threads for s in pack.nodes.backends.worker_specs(pack.parallel_vae.devices.parse(devices))))
     ref = core_decode(z, vae)
     assert torch.equal(ours, ref)
     assert torch.equal(streamed, ref)
@@ -128,28 +130,28 @@ def test_a_vae_whose_architecture_comes_from_metadata_is_rebuilt_exactly_in_work
     ref = core_tiled(z, vae, 128, 32, 16, 8)
     assert ref.shape == (17, 128, 192, 3) and ref.std() > 0.05
     assert max_diff(decode(z, vae, 128, 32, 16, 8, devices="cpu:2"), ref) <= TOL
-    copy = pack.nodes.lanes.rebuild_on(vae, torch.device("cpu"))
+    copy = pack.nodes.model.rebuild_on(vae, torch.device("cpu"))
     assert copy.first_stage_model.config == vae.first_stage_model.config
 
 
 def test_a_rebuild_without_the_metadata_is_a_clear_error_not_a_wrong_decode(pack, metadata_vae, decode,
                                                                            monkeypatch):
     nodes, errors = pack.nodes, pack.parallel_vae.errors
-    nodes.workers.shutdown_pool()  # workers that already built it would not build it again
+    nodes.backends.shutdown()  # workers that already built it would not build it again
     monkeypatch.setattr(nodes.compat, "rebuild_kwargs", lambda vae: {})  # as if ComfyUI had not kept it
-    monkeypatch.setattr(nodes.workers, "_fingerprints", type(nodes.workers._fingerprints)())
+    monkeypatch.setattr(nodes.model, "_fingerprints", type(nodes.model._fingerprints)())
     z = latent((1, 128, 2, 4, 6), 61)
     with pytest.raises(errors.InputError) as e:
         decode(z, metadata_vae, 128, 32, 16, 8, devices="cpu:2")
     assert str(e.value).startswith("vae: ") and "could not rebuild ComfyUI's model" in str(e.value)
     assert "devices=cpu" in str(e.value)
-    nodes.lanes._copies.pop(metadata_vae, None)
+    nodes.model._copies.pop(metadata_vae, None)
     with pytest.raises(errors.ModelMismatch):
-        nodes.lanes.rebuild_on(metadata_vae, torch.device("cpu"))
+        nodes.model.rebuild_on(metadata_vae, torch.device("cpu"))
     monkeypatch.undo()
-    nodes.workers.shutdown_pool()  # the other worker may still answer the failed load a moment later
+    nodes.backends.shutdown()  # the other worker may still answer the failed load a moment later
     assert decode(z, metadata_vae, 128, 32, 16, 8, devices="cpu:2").shape == (9, 128, 192, 3)
-    nodes.workers.shutdown_pool()
+    nodes.backends.shutdown()
 
 
 # --- VAEs the pack must not tile itself ------------------------------------------------------------
@@ -218,7 +220,7 @@ def test_fp16_intermediates_give_vae_decode_tileds_dtype_and_values(pack, load_v
     ours = decode(z, vae, 64, 16, devices=devices)
     if devices != "cpu":  # compare with core on a worker's thread count: float16 rounding would turn
         # the last-bit differences of another summation order into whole float16 steps
-        torch_threads(pack.nodes.workers.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads)
+        torch_threads(pack.nodes.backends.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads)
     ref = core_tiled(z, vae, 64, 16, 64, 8)
     assert ours.dtype == ref.dtype
     assert max_diff(ours, ref) <= 1e-6

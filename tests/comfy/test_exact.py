@@ -22,7 +22,8 @@ def one_thread(torch_threads):
 
 
 def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_counts(pack, load_vae, decode,
-                                                                                      core_decode, one_thread):
+                                                                                      core_decode, one_thread,
+                                                                                      decodes):
     vae = load_vae("sd")
     z = latent(SD_Z, 3)
     ref = core_decode(z, vae)
@@ -30,16 +31,16 @@ def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_cou
     # a band's own rows hold at most tile_size^2 pixels: 14 latent columns are 112 px wide
     for tile_size, bands in ((512, 1), (128, 2), (96, 3)):
         outputs[bands] = decode(z, vae, tile_size, 64, devices="cpu", mode="exact")
-        assert len(pack.nodes.lanes.last_report.units) == bands * SD_Z[0], "band count"
+        assert len(decodes.last.units) == bands * SD_Z[0], "band count"
         assert max_diff(outputs[bands], ref) <= TOL, f"{bands} bands"
     assert torch.equal(outputs[2], outputs[1]) and torch.equal(outputs[3], outputs[1])
 
 
-def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, one_thread):
+def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, one_thread, decodes):
     vae = load_vae("flux")
     z = latent((1, 16, 13, 10), 4)
     three = decode(z, vae, 64, 32, devices="cpu", mode="exact")
-    assert len(pack.nodes.lanes.last_report.units) == 3
+    assert len(decodes.last.units) == 3
     assert max_diff(three, core_decode(z, vae)) <= TOL
     assert torch.equal(three, decode(z, vae, 512, 64, devices="cpu", mode="exact"))
 
@@ -48,12 +49,12 @@ def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core
     ("wan21", (1, 16, 4, 19, 4), 2),  # 4 latent frames: 1, then pairs or singles (as the decoder takes them)
     ("wan22", (1, 48, 2, 9, 2), 2),
 ])
-def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, stream_of, to_images,
+def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, stream_of, to_images, decodes,
                                              family, shape, bands):
     vae = load_vae(family)
     z = latent(shape, 5)
     ours = decode(z, vae, 64, 16, devices="cpu", mode="exact")
-    assert len({t for t, *_ in pack.nodes.lanes.last_report.units}) == bands
+    assert len({t for t, *_ in decodes.last.units}) == bands
     assert max_diff(ours, core_decode(z, vae)) <= TOL
     if family == "wan21":  # the stream walks frames (every band's cache alive), the IMAGE node bands
         streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu", mode="exact"))
@@ -67,7 +68,6 @@ def test_the_default_mode_is_exact_for_sd_and_tiled_for_taehv(pack, load_vae, de
     taehv = load_vae("taehv")
     zt = latent((1, 16, 3, 6, 5), 7)
     assert max_diff(decode(zt, taehv, 64, 16, devices="cpu", mode=None), core_tiled(zt, taehv, 64, 16)) <= TOL
-    assert pack.nodes.lanes.last_report is not None
 
 
 def test_exact_on_an_unsupported_vae_is_an_error_naming_the_supported_families(pack, load_vae, decode):
@@ -92,7 +92,7 @@ def run_bands(pack, ex, mid, spans, combine=True, answers=None, edges=True):
     requests = [g.send(None) for g in gens]
     out, k, record = [None] * len(gens), 0, []
     while any(r is not None for r in requests):
-        if requests[0][0] == "rows":
+        if isinstance(requests[0], lockstep.RowsRequest):
             replies = lockstep.answers(requests) if edges else [(None, None)] * len(gens)
         elif answers is not None:
             replies = [answers[k]] * len(gens)
@@ -101,7 +101,7 @@ def run_bands(pack, ex, mid, spans, combine=True, answers=None, edges=True):
             replies = lockstep.answers(requests)
             record.append(replies[0])
         else:
-            replies = [stats.combine([r[4]], r[3]) for r in requests]
+            replies = [stats.combine([r.moments], r.eps) for r in requests]
         for i, g in enumerate(gens):
             try:
                 requests[i] = g.send(replies[i])
@@ -157,8 +157,7 @@ def test_sd_receptive_field_from_the_geometry_is_what_an_impulse_probe_reaches(p
 @pytest.mark.parametrize("family", ["wan21", "wan22"])
 def test_wan_halo_covers_what_an_impulse_probe_reaches(pack, load_vae, family):
     vae = load_vae(family)
-    exact = pack.parallel_vae.exact
-    ex = exact.executor(family, vae.first_stage_model, vae.vae_dtype, "cpu")
+    ex = pack.parallel_vae.families.exact_executor(family, vae.first_stage_model, vae.vae_dtype, "cpu")
     height, row = (34, 17) if family == "wan21" else (30, 15)
     z = latent((1, vae.latent_channels, 2, height, 1), 10)
     with torch.inference_mode():
@@ -179,7 +178,7 @@ def test_wan_halo_covers_what_an_impulse_probe_reaches(pack, load_vae, family):
 
 
 def test_band_out_of_memory_splits_and_retries_with_the_same_output(pack, load_vae, decode, monkeypatch,
-                                                                   one_thread):
+                                                                   one_thread, decodes):
     vae = load_vae("sd")
     # 2 bands of 16 rows, split into 4 of 8 (bit-identity holds for bands of MIN_BAND_ROWS and more)
     z = latent((1, 4, 32, 8), 11)
@@ -196,7 +195,7 @@ def test_band_out_of_memory_splits_and_retries_with_the_same_output(pack, load_v
 
     monkeypatch.setattr(sd, "band", failing_once)
     again = decode(z, vae, 96, 16, devices="cpu", mode="exact")
-    first_try = len(pack.nodes.lanes.last_report.units)
+    first_try = len(decodes.last.units)
     assert torch.equal(again, clean)
     assert len(calls) > 2 * first_try, calls  # the retry ran twice as many (half-height) bands
 

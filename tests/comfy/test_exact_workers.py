@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from testkit import faults
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
@@ -18,22 +19,22 @@ SD_Z = (2, 4, 21, 14)
 
 
 @pytest.fixture(scope="module")
-def workers(pack):
-    yield pack.nodes.workers
-    pack.nodes.workers.shutdown_pool()
+def backends(pack):
+    yield pack.nodes.backends
+    pack.nodes.backends.shutdown()
 
 
 def worker_threads(pack, devices: str) -> int:
-    return pack.nodes.workers.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads
+    return pack.nodes.backends.worker_specs(pack.parallel_vae.devices.parse(devices))[0].threads
 
 
 def test_sd_exact_on_two_and_three_workers_equals_untiled_and_in_process_bit_for_bit(
-        pack, load_vae, decode, core_decode, workers, torch_threads):
+        pack, load_vae, decode, core_decode, backends, decodes, torch_threads):
     vae, z = load_vae("sd"), latent(SD_Z, 3)
     two = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")  # 3 bands per item: groups of 2 and 1
-    pids_two = pack.nodes.lanes.last_report.pids()
+    pids_two = decodes.last.pids()
     three = decode(z, vae, 96, 16, devices="cpu:3", mode="exact")  # one band per worker
-    assert len(pids_two) == 2 and len(pack.nodes.lanes.last_report.pids()) == 3
+    assert len(pids_two) == 2 and len(decodes.last.pids()) == 3
     assert max_diff(two, core_decode(z, vae)) <= TOL
     assert torch.equal(two, three)
     assert worker_threads(pack, "cpu:2") == worker_threads(pack, "cpu:3")
@@ -42,21 +43,22 @@ def test_sd_exact_on_two_and_three_workers_equals_untiled_and_in_process_bit_for
 
 
 def test_wan_exact_on_two_workers_equals_untiled_and_streams_in_frame_order(
-        pack, load_vae, decode, core_decode, stream_of, to_images, workers, hold_vae):
+        pack, load_vae, decode, core_decode, stream_of, to_images, backends, hold_vae, decodes):
     vae, z = load_vae("wan21"), latent((1, 16, 3, 19, 4), 5)
     ours = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
     assert max_diff(ours, core_decode(z, vae)) <= TOL
-    hold_vae(workers.current_pool(), vae, "cpu:2")  # Wan's bands are pulled: a worker still loading gets none
+    hold_vae(backends.local_pool(), vae)  # Wan's bands are pulled: a worker still loading gets none
     streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu:2", mode="exact"))
-    assert len(pack.nodes.lanes.last_report.pids()) == 2
+    assert len(decodes.last.pids()) == 2
     assert max_diff(streamed, ours) == 0.0
 
 
 @pytest.mark.one_runtime
-def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(pack, load_vae, decode, workers):
+def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(pack, load_vae, decode, backends,
+                                                                                source_of):
     vae, z = load_vae("sd"), latent((1, 4, 30, 8), 6)
     clean = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
-    pool = workers.current_pool()
+    pool = backends.local_pool()
     victim = pool.pids()["cpu[1]"]
     restarts = pool.stats.restarts
     seen = []
@@ -72,34 +74,31 @@ def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(
     assert pool.stats.restarts == restarts + 1
     assert any("restarts" in text for _, text in pool.stats.events)
     assert torch.equal(again, clean)
-    source = workers.model_source(vae, pack.nodes.vae_info.describe(vae), pack.parallel_vae.devices.parse("cpu:2"))
-    ready = pool.wait_ready(source)
+    ready = pool.wait_ready(source_of(vae))
     assert len(ready) == 2 and victim not in ready.values()
 
 
 @pytest.mark.one_runtime
 def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_output(
-        pack, load_vae, decode, workers, monkeypatch):
-    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
-
+        pack, load_vae, decode, backends, monkeypatch):
     # 4 bands of 16 rows, split into 8 of 8 (bit-identity holds for bands of MIN_BAND_ROWS and more)
     vae, z = load_vae("sd"), latent((1, 4, 64, 8), 7)
     clean = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")
-    workers.shutdown_pool()
-    monkeypatch.setenv(FAULT_ENV, "oom:2:cpu[1]")  # the group holding band 2 fails until split
+    backends.shutdown()
+    faults.enable(monkeypatch, "oom:2:cpu[1]")  # the group holding band 2 fails until split
     try:
         again = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")
-        events = [text for _, text in workers.current_pool().stats.events]
+        events = [text for _, text in backends.local_pool().stats.events]
     finally:
-        workers.shutdown_pool()
-        monkeypatch.delenv(FAULT_ENV)
+        backends.shutdown()
+        monkeypatch.delenv(faults.FAULT_ENV)
     assert any("out of memory; bands split 2 ways" in text for text in events), events
     assert torch.equal(again, clean)
 
 
 @pytest.mark.one_runtime
 def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succeeds(
-        comfy, pack, load_vae, decode, core_decode, workers):
+        comfy, pack, load_vae, decode, core_decode, backends):
     import comfy.model_management as mm
 
     vae = load_vae("sd")
@@ -118,24 +117,20 @@ def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succe
 
 
 def planned_rows(pack, vae, z, tile_size: int, devices: str) -> dict[str, int]:
-    """Latent rows per device of the plan the node makes now (shares.split via DecodeJob)."""
-    job = pack.nodes.decode.DecodeJob.prepare({"samples": z}, vae, tile_size, 16, 64, 8, devices, None, "exact")
-    bands = pack.parallel_vae.exact.geometry.bands_of(job.plan, 0)
-    out, i = {}, 0
-    for name, count in job.plan.lanes:
-        out[name] = bands[i + count - 1][2] - bands[i][1]
-        i += count
-    return out
+    """Latent rows per lane of the plan the node makes now (shares.split via DecodeJob)."""
+    job = pack.nodes.job.DecodeJob.prepare({"samples": z}, vae, tile_size, 16, 64, 8, devices, None, "exact")
+    plan = job.plan_for(pack.nodes.backends.backend_for(job.devices)).plan
+    return pack.parallel_vae.exact.shares.rows_by_lane(plan)
 
 
 def test_each_worker_gets_rows_by_its_measured_speed_and_its_memory_with_the_same_output(
-        pack, load_vae, decode, core_decode, workers, monkeypatch):
+        pack, load_vae, decode, core_decode, backends, monkeypatch):
     vae, z = load_vae("sd"), latent((1, 4, 40, 12), 9)
     texts = []
     monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
     first = decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
     assert max_diff(first, core_decode(z, vae)) <= TOL
-    rates = workers.current_pool().workers.rates
+    rates = backends.local_pool().speeds.rates
     assert sorted(rates) == ["cpu[0]", "cpu[1]"] and all(r > 0 for r in rates.values()), rates
 
     # a device measured three times as fast decodes three times the rows; the image is the same

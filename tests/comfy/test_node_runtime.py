@@ -60,8 +60,8 @@ def test_output_is_one_preallocated_contiguous_buffer(load_vae, decode):
 
 def test_vae_rebuilt_on_another_device_decodes_identically(pack, load_vae, core_decode):
     vae = load_vae("wan21")
-    copy = pack.nodes.lanes.rebuild_on(vae, torch.device("cpu"))
+    copy = pack.nodes.model.rebuild_on(vae, torch.device("cpu"))
     assert copy is not vae and type(copy.first_stage_model) is type(vae.first_stage_model)
-    assert pack.nodes.lanes.rebuild_on(vae, torch.device("cpu")) is copy  # built once per device
+    assert pack.nodes.model.rebuild_on(vae, torch.device("cpu")) is copy  # built once per device
     z = latent((1, 16, 2, 6, 6), 13)
     assert max_diff(core_decode(z, copy), core_decode(z, vae)) <= TOL

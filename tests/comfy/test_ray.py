@@ -32,27 +32,28 @@ def cluster(ray_attached):
 
 @pytest.fixture
 def ray_pool(pack, cluster):
-    return pack.nodes.ray_pool.current_pool
+    return pack.nodes.backends.ray_pool
 
 
 def test_sd_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, load_vae, decode, core_tiled,
-                                                                        core_decode, cluster, ray_pool, hold_vae):
+                                                                        core_decode, cluster, ray_pool, hold_vae,
+                                                                        decodes):
     vae, z = load_vae("sd"), latent((1, 4, 16, 12), 61)
     tiled = decode(z, vae, 64, 16, devices=RAY, mode="tiled")
     assert max_diff(tiled, core_tiled(z, vae, 64, 16)) <= TOL
     pool = ray_pool()
     assert {s.node_id for s in pool.specs} == ray_cluster.worker_node_ids(cluster), "one lane on each node"
-    hold_vae(pool, vae, RAY)  # tiles are pulled: an actor still loading rightly gets none
+    hold_vae(pool, vae)  # tiles are pulled: an actor still loading rightly gets none
 
-    puts, loads = pool.workers.puts, pool.stats.loads
+    puts, loads = pool.transport.puts, pool.stats.loads
     exact = decode(z, vae, 64, 16, devices=RAY, mode="exact")
     assert max_diff(exact, core_decode(z, vae)) <= TOL
-    per_lane = pack.nodes.lanes.last_report.per_lane()  # bands in lock-step: every lane has rows
+    per_lane = decodes.last.per_lane()  # bands in lock-step: every lane has rows
     assert sorted(per_lane) == sorted(pool.names) and all(n > 0 for n in per_lane.values()), per_lane
-    assert set(pool.workers.result_nodes) == ray_cluster.worker_node_ids(cluster), "results came from both nodes"
-    assert pool.workers.puts - puts == 1, "a warm prompt puts its latent only, no weights"
+    assert set(pool.transport.result_nodes) == ray_cluster.worker_node_ids(cluster), "results came from both nodes"
+    assert pool.transport.puts - puts == 1, "a warm prompt puts its latent only, no weights"
     assert pool.stats.loads == loads, "no worker built the VAE again"
-    assert sorted(pool.workers.rates) == sorted(pool.names), "each lane's speed measured, for the next rows"
+    assert sorted(pool.speeds.rates) == sorted(pool.names), "each lane's speed measured, for the next rows"
 
     assert torch.equal(tiled, decode(z, vae, 64, 16, devices="cpu:2", mode="tiled"))
     assert torch.equal(exact, decode(z, vae, 64, 16, devices="cpu:2", mode="exact"))
@@ -73,7 +74,7 @@ def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae
     assert max_diff(exact, core_decode(e, vae)) <= TOL
     assert torch.equal(exact, decode(e, vae, 64, 16, devices="cpu:2", mode="exact"))
     assert torch.equal(to_images(stream_of(e, vae, 64, 16, devices=RAY, mode="exact")), exact)
-    assert set(ray_pool().workers.result_nodes) == ray_cluster.worker_node_ids(cluster)
+    assert set(ray_pool().transport.result_nodes) == ray_cluster.worker_node_ids(cluster)
 
 
 def test_pixels_travel_in_the_decoders_dtype(comfy, load_vae, decode, cluster, ray_pool):
@@ -85,9 +86,9 @@ def test_pixels_travel_in_the_decoders_dtype(comfy, load_vae, decode, cluster, r
     z = latent((1, 16, 2, 4, 4), 64)
 
     def sent(vae):
-        before = ray_pool().workers.result_bytes if ray_pool() else 0
+        before = ray_pool().transport.result_bytes if ray_pool() else 0
         out = decode(z, vae, 64, 16, devices=RAY)
-        return out, ray_pool().workers.result_bytes - before
+        return out, ray_pool().transport.result_bytes - before
 
     (wide, wide_bytes), (ours, half_bytes) = sent(full), sent(half)
     assert half_bytes * 2 == wide_bytes > 0, "the same pixels, in half the bytes"
@@ -96,12 +97,12 @@ def test_pixels_travel_in_the_decoders_dtype(comfy, load_vae, decode, cluster, r
 
 
 def test_sigkill_of_an_actor_mid_job_gives_the_same_output_and_the_lane_rejoins(pack, load_vae, decode, ray_pool,
-                                                                                hold_vae):
+                                                                                hold_vae, decodes):
     vae, z = load_vae("sd"), latent((1, 4, 16, 16), 65)
     clean = decode(z, vae, 64, 16, devices="cpu:2")
     decode(latent((1, 4, 8, 8), 66), vae, 64, 16, devices=RAY)
     pool = ray_pool()
-    hold_vae(pool, vae, RAY)  # both actors hold the VAE: each pulls a tile at once
+    hold_vae(pool, vae)  # both actors hold the VAE: each pulls a tile at once
     lane = pool.names[1]
     victim, restarts = pool.pids()[lane], pool.stats.restarts
     killer = when_busy(pool, lane, lambda h: os.kill(h.pid, signal.SIGKILL))
@@ -109,10 +110,10 @@ def test_sigkill_of_an_actor_mid_job_gives_the_same_output_and_the_lane_rejoins(
     killer.join()
     assert pool.stats.restarts == restarts + 1
     assert torch.equal(ours, clean)
-    hold_vae(pool, vae, RAY)  # the restarted actor (up after the job ended) builds the VAE again
+    hold_vae(pool, vae)  # the restarted actor (up after the job ended) builds the VAE again
     assert torch.equal(decode(z, vae, 64, 16, devices=RAY), clean)
     assert ray_pool() is pool and pool.pids()[lane] != victim
-    assert pack.nodes.lanes.last_report.per_lane().get(lane, 0) > 0, "the restarted actor rejoined"
+    assert decodes.last.per_lane().get(lane, 0) > 0, "the restarted actor rejoined"
 
 
 def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_runs_on_the_same_actors(
@@ -136,23 +137,54 @@ def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_runs_on_the
     assert ray_pool().pids() == pids, "the same actors"
 
 
+def auto_tile(pack, vae, devices: str) -> int:
+    """The tile size the node picks for ``devices`` now (tile_size 0, tiled mode)."""
+    job = pack.nodes.job.DecodeJob.prepare({"samples": latent((1, 4, 8, 8), 0)}, vae, 0, 64, 64, 8, devices, None,
+                                           "tiled")
+    return job.plan_for(pack.nodes.backends.backend_for(job.devices)).tile_size
+
+
 def test_tile_size_auto_follows_the_free_memory_each_actor_measures(pack, load_vae, decode, core_tiled, core_decode,
                                                                     monkeypatch, ray_pool):
-    sizing, parse = pack.parallel_vae.sizing, pack.parallel_vae.devices.parse
+    sizing = pack.parallel_vae.sizing
     vae, z = load_vae("sd"), latent((1, 4, 16, 18), 72)
-    spec = pack.nodes.vae_info.describe(vae)
     decode(latent((1, 4, 8, 8), 73), vae, 64, 16, devices=RAY)
     pool = ray_pool()
-    measured = pool.free_memory()
+    measured = pool.transport.free_memory(pool.start())
     assert sorted(measured) == sorted(pool.names) and min(measured.values()) > 1 << 30, measured
     monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, f"{pool.names[1]}=160")  # one tight lane decides
-    choice = pack.nodes.decode.auto_tile(vae, spec, parse(RAY))
+    size = auto_tile(pack, vae, RAY)
     monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, "160")
-    assert choice.tile_size == pack.nodes.decode.auto_tile(vae, spec, parse("cpu")).tile_size < 512
+    assert size == auto_tile(pack, vae, "cpu") < 512
     monkeypatch.setenv(sizing.MEMORY_LIMIT_ENV, f"{pool.names[1]}=160")
-    size = choice.tile_size
     assert max_diff(decode(z, vae, 0, 64, devices=RAY), core_tiled(z, vae, size, min(64, size // 4))) <= TOL
     assert max_diff(decode(z, vae, 0, 64, devices=RAY, mode="exact"), core_decode(z, vae)) <= TOL
+
+
+def test_an_exact_prompt_with_tile_size_auto_looks_at_the_cluster_once_and_measures_each_lane_once(
+        pack, load_vae, decode, core_decode, stream_of, monkeypatch, ray_pool):
+    """tile_size 0 needs each lane's free memory, exact mode each lane's rows: one look at the
+    cluster's machines and one free-memory round (each lane asked once) serve both. Building the
+    stream node's recipe reaches no cluster at all."""
+    lookups, rounds = [], []
+    nodes = ray.nodes
+    monkeypatch.setattr(ray, "nodes", lambda: lookups.append(1) or nodes())
+    actors = pack.parallel_vae.ray_workers.RayActors
+    measure = actors.free_memory
+
+    def counted(self, handles):
+        measured = measure(self, handles)
+        rounds.append(sorted(measured))
+        return measured
+
+    monkeypatch.setattr(actors, "free_memory", counted)
+    vae, z = load_vae("sd"), latent((1, 4, 16, 12), 74)
+    stream_of(z, vae, 0, 16, devices=RAY, mode="exact")
+    assert (lookups, rounds) == ([], []), "the stream node's recipe reached the cluster"
+    ours = decode(z, vae, 0, 16, devices=RAY, mode="exact")
+    assert max_diff(ours, core_decode(z, vae)) <= TOL
+    assert len(lookups) == 1, "one look at the cluster's machines"
+    assert rounds == [sorted(ray_pool().names)], "one free-memory round, each lane once"
 
 
 def test_removing_a_node_mid_job_gives_the_same_output_from_the_other(pack, load_vae, decode, cluster, ray_pool,
@@ -162,7 +194,7 @@ def test_removing_a_node_mid_job_gives_the_same_output_from_the_other(pack, load
     clean = decode(z, vae, 64, 16, devices="cpu:2")
     decode(latent((1, 4, 8, 8), 71), vae, 64, 16, devices=RAY)
     pool = ray_pool()
-    hold_vae(pool, vae, RAY)
+    hold_vae(pool, vae)
     spec = pool.specs[1]
     node = next(n for n in cluster.list_all_nodes() if n.node_id == spec.node_id)
     earlier = len(pool.stats.events)  # the pool's life so far (the SIGKILL test killed this lane too)
@@ -184,5 +216,5 @@ def test_removing_a_node_mid_job_gives_the_same_output_from_the_other(pack, load
     # job, until Ray marks that node dead)
     actors = sum(h.live for h in pool.handles)
     assert actors >= len(pool.pids()) >= 1
-    assert pack.nodes.workers.release("a test") == 2 + actors  # two local workers and the actors
+    assert pack.nodes.backends.release("a test") == 2 + actors  # two local workers and the actors
     assert {h.state.value for h in pool.handles} == {"dead"} and not pool.pids()

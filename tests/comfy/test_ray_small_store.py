@@ -30,7 +30,7 @@ def test_weights_the_store_cannot_hold_are_a_clear_error_and_the_lanes_stay_usab
     assert "--object-store-memory" in str(err.value)
 
     wan, v = load_vae("wan21"), latent((1, 16, 2, 8, 12), 82)
-    pool = pack.nodes.ray_pool.current_pool()
-    hold_vae(pool, wan, RAY)  # both lanes take the next VAE: neither still waits for SD's load
+    pool = pack.nodes.backends.ray_pool()
+    hold_vae(pool, wan)  # both lanes take the next VAE: neither still waits for SD's load
     assert torch.equal(decode(v, wan, 64, 16, 8, 4, devices=RAY), decode(v, wan, 64, 16, 8, 4, devices="cpu:2"))
-    assert set(pool.workers.result_nodes) == ray_cluster.worker_node_ids(small_cluster), "results came from both nodes"
+    assert set(pool.transport.result_nodes) == ray_cluster.worker_node_ids(small_cluster), "results came from both nodes"

@@ -3,6 +3,7 @@ Images and Save Video (Stream) against ParallelVAEDecode, files read back with P
 interrupt, and a stream consumed twice."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from testkit import comfy_env
+from testkit import comfy_env, procs
 from testkit.compare import latent
 from testkit.latents import read_png
 
@@ -19,7 +20,7 @@ from testkit.latents import read_png
 @pytest.fixture(scope="module")
 def nodes(pack):
     yield pack.nodes
-    pack.nodes.workers.shutdown_pool()
+    pack.nodes.backends.shutdown()
 
 
 @pytest.fixture
@@ -61,13 +62,14 @@ def test_image_batches_and_non_causal_latents_stream_too(load_vae, decode, strea
                        decode(z, sd, 64, 16, devices="cpu:2"))
 
 
-def test_a_stream_consumed_twice_decodes_twice_and_gives_the_same_frames(load_vae, stream_of, to_images, nodes):
+def test_a_stream_consumed_twice_decodes_twice_and_gives_the_same_frames(load_vae, stream_of, to_images, decodes):
     wan, z = load_vae("wan21"), latent((1, 16, 2, 8, 8), 23)
     stream = stream_of(z, wan)
     first = to_images(stream)
-    report = nodes.lanes.last_report
+    report = decodes.last
     second = to_images(stream)
-    assert nodes.lanes.last_report is not report, "the second consumer ran its own decode"
+    assert decodes.last is not report and len(decodes.last.units) == len(report.units) > 0, \
+        "the second consumer ran its own decode"
     assert torch.equal(first, second)
 
 
@@ -136,13 +138,13 @@ def test_interrupt_mid_stream_stops_within_2s_removes_the_partial_files_and_next
     assert time.monotonic() - pressed["at"] < 2.0
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the partial files are removed"
     assert not [t for t in threading.enumerate() if t.name == "pvae-stream"], "the decode thread has stopped"
-    pool = nodes.workers.current_pool() if devices != "cpu" else None
+    pool = nodes.backends.local_pool() if devices != "cpu" else None
     pids = pool.pids() if pool else None
     small = latent((1, 16, 2, 8, 8), 28)
     _, files = save(stream_of(small, wan, devices=devices), fmt)
     assert files and all(f.exists() for f in files)
     if pool:
-        assert nodes.workers.current_pool().pids() == pids, "the same workers served the next prompt"
+        assert nodes.backends.local_pool().pids() == pids, "the same workers served the next prompt"
 
 
 def test_bad_input_is_named(load_vae, stream_of, nodes, save):
@@ -168,20 +170,30 @@ def test_bad_input_is_named(load_vae, stream_of, nodes, save):
         save(torch.zeros(1), "mp4")
 
 
+def test_the_stream_nodes_recipe_starts_no_worker(load_vae, stream_of, to_images, nodes):
+    """The stream node only checks its inputs: the workers start when a consumer pulls frames."""
+    nodes.backends.shutdown()
+    wan, z = load_vae("wan21"), latent((1, 16, 2, 8, 8), 31)
+    stream = stream_of(z, wan, devices="cpu:2")
+    assert nodes.backends.local_pool() is None and procs.workers_of(os.getpid()) == []
+    assert to_images(stream).shape == (5, 64, 64, 3)
+    assert len(procs.workers_of(os.getpid())) == 2
+
+
 def test_a_worker_with_less_work_is_held_within_a_few_frames_of_the_others(load_vae, decode, stream_of, to_images,
-                                                                            nodes):
-    from parallel_vae.pool import LOOKAHEAD_STEPS, SLOTS
+                                                                            nodes, decodes):
+    from parallel_vae.jobs import LOOKAHEAD_STEPS, SLOTS
 
     wan, z = load_vae("wan21"), latent((1, 16, 24, 8, 20), 30)  # 3 equal tiles in a row, 24 latent frames
     stream = stream_of(z, wan, devices="cpu:2", frames_per_batch=8)
-    assert len(stream.job.plan.tiles) == 3
-    held = nodes.workers.get_pool(stream.job.devices).stats.held
+    held = nodes.backends.backend_for(stream.job.devices).pool.stats.held
     out = to_images(stream)  # two workers: one decodes two tiles, the other one tile (twice as fast)
-    delivered = dict.fromkeys(range(3), 0)
+    delivered = {t: 0 for t, *_ in decodes.last.units}
+    assert len(delivered) == 3
     lead = 0
-    for tile, step, lane, pid in nodes.lanes.last_report.units:  # in the order they reached the blender
+    for tile, step, lane, pid in decodes.last.units:  # in the order they reached the blender
         delivered[tile] = step + 1
         lead = max(lead, max(delivered.values()) - min(delivered.values()))
     assert lead <= LOOKAHEAD_STEPS + SLOTS + 1, f"a worker ran {lead} frames ahead"
-    assert nodes.workers.current_pool().stats.held > held, "the faster worker was held back"
+    assert nodes.backends.local_pool().stats.held > held, "the faster worker was held back"
     assert torch.equal(out, decode(z, wan, 64, 16, devices="cpu:2"))

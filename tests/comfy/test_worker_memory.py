@@ -22,22 +22,22 @@ def wait_for(check, seconds: float, what: str):
     raise AssertionError(f"{what} did not happen within {seconds} s")
 
 
-def test_idle_workers_drop_their_vaes_then_exit_and_come_back(pack, load_vae, decode, monkeypatch):
-    workers = pack.nodes.workers
+def test_idle_workers_drop_their_vaes_then_exit_and_come_back(pack, load_vae, decode, decodes, monkeypatch):
+    backends = pack.nodes.backends
     pool_module = pack.parallel_vae.pool
-    workers.shutdown_pool()
+    backends.shutdown()
     monkeypatch.setenv(pool_module.IDLE_DROP_ENV, "1")
     monkeypatch.setenv(pool_module.IDLE_EXIT_ENV, "6")
     monkeypatch.setattr(pool_module, "TIDY_EVERY_S", 0.2)
     try:
         vae, z = load_vae("sd"), latent((1, 4, 10, 12), 41)
         first = decode(z, vae, 64, 16, devices="cpu:2")
-        rows = workers.report()["workers"]
+        rows = backends.report()["workers"]
         pids = [r["pid"] for r in rows]
         assert [r["models"] for r in rows] == [1, 1], rows
 
         def dropped():
-            now = workers.report()
+            now = backends.report()
             return now["workers"] if all(r["models"] == 0 and r["state"] == "up" for r in now["workers"]) else None
         rows = wait_for(dropped, 8, "dropping the VAEs")
         assert [r["pid"] for r in rows] == pids, "dropping keeps the processes"
@@ -45,19 +45,19 @@ def test_idle_workers_drop_their_vaes_then_exit_and_come_back(pack, load_vae, de
 
         # The janitor reaps the processes, then marks their handles: the route may briefly lag.
         def exited():
-            states = [r["state"] for r in workers.report()["workers"]]
+            states = [r["state"] for r in backends.report()["workers"]]
             return states if not any(alive(p) for p in pids) and states == ["dead", "dead"] else None
         wait_for(exited, 12, "the idle exit")
 
         again = decode(z, vae, 64, 16, devices="cpu:2")
         assert torch.equal(again, first)
-        assert not pack.nodes.lanes.last_report.pids() & set(pids), "new workers"
+        assert not decodes.last.pids() & set(pids), "new workers"
     finally:
-        workers.shutdown_pool()
+        backends.shutdown()
 
 
 def test_release_waits_for_the_running_decode_then_stops_every_worker(pack, load_vae, decode):
-    workers = pack.nodes.workers
+    backends = pack.nodes.backends
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 42), vae, 64, 16, devices="cpu:2")  # warm
     z = latent((1, 4, 24, 24), 43)  # several seconds on two workers
@@ -66,12 +66,12 @@ def test_release_waits_for_the_running_decode_then_stops_every_worker(pack, load
     try:
         runner.start()
         time.sleep(1.0)
-        pids = list(workers.current_pool().pids().values())
+        pids = list(backends.local_pool().pids().values())
         assert runner.is_alive(), "the decode should still be running"
-        assert workers.release("a test") == 2
+        assert backends.release("a test") == 2
         assert not any(alive(p) for p in pids)
         runner.join(10)
         assert result["out"].shape[1:3] == (192, 192), "the running decode finished undisturbed"
     finally:
         runner.join(60)
-        workers.shutdown_pool()
+        backends.shutdown()

@@ -9,61 +9,57 @@ import time
 
 import pytest
 
+from testkit import faults
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
 
 @pytest.fixture(scope="module")
-def workers(pack):
-    yield pack.nodes.workers
-    pack.nodes.workers.shutdown_pool()
-
-
-@pytest.fixture(scope="module")
-def last_report(pack):
-    return lambda: pack.nodes.lanes.last_report
+def backends(pack):
+    yield pack.nodes.backends
+    pack.nodes.backends.shutdown()
 
 
 @pytest.mark.parametrize("devices", ["cpu:1", "cpu:2", "cpu:3"])
-def test_sd_and_wan_equal_vae_decode_tiled_on_any_number_of_workers(load_vae, decode, core_tiled, workers, hold_vae,
-                                                                    last_report, devices):
+def test_sd_and_wan_equal_vae_decode_tiled_on_any_number_of_workers(load_vae, decode, core_tiled, backends, hold_vae,
+                                                                    decodes, devices):
     n = int(devices.split(":")[1])
     sd, z = load_vae("sd"), latent((2, 4, 10, 14), 11)
     assert max_diff(decode(z, sd, 64, 16, devices=devices), core_tiled(z, sd, 64, 16)) <= TOL
-    pids = set(workers.current_pool().pids().values())
+    pids = set(backends.local_pool().pids().values())
     assert len(pids) == n and os.getpid() not in pids
-    assert last_report().pids() <= pids, "none ran in ComfyUI's process"
-    hold_vae(workers.current_pool(), sd, devices)  # tiles are pulled: a worker still loading gets none
+    assert decodes.last.pids() <= pids, "none ran in ComfyUI's process"
+    hold_vae(backends.local_pool(), sd)  # tiles are pulled: a worker still loading gets none
     decode(latent((1, 4, 10, 14), 10), sd, 64, 16, devices=devices)  # 6 tiles
-    assert last_report().pids() == pids, "every worker that holds the VAE pulls a tile at once"
+    assert decodes.last.pids() == pids, "every worker that holds the VAE pulls a tile at once"
 
     wan, v = load_vae("wan21"), latent((1, 16, 3, 10, 14), 12)
     ours = decode(v, wan, 64, 16, 8, 4, devices=devices)  # causal: time is never cut
     assert max_diff(ours, core_tiled(v, wan, 64, 16, 64, 8)) <= TOL
     lanes_per_tile = {}
-    for tile, step, lane, pid in last_report().units:
+    for tile, step, lane, pid in decodes.last.units:
         lanes_per_tile.setdefault(tile, set()).add(pid)
     assert all(len(p) == 1 for p in lanes_per_tile.values()), "a causal tile stays in one worker (sticky)"
 
 
-def test_second_prompt_uses_the_same_workers_and_sends_no_weights(load_vae, decode, workers, last_report, hold_vae):
+def test_second_prompt_uses_the_same_workers_and_sends_no_weights(load_vae, decode, backends, decodes, hold_vae):
     vae = load_vae("sd")
     decode(latent((1, 4, 10, 10), 13), vae, 64, 16, devices="cpu:2")
-    pool = workers.current_pool()
-    hold_vae(pool, vae, "cpu:2")
+    pool = backends.local_pool()
+    hold_vae(pool, vae)
     pids, sent, loads = pool.pids(), pool.stats.weights_bytes, pool.stats.loads
     assert sent > 0 and loads >= 2
     decode(latent((1, 4, 12, 10), 14), vae, 64, 16, devices="cpu:2")
-    assert workers.current_pool() is pool and pool.pids() == pids
-    assert last_report().pids() == set(pids.values())
+    assert backends.local_pool() is pool and pool.pids() == pids
+    assert decodes.last.pids() == set(pids.values())
     assert (pool.stats.weights_bytes, pool.stats.loads) == (sent, loads), "no weights the second time"
 
 
-def test_a_different_vae_is_shipped_once_and_both_stay_cached(load_vae, decode, core_tiled, workers):
+def test_a_different_vae_is_shipped_once_and_both_stay_cached(load_vae, decode, core_tiled, backends):
     sd, flux = load_vae("sd"), load_vae("flux")
     z4, z16 = latent((1, 4, 10, 10), 15), latent((1, 16, 8, 8), 16)
     decode(z4, sd, 64, 16, devices="cpu:2")
-    pool = workers.current_pool()
+    pool = backends.local_pool()
     assert max_diff(decode(z16, flux, 64, 16, devices="cpu:2"), core_tiled(z16, flux, 64, 16)) <= TOL
     sent = pool.stats.weights_bytes
     assert max_diff(decode(z4, sd, 64, 16, devices="cpu:2"), core_tiled(z4, sd, 64, 16)) <= TOL
@@ -72,12 +68,12 @@ def test_a_different_vae_is_shipped_once_and_both_stay_cached(load_vae, decode, 
 
 @pytest.mark.one_runtime
 @pytest.mark.parametrize("family, shape", [("sd", (1, 4, 16, 16)), ("wan21", (1, 16, 3, 12, 12))])
-def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_vae, decode, core_tiled, workers,
-                                                                           hold_vae, family, shape):
+def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_vae, decode, core_tiled, backends,
+                                                                           hold_vae, source_of, family, shape):
     vae, z = load_vae(family), latent(shape, 17)
     decode(latent(shape, 18), vae, 64, 16, devices="cpu:2")
-    pool = workers.current_pool()
-    hold_vae(pool, vae, "cpu:2")  # both hold the VAE: each pulls a tile at once
+    pool = backends.local_pool()
+    hold_vae(pool, vae)  # both hold the VAE: each pulls a tile at once
     victim = pool.pids()["cpu[1]"]
     restarts = pool.stats.restarts
     killer = when_busy(pool, "cpu[1]", lambda h: os.kill(victim, signal.SIGKILL))
@@ -85,26 +81,13 @@ def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_
     killer.join()
     assert pool.stats.restarts == restarts + 1
     assert max_diff(ours, core_tiled(z, vae, 64, 16, 64, 8)) <= TOL
-    source = workers.model_source(vae, pack_spec(vae), pack_devices("cpu:2"))
-    ready = pool.wait_ready(source)
+    ready = pool.wait_ready(source_of(vae))
     assert len(ready) == 2 and victim not in ready.values()
-
-
-def pack_spec(vae):
-    import parallel_tiled_vae.nodes.vae_info as vae_info
-
-    return vae_info.describe(vae)
-
-
-def pack_devices(text):
-    from parallel_tiled_vae.parallel_vae.devices import parse
-
-    return parse(text)
 
 
 @pytest.mark.one_runtime
 def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(comfy, load_vae, decode,
-                                                                              core_tiled, workers):
+                                                                              core_tiled, backends):
     import comfy.model_management as mm
 
     vae = load_vae("sd")
@@ -123,52 +106,50 @@ def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(co
 
 
 @pytest.mark.one_runtime
-def test_a_worker_that_crashes_on_start_is_a_clear_node_error(load_vae, decode, workers, monkeypatch):
+def test_a_worker_that_crashes_on_start_is_a_clear_node_error(load_vae, decode, backends, monkeypatch):
     from parallel_tiled_vae.parallel_vae.errors import DecodeError
-    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
 
-    workers.shutdown_pool()
-    monkeypatch.setenv(FAULT_ENV, "start")
+    backends.shutdown()
+    faults.enable(monkeypatch, "start")
     with pytest.raises(DecodeError, match=r"no decode worker could run \(cpu\[0\]: could not start: .*fails on start"):
         decode(latent((1, 4, 8, 8), 22), load_vae("sd"), 64, 16, devices="cpu:2")
-    workers.shutdown_pool()
-    monkeypatch.delenv(FAULT_ENV)
+    backends.shutdown()
+    monkeypatch.delenv(faults.FAULT_ENV)
     decode(latent((1, 4, 8, 8), 22), load_vae("sd"), 64, 16, devices="cpu:2")
 
 
-def test_changing_the_device_list_replaces_the_workers(load_vae, decode, workers):
+def test_changing_the_device_list_replaces_the_workers(load_vae, decode, backends):
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:2")
-    old = list(workers.current_pool().pids().values())
+    old = list(backends.local_pool().pids().values())
     decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:1")
-    assert len(workers.current_pool().pids()) == 1
+    assert len(backends.local_pool().pids()) == 1
     for pid in old:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
 
 @pytest.mark.one_runtime
-def test_a_worker_that_hangs_mid_job_is_stopped_and_its_tiles_requeued(load_vae, decode, core_tiled, workers,
-                                                                      monkeypatch, tmp_path):
+def test_a_worker_that_hangs_mid_job_is_stopped_and_its_tiles_requeued(load_vae, decode, core_tiled, backends,
+                                                                      source_of, monkeypatch, tmp_path):
     """The fault hook makes cpu[1] hang (alive, silent) on its first tile, once; with a 3 s unit
     deadline the watchdog kills it, the tile is decoded elsewhere, the output is unchanged, the
     prompt ends in bounded time, and the pool is back to two workers."""
     from parallel_tiled_vae.parallel_vae.watchdog import UNIT_TIMEOUT_ENV
-    from parallel_tiled_vae.parallel_vae.worker import FAULT_ENV
 
     vae, z = load_vae("sd"), latent((1, 4, 12, 14), 44)
-    workers.shutdown_pool()
-    monkeypatch.setenv(FAULT_ENV, f"hang:*:cpu[1]:{tmp_path / 'hung'}")
+    backends.shutdown()
+    faults.enable(monkeypatch, f"hang:*:cpu[1]:{tmp_path / 'hung'}")
     monkeypatch.setenv(UNIT_TIMEOUT_ENV, "3")
     try:
         started = time.monotonic()
         ours = decode(z, vae, 64, 16, devices="cpu:2")  # cpu[1] hangs on its first tile, once
         assert time.monotonic() - started < 60
-        pool = workers.current_pool()
+        pool = backends.local_pool()
         assert (tmp_path / "hung").exists(), "the fault hook never fired"
         assert any("silent" in text for _, text in pool.stats.events), pool.stats.events
         assert max_diff(ours, core_tiled(z, vae, 64, 16, 64, 8)) <= TOL
-        ready = pool.wait_ready(workers.model_source(vae, pack_spec(vae), pack_devices("cpu:2")))
+        ready = pool.wait_ready(source_of(vae))
         assert len(ready) == 2
     finally:
-        workers.shutdown_pool()
+        backends.shutdown()

@@ -24,11 +24,14 @@ def test_accepted(spec, cuda, expected):
     assert names(parse(spec, cuda_devices=cuda, cpu_cores=4)) == expected
 
 
-def test_cpu_lanes_know_their_share_and_torch_device():
-    lanes = parse("cpu:2", cuda_devices=0, cpu_cores=2)
-    assert lanes == [Device("cpu", 0, 2), Device("cpu", 1, 2)]
-    assert {d.torch_device for d in lanes} == {"cpu"}
+def test_cpu_workers_know_their_share_and_torch_device():
+    workers = parse("cpu:2", cuda_devices=0, cpu_cores=2)
+    assert workers == [Device("cpu", 0, 2, pooled=True), Device("cpu", 1, 2, pooled=True)]
+    assert {d.torch_device for d in workers} == {"cpu"}
     assert parse("cuda:1", cuda_devices=2)[0].torch_device == "cuda:1"
+    # one CPU worker process is not ComfyUI's own CPU, though both are named "cpu"
+    assert parse("cpu:1", cuda_devices=0) != parse("cpu", cuda_devices=0)
+    assert names(parse("cpu:1", cuda_devices=0)) == names(parse("cpu", cuda_devices=0)) == ["cpu"]
 
 
 @pytest.mark.parametrize("spec, cuda, fragment", [
@@ -57,12 +60,30 @@ def test_non_string_is_rejected():
         parse(3, cuda_devices=0)
 
 
-def test_defaults_read_this_machine():
-    # No GPU in CI: auto is the CPU there; on a GPU machine it is every GPU.
-    import torch
+def test_without_counts_parse_reads_the_machine(monkeypatch):
+    import parallel_vae.devices as devices
 
-    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-    assert names(parse("auto")) == expected
+    monkeypatch.setattr(devices, "cuda_count", lambda: 3)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 5)
+    assert names(parse("auto")) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert names(parse("cuda:2")) == ["cuda:2"]
+    with pytest.raises(InputError, match="this machine has 5 cores, so use cpu:1..cpu:10"):
+        parse("cpu:11")
+    monkeypatch.setattr(devices, "cuda_count", lambda: 0)
+    assert names(parse("auto")) == ["cpu"]
+
+
+def test_which_device_lists_use_worker_processes():
+    from parallel_vae.devices import uses_workers
+
+    assert not uses_workers(parse("cpu", cuda_devices=0))
+    assert not uses_workers(parse("auto", cuda_devices=0))
+    assert not uses_workers(parse("cuda:1", cuda_devices=2))
+    assert uses_workers(parse("cpu:1", cuda_devices=0))
+    assert uses_workers(parse("cpu:2", cuda_devices=0, cpu_cores=2))
+    assert uses_workers(parse("auto", cuda_devices=2))
+    assert uses_workers(parse("cuda:0,cpu", cuda_devices=1))
+    assert len(parse("cpu:4", cuda_devices=0, cpu_cores=2)) == 4, "up to twice the cores"
 
 
 def test_ray_values_stand_alone_and_are_checked_without_a_cluster():

@@ -1,4 +1,4 @@
-"""Streaming without ComfyUI: frame order, canvas-free blending, lane groups, and FrameStream's
+"""Streaming without ComfyUI: frame order, canvas-free blending, frame groups, and FrameStream's
 ordering, batching, back-pressure, closing and error handling."""
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from parallel_vae import engine
 from parallel_vae import plan as P
+from parallel_vae.backends import InProcess, Local, Model
 from parallel_vae.blend import allocate_output
+from parallel_vae.devices import Device
 from parallel_vae.errors import DecodeError
-from parallel_vae.schedule import in_process_order, lane_groups
+from parallel_vae.schedule import frame_groups, in_process_groups
 from parallel_vae.stream import FrameStream
 
 SCALES = (P.AxisScale(4, 3), P.AxisScale(8), P.AxisScale(8))
@@ -47,37 +49,46 @@ def causal_plan(batch=1, frames=4):
     return P.plan_causal((batch, 16, frames, 10, 14), P.TileSettings(8, 2, 2, 1), SCALES)
 
 
+def in_process(plan, z, decoder, order):
+    """Every unit of ``plan`` decoded by the in-process backend with ``decoder``."""
+    model = Model(None, local=lambda device, plan: Local(decoder, executor=lambda: None))
+    return InProcess(Device("cpu", 0), free=lambda d: 0).results(plan, z, model, order)
+
+
 def test_frame_order_walks_every_tile_of_a_frame_before_the_next_frame():
     plan = causal_plan(batch=2, frames=3)
-    order = [(t.batch, step, t.index) for t, step in in_process_order(plan, "frame")]
+    z = torch.randn(2, 16, 3, 10, 14)
+    order = [(u.tile.batch, u.step, u.tile.index) for u in in_process(plan, z, StepDecoder(), "frame")]
     assert order == sorted(order) and len(order) == plan.units
-    assert [(t.index, s) for t, s in in_process_order(plan)] == [(t.index, s) for t in plan.tiles
-                                                                 for s in range(plan.steps)]
+    tile_order = [(u.tile.index, u.step) for u in in_process(plan, z, StepDecoder(), "tile")]
+    assert tile_order == [(t.index, s) for t in plan.tiles for s in range(plan.steps)]
+    assert in_process_groups(plan, "frame") == [tuple(t.index for t in plan.tiles_of(b)) for b in range(2)]
 
 
 def test_canvas_free_segments_equal_the_canvas_decode_and_come_in_frame_order():
     plan, z = causal_plan(), torch.randn(1, 16, 4, 10, 14)
     storage, out = allocate_output(plan)
-    engine.decode(plan, z, engine.LocalLane(StepDecoder(), "cpu"), out)
+    tiled = StepDecoder()
+    engine.decode(plan, z, in_process(plan, z, tiled, "tile"), out)
+    assert tiled.most_alive == 1, "tile order keeps one causal cache at a time"
     decoder = StepDecoder()
-    report = engine.Report(["cpu"])
-    got = list(engine.segments(plan, z, engine.LocalLane(decoder, "cpu"), report))
+    got = list(engine.segments(plan, z, in_process(plan, z, decoder, "frame"), engine.Report()))
     assert [engine.frame_range(plan, s) for s, _ in got] == [(0, 1), (1, 5), (5, 9), (9, 13)]
     joined = torch.cat([region for _, region in got], dim=2)
     assert torch.equal(joined, out), "same arithmetic, bit for bit"
     assert decoder.most_alive == len(plan.tiles), "frame order keeps every tile's causal cache"
 
 
-def test_lane_groups_balance_volume_keep_plan_order_and_put_batch_items_in_order():
+def test_frame_groups_balance_volume_keep_plan_order_and_put_batch_items_in_order():
     plan = causal_plan(batch=2)
-    groups = lane_groups(plan, 3)
+    groups = frame_groups(plan, 3)
     assert sorted(t.index for g in groups for t in g.tiles) == list(range(len(plan.tiles)))
     assert [g.tiles[0].batch for g in groups] == sorted(g.tiles[0].batch for g in groups)
     for g in groups:
         assert [t.index for t in g.tiles] == sorted(t.index for t in g.tiles)
         assert len({t.batch for t in g.tiles}) == 1
-    assert len(lane_groups(plan, 1)) == 2 and len(lane_groups(plan, 99)) == len(plan.tiles)
-    volumes = [g.volume for g in lane_groups(causal_plan(), 2)]
+    assert len(frame_groups(plan, 1)) == 2 and len(frame_groups(plan, 99)) == len(plan.tiles)
+    volumes = [g.volume for g in frame_groups(causal_plan(), 2)]
     assert max(volumes) - min(volumes) <= max(t.volume for t in causal_plan().tiles)
 
 
@@ -101,7 +112,7 @@ def test_stream_reorders_segments_and_cuts_exact_batches():
         batches = list(stream)
     assert [(b.start, b.frames.shape[0]) for b in batches] == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 3), (15, 1)]
     assert torch.equal(torch.cat([b.frames[:, 0, 0, 0] for b in batches]), torch.arange(16.0))
-    assert stream.delivered == 16 and stream.first_batch_at is not None
+    assert all(b.total == 16 for b in batches)
 
 
 def test_a_slow_consumer_holds_the_producer_back():

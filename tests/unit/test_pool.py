@@ -13,13 +13,17 @@ import pytest
 import torch
 
 from parallel_vae import engine, protocol, shm
+from parallel_vae.backends import InProcess, Local, Model
 from parallel_vae.blend import allocate_output
+from parallel_vae.devices import Device
 from parallel_vae.errors import DecodeError
 from parallel_vae.models import GenericDecoder
 from parallel_vae.plan import AxisScale, plan_image, settings_from_pixels
-from parallel_vae.pool import ModelSource, WorkerPool, WorkerSpec
-from parallel_vae.worker import FAULT_ENV
-from testkit import toy_vae
+from parallel_vae.pool import WorkerPool
+from parallel_vae.processes import Processes
+from parallel_vae.worker import MAX_CACHED_VAES
+from parallel_vae.workers import ModelSource, WorkerSpec
+from testkit import faults, toy_vae
 from testkit.comfy_env import REPO
 
 SCRIPTS = str(REPO / "scripts")
@@ -34,7 +38,7 @@ def source(delay: float = 0.0, seed: int = 0) -> ModelSource:
 
 def make_pool(n: int, **kw) -> WorkerPool:
     specs = [WorkerSpec(f"cpu[{i}]", "cpu", threads=1) for i in range(n)]
-    return WorkerPool(specs, python_path=[SCRIPTS], **kw)
+    return WorkerPool(specs, Processes([SCRIPTS]), **kw)
 
 
 def toy_plan(shape=(2, 4, 20, 24), tile=64, overlap=16):
@@ -47,15 +51,17 @@ def latent(shape=(2, 4, 20, 24), seed=1):
 
 
 def local_reference(plan, z, seed=0):
-    model = toy_vae.build(toy_vae.weights(seed))
+    """The same plan decoded by the in-process backend."""
+    decoder = GenericDecoder(toy_vae.build(toy_vae.weights(seed)), torch.float32, "cpu")
+    model = Model(source(seed=seed), local=lambda device, plan: Local(decoder, executor=lambda: None))
     _, out = allocate_output(plan)
-    engine.decode(plan, z, engine.LocalLane(GenericDecoder(model, torch.float32, "cpu"), "cpu"), out)
+    engine.decode(plan, z, InProcess(Device("cpu", 0), free=lambda d: 0).results(plan, z, model), out)
     return out
 
 
 def pool_decode(pool, plan, z, src=None, on_unit=None, poll=lambda: None):
     _, out = allocate_output(plan)
-    report = engine.decode(plan, z, engine.PoolLane(pool, src or source(), poll), out, on_unit=on_unit)
+    report = engine.decode(plan, z, pool.run(plan, z, src or source(), poll), out, on_unit=on_unit)
     return out, report
 
 
@@ -123,7 +129,7 @@ def test_a_load_in_flight_that_evicts_a_vae_keeps_its_tasks_off_that_worker():
     pool = make_pool(1)
     try:
         plan, z = toy_plan(), latent(seed=4)
-        for seed in range(protocol.MAX_CACHED_VAES):  # the worker now holds seeds 0.. (0 least recent)
+        for seed in range(MAX_CACHED_VAES):  # the worker now holds seeds 0.. (0 least recent)
             pool_decode(pool, plan, z, source(seed=seed))
         pool.workers.want_model(source(seed=9))  # sent, not waited for: its Loaded comes later
         out, _ = pool_decode(pool, plan, z, source(seed=0))
@@ -182,28 +188,35 @@ def test_a_load_that_could_not_be_sent_leaves_the_worker_free_for_the_next_one()
     pool = make_pool(1)
     try:
         plan, z = toy_plan(), latent(seed=5)
-        for seed in range(protocol.MAX_CACHED_VAES):  # full: a Load sent would drop seed 0
+        for seed in range(MAX_CACHED_VAES):  # full: a Load sent would drop seed 0
             pool_decode(pool, plan, z, source(seed=seed))
         h = pool.workers.handles[0]
-        held = list(h.models)
-        h.conn = RefusingLoads(h.conn)
+        held = h.models
+        h.channel.conn = RefusingLoads(h.channel.conn)
         try:
             with pytest.raises(RuntimeError, match="object store is full"):
                 pool.workers.want_model(source(seed=9))
         finally:
-            h.conn = h.conn.conn
-        assert h.loading is None and list(h.models) == held
+            h.channel.conn = h.channel.conn.conn
+        assert h.loading is None and h.models == held
         out, _ = pool_decode(pool, plan, z, source(seed=9))
         assert torch.equal(out, local_reference(plan, z, seed=9))
     finally:
         pool.shutdown()
 
 
-def test_largest_tiles_are_handed_out_first(pool2):
+def test_largest_tiles_are_handed_out_first():
+    """One worker decodes its tasks in the order they were handed out: largest first, plan order
+    among equals."""
     plan, z = toy_plan((1, 4, 21, 27), tile=96, overlap=32), latent((1, 4, 21, 27))
-    _, report = pool_decode(pool2, plan, z)
-    volumes = [plan.tiles[t].volume for t, *_ in report.units]
-    assert volumes[:2] == sorted(volumes, reverse=True)[:2]  # the two first handed out are the largest
+    pool = make_pool(1)
+    try:
+        _, report = pool_decode(pool, plan, z)
+    finally:
+        pool.shutdown()
+    arrived = [t for t, *_ in report.units]
+    assert arrived == sorted(arrived, key=lambda t: (-plan.tiles[t].volume, t))
+    assert plan.tiles[arrived[0]].volume > plan.tiles[arrived[-1]].volume, "tiles of different sizes"
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_unchanged(pool2):
@@ -214,7 +227,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_unchanged(pool2):
     killed = []
 
     def on_unit(unit):
-        if not killed and unit.lane == "cpu[0]":
+        if not killed and unit.by == "cpu[0]":
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
 
@@ -275,20 +288,20 @@ def test_an_interrupt_mid_batch_loses_no_record(pool2):
 
 
 def test_out_of_memory_on_one_worker_retries_the_tile_on_another(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "oom:*:cpu[0]")
+    faults.enable(monkeypatch, "oom:*:cpu[0]")
     pool = make_pool(2)
     try:
         pool.warm(source())
         plan, z = toy_plan(), latent(seed=7)
         out, report = pool_decode(pool, plan, z)
         assert torch.equal(out, local_reference(plan, z))
-        assert report.per_lane()["cpu[0]"] == 0 and pool.stats.requeued >= 1
+        assert report.per_lane().get("cpu[0]", 0) == 0 and pool.stats.requeued >= 1
     finally:
         pool.shutdown()
 
 
 def test_out_of_memory_everywhere_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "oom:*:cpu[0]")
+    faults.enable(monkeypatch, "oom:*:cpu[0]")
     pool = make_pool(1)
     try:
         with pytest.raises(DecodeError, match="ran out of memory on every device.*smaller tile_size"):
@@ -298,7 +311,7 @@ def test_out_of_memory_everywhere_is_a_clear_error(monkeypatch):
 
 
 def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "start")
+    faults.enable(monkeypatch, "start")
     pool = make_pool(2)
     try:
         with pytest.raises(DecodeError, match=r"cpu\[0\]: could not start: RuntimeError: .*fails on start"):
@@ -308,7 +321,7 @@ def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
 
 
 def test_an_unknown_device_is_a_clear_error():
-    pool = WorkerPool([WorkerSpec("npu:0", "npu:0")], python_path=[SCRIPTS])
+    pool = WorkerPool([WorkerSpec("npu:0", "npu:0")], Processes([SCRIPTS]))
     try:
         with pytest.raises(DecodeError, match=r"npu:0: could not start: .*npu"):
             pool.warm(source())
@@ -316,7 +329,7 @@ def test_an_unknown_device_is_a_clear_error():
         pool.shutdown()
 
 
-def test_shutdown_stops_every_worker(pool2):
+def test_shutdown_stops_every_worker():
     pool = make_pool(2)
     pool.warm(source())
     pids = list(pool.pids().values())

@@ -14,26 +14,28 @@ import torch
 
 from parallel_vae import protocol
 from parallel_vae.protocol import Failure, LoadFailure, ProtocolError
+from parallel_vae.units import Work
 
 EXAMPLES = [
     protocol.Init({"name": "cpu[0]", "device": "cpu", "threads": 2, "setup": [("m", "a.b", True)], "imports": []}),
     protocol.Load("fp", {"factory": "m:f", "kwargs": {"dtype": torch.float16}}, "pvae_1_w_ab", 4096,
                   [("k", torch.float32, (2, 3), 0)]),
     protocol.Arena("pvae_1_slots_cd", 1024, 512, 2),
-    protocol.JobData(7, "fp", {"causal": False, "step_frames": ((0, 1),), "tiles": [(0, (0, 0), (8, 8))]},
-                     ("pvae_1_z_ef", 256, torch.float32, (1, 4, 8, 8))),
+    protocol.JobData(7, "fp", Work(False, False, ((0, 1),), ((0, (0, 0), (8, 8)),)).wire(), "pvae_1_z_ef", 256,
+                     torch.float32, (1, 4, 8, 8)),
     protocol.Task(7, 3, (3, 4)),
     protocol.Task(7, 3, (3,), 2),
     protocol.Free(1),
     protocol.Cancel(7),
     protocol.Quit(),
     protocol.Drop(),
-    protocol.Idle(123 << 20, 0),
+    protocol.Idle(123 << 20, ()),
+    protocol.Idle(123 << 20, ("fp", "other")),
     protocol.Up(1234),
     protocol.InitFailed("RuntimeError: no such device"),
-    protocol.Loaded("fp", 1.5),
-    protocol.LoadFailed("fp", "it is another model", LoadFailure.MISMATCH),
-    protocol.LoadFailed("fp", "KeyError: x", LoadFailure.ERROR),
+    protocol.Loaded("fp", 1.5, ("other", "fp")),
+    protocol.LoadFailed("fp", "it is another model", LoadFailure.MISMATCH, ()),
+    protocol.LoadFailed("fp", "KeyError: x", LoadFailure.ERROR, ("other",)),
     protocol.Result(7, 3, 0, 1, (1, 3, 64, 64)),
     protocol.Done(7, 3),
     *[protocol.Failed(7, 3, why, "text") for why in Failure],
@@ -121,24 +123,73 @@ def test_a_worker_refuses_an_unknown_message_instead_of_looping():
 
 
 ENGINE = Path(protocol.__file__).parent
-OURS = {"pool", "jobs", "processes", "protocol", "worker"}
 
 
-def _ours_imported_by(module: str) -> set[str]:
-    tree = ast.parse((ENGINE / f"{module}.py").read_text())
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ENGINE).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts) or "__init__"
+
+
+def _imports(path: Path, module: str, toplevel_only: bool) -> set[str]:
+    """The pack's modules ``module`` imports (``parallel_vae.`` left off), by its source; with
+    ``toplevel_only``, only what it imports when it is imported (not inside functions)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if toplevel_only else list(ast.walk(tree))
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parallel_vae"):
-            found.add(node.module.split(".")[1] if "." in node.module else "")
-    return found & OURS
+    for node in nodes:
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            target = ".".join(base + ([node.module] if node.module else []))
+        elif (node.module or "").startswith("parallel_vae"):
+            target = node.module[len("parallel_vae"):].lstrip(".")
+        else:
+            continue
+        names = [target] if node.module else [".".join(filter(None, [target, a.name])) for a in node.names]
+        for name in names + [f"{target}.{a.name}" for a in node.names]:
+            if name in MODULES:
+                found.add(name)
+    return found - {module}
 
 
-def test_the_pool_modules_import_one_way():
-    """pool -> jobs -> processes -> protocol; the worker process needs only the protocol."""
-    assert _ours_imported_by("protocol") == set()
-    assert _ours_imported_by("worker") == {"protocol"}
-    assert _ours_imported_by("processes") == {"protocol"}
-    assert _ours_imported_by("jobs") <= {"processes", "protocol"}
-    assert _ours_imported_by("pool") <= {"jobs", "processes", "protocol"}
+MODULES = {_module_name(p) for p in ENGINE.rglob("*.py")}
+GRAPH = {m: _imports(p, m, False) for p in ENGINE.rglob("*.py") for m in [_module_name(p)]}
+AT_IMPORT = {m: _imports(p, m, True) for p in ENGINE.rglob("*.py") for m in [_module_name(p)]}
+
+
+def _reach(start: str, graph: dict) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph.get(todo.pop(), ()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def test_the_import_reader_sees_what_the_modules_import():
+    """The checks below are only as good as the reader: known imports, function-level ones too."""
+    assert {"protocol", "errors", "families", "units", "shm", "identity"} <= GRAPH["worker"]
+    assert "exact.lockstep" in GRAPH["worker"] - AT_IMPORT["worker"] or "exact.lockstep" in _reach("worker", GRAPH)
+    assert {"blend", "units", "plan", "errors"} <= GRAPH["engine"]
+
+
+def test_the_worker_process_loads_neither_the_decode_loop_nor_the_pool():
+    """A worker needs the protocol, the units it decodes and the families' adapters; never the
+    blender, the scheduler, the pool or the backends (it would load them into every worker)."""
+    parent_side = {"engine", "blend", "schedule", "stream", "video", "pool", "jobs", "lockstep_job", "workers",
+                   "processes", "ray_workers", "backends", "sizing", "devices"}
+    assert _reach("worker", GRAPH) & parent_side == set()
+
+
+def test_the_pool_side_does_not_import_the_decode_loop():
+    for module in ("pool", "jobs", "lockstep_job", "workers", "processes", "ray_workers"):
+        assert not _reach(module, GRAPH) & {"engine", "blend"}, module
+
+
+def test_the_engine_has_no_import_circle():
+    circles = [m for m in AT_IMPORT if m in _reach(m, AT_IMPORT)]
+    assert circles == []

@@ -1,4 +1,5 @@
-"""ComfyUI's side of the Ray lanes: attach to the cluster, one worker actor per lane, reused.
+"""ComfyUI's side of Ray lanes: attach to the cluster, and one lane per GPU (or N CPU lanes) of
+each of its machines.
 
 The connection is made when a node runs, in the node's thread, never at import: ``ray.init`` in
 ComfyUI's main thread would replace its SIGTERM handler. It never starts a private cluster: with
@@ -8,27 +9,17 @@ no cluster to attach to, the node fails saying how to start one. A connection so
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import socket
-import threading
 
 from ..parallel_vae.devices import Device
-from ..parallel_vae import sizing
-from ..parallel_vae.errors import DecodeError, InputError
-from ..parallel_vae.pool import WorkerPool
-from ..parallel_vae.ray_workers import RayWorkers, RayWorkerSpec, py_modules
-from .workers import COMFY_ROOT
-
-log = logging.getLogger("parallel_vae")
+from ..parallel_vae.errors import InputError
+from ..parallel_vae.ray_workers import RayWorkerSpec, py_modules
+from . import compat
 
 TESTED_RAY = "2.60.0"
 START_HINT = ("start one with `ray start --head` on this machine (and `ray start --address=<head ip>:6379` on the "
               "others), or set RAY_ADDRESS to a running cluster")
-
-_pool: WorkerPool | None = None
-_key = None
-_lock = threading.Lock()
 
 
 def connect():
@@ -66,8 +57,9 @@ def _unreachable(address: str) -> str:
 
 
 def lane_specs(ray, device: Device) -> list[RayWorkerSpec]:
-    """One spec per GPU of every live node (``ray``), or N CPU lanes per node (``ray:cpu:N``);
-    named by machine and device, e.g. ``10.0.0.7/cuda:1``."""
+    """One worker spec per GPU of every live node (``ray``), or N CPU lanes per node
+    (``ray:cpu:N``); each lane named by machine and device, e.g. ``10.0.0.7/cuda:1``. One look at
+    the cluster's nodes."""
     specs = []
     for node in sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeManagerAddress"]):
         ip, res = node["NodeManagerAddress"], node.get("Resources", {})
@@ -75,9 +67,9 @@ def lane_specs(ray, device: Device) -> list[RayWorkerSpec]:
             if res.get("CPU", 0) < 1:
                 continue  # a head that takes no work
             for i in range(device.index):
-                specs.append(RayWorkerSpec(f"{ip}/cpu[{i}]", "cpu", threads=1, env=(("CUDA_VISIBLE_DEVICES", ""),),
-                                           setup=(("comfy.cli_args", "args.cpu", True),),
-                                           node_id=node["NodeID"], node_ip=ip, num_cpus=1))
+                specs.append(RayWorkerSpec(f"{ip}/cpu[{i}]", "cpu", threads=1, env=compat.CPU_WORKER_ENV,
+                                           setup=compat.CPU_WORKER_SETUP, node_id=node["NodeID"], node_ip=ip,
+                                           num_cpus=1))
         else:
             for i in range(int(res.get("GPU", 0))):
                 specs.append(RayWorkerSpec(f"{ip}/cuda:{i}", "cuda:0", threads=1, node_id=node["NodeID"],
@@ -94,59 +86,3 @@ def lane_specs(ray, device: Device) -> list[RayWorkerSpec]:
         raise InputError("devices", f"the Ray cluster has no {what}; " + (
             "use ray:cpu:N for CPU lanes, or start nodes with GPUs" if not device.index else START_HINT))
     return specs
-
-
-def get_pool(devices: list[Device]) -> WorkerPool:
-    """The pool of actors for this value and this cluster's current nodes, reused while they are
-    the same (a node that joined makes new lanes for the next prompt)."""
-    global _pool, _key
-    ray = connect()
-    specs = lane_specs(ray, devices[0])
-    key = (ray.get_runtime_context().gcs_address, tuple(specs))
-    with _lock:
-        if _pool is not None and _key != key:
-            log.info("parallel_vae: Ray lanes changed; stopping actors for %s", ", ".join(_pool.names))
-            _pool.shutdown()
-            _pool = None
-        if _pool is None:
-            _pool = WorkerPool(specs, python_path=[COMFY_ROOT], imports=["comfy.sd"], kind=RayWorkers)
-            _key = key
-        return _pool
-
-
-def lane_frees(devices: list[Device]) -> list[tuple[str, int]]:
-    """(lane, free bytes) of every Ray lane, as its actor measures it on its machine, under the
-    environment's limit for that lane's name; a lane that does not answer is sized like the
-    tightest one that did."""
-    pool = get_pool(devices)
-    measured = pool.free_memory()
-    if not measured:
-        raise DecodeError(f"no Ray lane reported its free memory for tile_size 0 (auto) ({', '.join(pool.names)}); "
-                          "give a tile size, and see ComfyUI's log for why")
-    tightest = min(measured.values())
-    return [(name, sizing.capped(name, measured.get(name, tightest))) for name in pool.names]
-
-
-def lane_speeds(devices: list[Device]) -> tuple[list[str], list[float]]:
-    """The Ray lanes' names and their measured speeds in exact bands (1.0 each before)."""
-    pool = get_pool(devices)
-    return pool.names, pool.speeds(pool.names)
-
-
-def current_pool() -> WorkerPool | None:
-    return _pool
-
-
-def release() -> int:
-    """Stop the actors once the running decode ends (ComfyUI's "free", the stop route); the next
-    decode starts them again. Returns how many ran."""
-    pool = _pool
-    return pool.release() if pool is not None else 0
-
-
-def shutdown_pool() -> None:
-    global _pool, _key
-    with _lock:
-        if _pool is not None:
-            _pool.shutdown()
-        _pool, _key = None, None
