@@ -11,8 +11,6 @@ const MAP_HEIGHT = 110; // CSS pixels of the tile map
 const PANEL_MIN_HEIGHT = 300; // CSS pixels of the whole panel, at least
 const LANE_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7"];
 
-// Listeners currently registered on `api` by all preview widgets (tests read it).
-window.__pvaeListeners = 0;
 // Once the server sends previews with metadata, the frontend also re-dispatches each one as a legacy
 // `b_preview`: from then on the legacy event is a duplicate and is ignored.
 let previewsHaveMetadata = false;
@@ -54,14 +52,6 @@ function el(tag, cls, parent) {
   return e;
 }
 
-// FNV-1a over the bytes: cheap, and enough to tell frames apart.
-function hashBytes(buffer) {
-  const bytes = new Uint8Array(buffer);
-  let h = 0x811c9dc5;
-  for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i], 0x01000193);
-  return `${(h >>> 0).toString(16)}:${bytes.length}`;
-}
-
 // An event is for `node` when it names its id, or a subgraph path ending in it ("12:3").
 function isFor(node, id) {
   const s = String(id), mine = String(node.id); // ids are numbers, or strings in newer frontends
@@ -94,10 +84,8 @@ class PreviewPanel {
   resetRun(promptId) {
     for (const f of this.frames ?? []) URL.revokeObjectURL(f.url);
     this.promptId = promptId;
-    this.generation = (this.generation ?? 0) + 1; // hashes still being computed for an old run are dropped
     this.frames = []; // {url, thumb}, the last KEEP_FRAMES
     this.frameCount = 0;
-    this.hashes = new Set();
     this.selected = null; // a frame the user picked, else follow the newest
     this.plan = null;
     this.tileState = []; // per tile: {lane, steps}
@@ -118,7 +106,6 @@ class PreviewPanel {
   on(type, fn) {
     api.addEventListener(type, fn);
     this.listeners.push([type, fn]);
-    window.__pvaeListeners++;
   }
 
   attach() {
@@ -153,7 +140,6 @@ class PreviewPanel {
 
   detach() {
     for (const [type, fn] of this.listeners) api.removeEventListener(type, fn);
-    window.__pvaeListeners -= this.listeners.length;
     this.listeners = [];
     this.resizeObserver?.disconnect();
     this.resizeObserver = null;
@@ -199,7 +185,6 @@ class PreviewPanel {
 
   laneName(lane) {
     const lanes = this.plan?.lanes ?? [];
-    if (typeof lane === "number" && lanes[lane] !== undefined) return lanes[lane];
     const name = String(lane);
     if (this.plan && !lanes.includes(name)) lanes.push(name);
     return name;
@@ -227,12 +212,6 @@ class PreviewPanel {
     }
     this.strip.scrollLeft = this.strip.scrollWidth;
     this.showFrame();
-    const generation = this.generation;
-    blob.arrayBuffer().then((buffer) => {
-      if (generation !== this.generation) return;
-      this.hashes.add(hashBytes(buffer));
-      this.updateAttributes();
-    }).catch(() => {});
     this.updateAttributes();
   }
 
@@ -254,11 +233,11 @@ class PreviewPanel {
     return this.tileState.filter((t) => t && t.steps > 0).length;
   }
 
+  // The panel's state on its element (data-*), as it shows it: for styles and automation.
   updateAttributes() {
     const ds = this.root.dataset;
     ds.pvaeNode = String(this.node.id);
     ds.frames = String(this.frameCount);
-    ds.distinctFrames = String(this.hashes.size);
     ds.tiles = String(this.plan?.tiles.length ?? 0);
     ds.mode = this.plan?.mode ?? "";
     ds.sized = this.plan?.sized ?? "";

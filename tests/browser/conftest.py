@@ -113,6 +113,43 @@ class Page:
           app[name] = (...args) => { window.__pvaeTest.warnings.push({name, args}); return original(...args); };
         }
       }
+      // The preview widgets' listeners on the api: those added from the pack's web/ file (by its stack)
+      // and not removed since. The extension's own setup listeners came before this and are not counted.
+      const ours = new Set();
+      const add = EventTarget.prototype.addEventListener, remove = EventTarget.prototype.removeEventListener;
+      EventTarget.prototype.addEventListener = function (type, fn, ...rest) {
+        if (this === api && fn && /parallel_vae_preview\\.js/.test(new Error().stack)) ours.add(fn);
+        return add.call(this, type, fn, ...rest);
+      };
+      EventTarget.prototype.removeEventListener = function (type, fn, ...rest) {
+        if (this === api) ours.delete(fn);
+        return remove.call(this, type, fn, ...rest);
+      };
+      window.__pvaeTest.listeners = () => ours.size;
+      // Frames a panel shows in its filmstrip that differ in their pixels (FNV-1a of each decoded
+      // thumbnail; the frontend's content security policy lets no page script fetch a blob: URL).
+      window.__pvaeTest.distinctFrames = async (root) => {
+        const hashes = new Set();
+        for (const img of root.querySelectorAll(".pvae-strip img")) {
+          await img.decode();
+          const c = document.createElement("canvas");
+          c.width = img.naturalWidth; c.height = img.naturalHeight;
+          const g = c.getContext("2d");
+          g.drawImage(img, 0, 0);
+          const bytes = g.getImageData(0, 0, c.width, c.height).data;
+          let h = 0x811c9dc5;
+          for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i], 0x01000193);
+          hashes.add(`${h >>> 0}:${c.width}x${c.height}`);
+        }
+        return hashes.size;
+      };
+      // Whether an object URL still loads as an image (a revoked one does not).
+      window.__pvaeTest.urlLoads = (url) => new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve(true);
+        img.onerror = () => resolve(false);
+        img.src = url;
+      });
       const pinia = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia;
       const workflows = pinia?._s?.get("workflow");
       window.__pvaeTest.warningsOfLastLoad = () => {
@@ -199,11 +236,14 @@ class Page:
                              "return window.__pvaeTest.warningsOfLastLoad();", graph)
 
     def widget_state(self, node_id: int) -> dict:
-        """The preview widget's data-* attributes on node ``node_id`` (None when it has none)."""
-        return self.js("""
+        """The preview widget's data-* attributes on node ``node_id``, and how many of the frames in
+        its filmstrip differ (None when it has no widget)."""
+        return self.js_async("""
             const node = app.graph.getNodeById(arguments[0]);
             const w = node?.widgets?.find((w) => w.name === 'parallel_vae_preview');
-            return w ? {...w.element.dataset, inDocument: w.element.isConnected} : null;""", node_id)
+            return w ? {...w.element.dataset, inDocument: w.element.isConnected,
+                        distinctFrames: String(await window.__pvaeTest.distinctFrames(w.element))} : null;""",
+                             node_id)
 
     def events(self, type_: str = None) -> list:
         evs = self.d.execute_script("return window.__pvaeTest.events")
