@@ -1,5 +1,5 @@
-# make test   set everything up from nothing, then run the whole suite on ComfyUI 0.33.0 and the
-#             comfy and e2e tiers again on ComfyUI 0.3.75 (what CI runs)
+# make test   set everything up from nothing, then run the whole suite on ComfyUI 0.33.0 and what
+#             can differ between runtimes (marker every_runtime) on ComfyUI 0.3.75 (what CI runs)
 # make demo   set up, run the example workflows on a headless ComfyUI: compare with VAEDecodeTiled, then
 #             stream a video into an mp4 with Save Video (Stream) and print the saved file
 #             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
@@ -18,7 +18,7 @@ VAE ?=
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+test:
 	@bash scripts/run_tests.sh
 
 test-unit: setup
@@ -26,11 +26,11 @@ test-unit: setup
 
 test-comfy: setup
 	$(VPY) -m pytest tests/comfy
-	$(VPY) -m pytest tests/comfy --comfyui=.comfyui-0.3.75
+	$(VPY) -m pytest tests/comfy --comfyui=.comfyui-0.3.75 -m every_runtime
 
 test-e2e: setup
 	$(VPY) -m pytest tests/e2e
-	$(VPY) -m pytest tests/e2e --comfyui=.comfyui-0.3.75
+	$(VPY) -m pytest tests/e2e --comfyui=.comfyui-0.3.75 -m every_runtime
 
 demo: setup
 	$(VPY) scripts/demo.py $(if $(VAE),--vae "$(VAE)")

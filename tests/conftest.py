@@ -54,7 +54,20 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("runtime", f"this test ran on {_runtime()}"))
 
 
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds up each test's setup, call and teardown by tier (unit, comfy, e2e, browser)."""
+    parts = report.nodeid.split("/")
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _TIER_SECONDS:
+        terminalreporter.write_line("time per tier: " + ", ".join(
+            f"{tier} {seconds / 60:.1f} min" for tier, seconds in sorted(_TIER_SECONDS.items())))
     terminalreporter.write_line(f"runtime of the comfy, e2e and browser tests above: {_runtime()}")
 
 

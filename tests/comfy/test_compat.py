@@ -13,6 +13,8 @@ import torch
 
 from testkit.compare import TOL, latent, max_diff
 
+pytestmark = pytest.mark.every_runtime
+
 CHANNELS = {"wan21": 16, "wan22": 48, "taehv": 16}
 LATENT_FRAMES = {"wan21": (1, 2, 3, 4, 5), "wan22": (1, 2, 3), "taehv": (1, 2, 3, 4, 5)}
 PROBE = {"wan21": (3, 4), "wan22": (1, 2), "taehv": (3, 4)}  # latent height, width

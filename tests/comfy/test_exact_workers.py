@@ -53,7 +53,6 @@ def test_wan_exact_on_two_workers_equals_untiled_and_streams_in_frame_order(
     assert max_diff(streamed, ours) == 0.0
 
 
-@pytest.mark.one_runtime
 def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(pack, load_vae, decode, backends,
                                                                                 source_of):
     vae, z = load_vae("sd"), latent((1, 4, 30, 8), 6)
@@ -78,7 +77,6 @@ def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(
     assert len(ready) == 2 and victim not in ready.values()
 
 
-@pytest.mark.one_runtime
 def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_output(
         pack, load_vae, decode, backends, monkeypatch):
     # 4 bands of 16 rows, split into 8 of 8 (bit-identity holds for bands of MIN_BAND_ROWS and more)
@@ -96,7 +94,6 @@ def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_ou
     assert torch.equal(again, clean)
 
 
-@pytest.mark.one_runtime
 def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succeeds(
         comfy, pack, load_vae, decode, core_decode, backends):
     import comfy.model_management as mm

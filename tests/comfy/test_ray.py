@@ -18,8 +18,7 @@ from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
 ray = pytest.importorskip("ray")
-# one runtime: the Ray e2e test runs on every runtime (actors rebuild the VAE with its loader)
-pytestmark = [pytest.mark.ray, pytest.mark.one_runtime]
+pytestmark = pytest.mark.ray
 
 RAY = "ray:cpu:1"  # one CPU lane on each of the two nodes
 

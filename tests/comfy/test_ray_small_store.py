@@ -11,7 +11,7 @@ from testkit import ray_cluster
 from testkit.compare import latent
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.one_runtime]
+pytestmark = pytest.mark.ray
 
 RAY = "ray:cpu:1"
 SMALL_STORE = 80 << 20  # Ray's least (75 MiB) and more than a small Wan 2.1's 14 MiB, less than SD's 319

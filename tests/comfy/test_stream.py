@@ -56,7 +56,7 @@ def test_causal_stream_equals_parallel_decode_exactly_in_batches_in_order(load_v
 
 
 def test_image_batches_and_non_causal_latents_stream_too(load_vae, decode, stream_of, to_images):
-    sd, z = load_vae("sd"), latent((3, 4, 10, 14), 22)
+    sd, z = load_vae("sd"), latent((3, 4, 8, 10), 22)  # 3 batch items
     assert torch.equal(to_images(stream_of(z, sd, frames_per_batch=2)), decode(z, sd, 64, 16))
     assert torch.equal(to_images(stream_of(z, sd, devices="cpu:2", frames_per_batch=2)),
                        decode(z, sd, 64, 16, devices="cpu:2"))

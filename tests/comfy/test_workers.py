@@ -20,7 +20,7 @@ def backends(pack):
     pack.nodes.backends.shutdown()
 
 
-@pytest.mark.parametrize("devices", ["cpu:1", "cpu:2", "cpu:3"])
+@pytest.mark.parametrize("devices", ["cpu:2", "cpu:3"])
 def test_sd_and_wan_equal_vae_decode_tiled_on_any_number_of_workers(load_vae, decode, core_tiled, backends, hold_vae,
                                                                     decodes, devices):
     n = int(devices.split(":")[1])
@@ -66,7 +66,6 @@ def test_a_different_vae_is_shipped_once_and_both_stay_cached(load_vae, decode, 
     assert pool.stats.weights_bytes == sent, "two VAEs fit in each worker's cache"
 
 
-@pytest.mark.one_runtime
 @pytest.mark.parametrize("family, shape", [("sd", (1, 4, 16, 16)), ("wan21", (1, 16, 3, 12, 12))])
 def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_vae, decode, core_tiled, backends,
                                                                            hold_vae, source_of, family, shape):
@@ -85,7 +84,6 @@ def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_
     assert len(ready) == 2 and victim not in ready.values()
 
 
-@pytest.mark.one_runtime
 def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(comfy, load_vae, decode,
                                                                               core_tiled, backends):
     import comfy.model_management as mm
@@ -105,7 +103,6 @@ def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(co
     assert max_diff(decode(small, vae, 64, 16, devices="cpu:2"), core_tiled(small, vae, 64, 16)) <= TOL
 
 
-@pytest.mark.one_runtime
 def test_a_worker_that_crashes_on_start_is_a_clear_node_error(load_vae, decode, backends, monkeypatch):
     from parallel_tiled_vae.parallel_vae.errors import DecodeError
 
@@ -118,18 +115,18 @@ def test_a_worker_that_crashes_on_start_is_a_clear_node_error(load_vae, decode, 
     decode(latent((1, 4, 8, 8), 22), load_vae("sd"), 64, 16, devices="cpu:2")
 
 
-def test_changing_the_device_list_replaces_the_workers(load_vae, decode, backends):
-    vae = load_vae("sd")
-    decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:2")
+def test_changing_the_device_list_replaces_the_workers(load_vae, decode, core_tiled, backends):
+    vae, z = load_vae("sd"), latent((1, 4, 8, 10), 23)
+    decode(z, vae, 64, 16, devices="cpu:2")
     old = list(backends.local_pool().pids().values())
-    decode(latent((1, 4, 8, 8), 23), vae, 64, 16, devices="cpu:1")
-    assert len(backends.local_pool().pids()) == 1
+    one = decode(z, vae, 64, 16, devices="cpu:1")  # one worker process, not ComfyUI's own CPU
+    assert max_diff(one, core_tiled(z, vae, 64, 16)) <= TOL
+    assert len(backends.local_pool().pids()) == 1 and os.getpid() not in backends.local_pool().pids().values()
     for pid in old:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
 
-@pytest.mark.one_runtime
 def test_a_worker_that_hangs_mid_job_is_stopped_and_its_tiles_requeued(load_vae, decode, core_tiled, backends,
                                                                       source_of, monkeypatch, tmp_path):
     """The fault hook makes cpu[1] hang (alive, silent) on its first tile, once; with a 3 s unit

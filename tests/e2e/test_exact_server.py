@@ -1,4 +1,6 @@
 """Exact mode through a real ComfyUI server driven by API prompt JSON."""
+import pytest
+
 from testkit.prompts import decode_prompt
 from testkit.server import saved_images
 
@@ -10,6 +12,7 @@ def with_vae_decode(prompt: dict, name: str) -> dict:
     return prompt
 
 
+@pytest.mark.every_runtime
 def test_exact_equals_vae_decode_through_the_api_in_process_and_on_workers(server, put_latent):
     put_latent("sd_exact.latent", (2, 4, 21, 14), seed=41)
     for devices in ("cpu", "cpu:2"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from testkit.prompts import decode_prompt
 from testkit.procs import alive, workers_of
 from testkit.server import saved_images
@@ -17,6 +19,7 @@ def wait_gone(pids, seconds: float = 10) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+@pytest.mark.every_runtime
 def test_free_stops_the_workers_and_the_next_prompt_brings_them_back(server, put_latent):
     put_latent("sd_free.latent", (1, 4, 10, 12), seed=61)
     prompt = decode_prompt("sd", "sd_free.latent", tile_size=64, overlap=16, devices="cpu:2")

@@ -2,6 +2,8 @@
 editor drive it."""
 import json
 
+import pytest
+
 from testkit.comfy_env import REPO
 from testkit.prompts import decode_prompt
 from testkit.server import saved_images
@@ -9,6 +11,7 @@ from testkit.server import saved_images
 INPUTS = ["samples", "vae", "tile_size", "overlap", "temporal_size", "temporal_overlap", "devices"]
 
 
+@pytest.mark.every_runtime
 def test_object_info_lists_the_node_with_its_inputs(server):
     info = server.object_info("ParallelVAEDecode")["ParallelVAEDecode"]
     assert info["display_name"] == "Parallel Tiled VAE Decode"
@@ -27,6 +30,7 @@ def test_object_info_lists_the_node_with_its_inputs(server):
     assert info["output"] == ["IMAGE"]
 
 
+@pytest.mark.every_runtime
 def test_image_latent_decodes_like_vae_decode_tiled_through_the_api(server, put_latent):
     put_latent("sd_batch2.latent", (2, 4, 10, 14), seed=1)
     core = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}
@@ -55,6 +59,7 @@ def test_wan_video_latent_decodes_like_vae_decode_tiled_through_the_api(server, 
     assert abs(ours - ref).max() <= 1
 
 
+@pytest.mark.every_runtime
 def test_bad_input_is_the_nodes_error_and_the_server_keeps_serving(server, put_latent):
     put_latent("wan_for_sd.latent", (1, 16, 3, 8, 8), seed=3)
     run = server.run(decode_prompt("sd", "wan_for_sd.latent"))
@@ -75,6 +80,7 @@ def test_bad_input_is_the_nodes_error_and_the_server_keeps_serving(server, put_l
     assert saved_images(server, good, "4").shape == (1, 64, 64, 3)
 
 
+@pytest.mark.every_runtime
 def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     templates = server.get("/api/workflow_templates").json()
     assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api",

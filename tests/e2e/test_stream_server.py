@@ -2,6 +2,8 @@
 websocket: exact PNG sequences, playable mp4, live previews and events, interrupt, bad input."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import time
 
@@ -43,6 +45,7 @@ def executed_at(run, node):
     return next(m["t"] for m in run.of_type("executed") if m["data"]["node"] == node)
 
 
+@pytest.mark.every_runtime
 def test_png_sequence_equals_parallel_decode_frame_for_frame_with_live_previews_and_events(server, put_latent):
     z = put_latent("stream_png.latent", (1, 16, 3, 12, 12), 31)  # 9 frames of 96 x 96, 4 tiles
     prompt = video_prompt(WAN, "stream_png.latent", "e2e/stream_png/video", format="png", devices="cpu:2", **SMALL)
@@ -118,6 +121,7 @@ def test_interrupt_mid_stream_stops_within_2s_leaves_no_file_and_workers_serve_t
     assert workers_of(server.proc.pid) == pids, "the same workers served the next prompt"
 
 
+@pytest.mark.every_runtime
 def test_bad_stream_and_save_inputs_are_named_and_the_server_keeps_serving(server, put_latent):
     put_latent("stream_bad.latent", (1, 16, 1, 8, 8), 34)
     cases = {"frames_per_batch": 0, "format": "gif", "fps": 0.0, "filename_prefix": "../../outside"}
@@ -147,6 +151,7 @@ def core_save_video(server, video_from: list, prefix: str) -> dict:
     return {"class_type": "SaveVideo", "inputs": inputs}
 
 
+@pytest.mark.every_runtime
 def test_the_video_output_feeds_comfyuis_own_save_video_for_mp4_and_png(server, put_latent):
     put_latent("stream_core.latent", (1, 16, 2, 8, 8), 35)  # 5 frames of 64 x 64
     for fmt in ("mp4", "png"):
