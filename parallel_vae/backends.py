@@ -101,8 +101,14 @@ class InProcess(Backend):
 
     def results(self, plan: Plan, latent: torch.Tensor, model: Model, order: str = "tile",
                 poll: Callable[[], None] = lambda: None) -> Iterator[Decoded]:
+        """The model is made ready here, in the caller's thread (ComfyUI loads it on its device);
+        the units follow as the caller iterates."""
         local = model.local(self.device.torch_device, plan)
         executor = local.executor() if plan.exact else None
+        return self._units(plan, latent, local, executor, order, poll)
+
+    def _units(self, plan: Plan, latent: torch.Tensor, local: Local, executor, order: str,
+               poll: Callable[[], None]) -> Iterator[Decoded]:
         work, pid, name = Work.of(plan), os.getpid(), self.device.name
         for group in schedule.in_process_groups(plan, order):
             decoded = units.decode(work, latent, group, local.decoder, executor, order=order, poll=poll,

@@ -99,8 +99,8 @@ class LockstepJob(Job):
         if self.groups or self.finished():
             return
         handles = self.workers.handles
-        if any(h.state is WorkerState.STARTING or h.loading for h in handles):
-            return  # a (re)starting worker joins the next attempt
+        if any(h.state is WorkerState.STARTING or h.asked for h in handles):
+            return  # a (re)starting or (re)loading worker joins the next attempt
         live = [h for h in handles if self.ready(h) and not h.tasks]
         if not live or any(h.tasks for h in handles if h.state is WorkerState.UP):
             return  # workers still finishing (cancelling) an earlier attempt

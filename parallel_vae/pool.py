@@ -95,7 +95,7 @@ class WorkerPool:
                 while True:
                     poll()
                     workers.want_model(source)
-                    if not any(h.state is WorkerState.STARTING or h.loading for h in workers.handles):
+                    if not any(h.state is WorkerState.STARTING or h.asked for h in workers.handles):
                         break
                     for h, record in workers.receive(WAIT_S):
                         if record is not None and not workers.on_common(h, record):

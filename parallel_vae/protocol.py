@@ -18,7 +18,7 @@ other module reads a record's fields by name. In order, per worker:
                                                   then Done(job_id, key, busy_s)
                                                   | Failed(job_id, key, why, message)
   Free(slot)  Cancel(job_id)  Quit()
-  Drop()                                          Idle(held, models)
+  Drop()                                          Idle(held, models, dropped=True)
 
 The worker owns what it holds: ``models`` in Loaded, LoadFailed and Idle is the list of VAE
 fingerprints it keeps built after that step (it drops the least recent to make room), and the
@@ -216,10 +216,12 @@ class InitFailed(Record):
 @record("idle")
 class Idle(Record):
     """The worker went idle and gave memory back: what it still holds on its device (CUDA:
-    torch's reserved bytes; CPU: its resident set), and the VAEs it keeps built."""
+    torch's reserved bytes; CPU: its resident set), and the VAEs it keeps built; ``dropped``: the
+    answer to a Drop (sent after each job otherwise)."""
 
     held: int
     models: tuple
+    dropped: bool = False
 
 
 @record("loaded")

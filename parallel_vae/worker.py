@@ -383,19 +383,19 @@ class Worker:
             self.send(msgs.LoadFailed(record.fingerprint, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}",
                                       msgs.LoadFailure.ERROR, self.models()))
 
-    def idle(self) -> None:
+    def idle(self, dropped: bool = False) -> None:
         """Give back what the finished job left: torch's cached device blocks, the freed heap;
         then tell the parent what is still held."""
         self._empty_cache()
         self.heap.give_back()
-        self.send(msgs.Idle(self.held(), self.models()))
+        self.send(msgs.Idle(self.held(), self.models(), dropped))
 
     def drop(self) -> None:
         """Forget every VAE (the pool's idle timeout), then give memory back."""
         self.cache.clear()  # as the LRU bound does: the shared weight blocks go with their modules
         self.drop_job()
         gc.collect()
-        self.idle()
+        self.idle(dropped=True)
 
     def held(self) -> int:
         import torch

@@ -152,6 +152,7 @@ class Handle:
         self.pid = 0
         self.models: tuple = ()  # the VAEs it said it holds (its last Loaded, LoadFailed or Idle)
         self.loading: Optional[str] = None  # a Load sent and not answered
+        self.dropping = False  # a Drop sent and not answered
         self.tasks: list[tuple[int, int]] = []  # (job id, group key) sent and not yet done/failed
         self.arena = None  # its result slots (a block the parent owns)
         self.slot_bytes = 0
@@ -165,9 +166,14 @@ class Handle:
     def live(self) -> bool:
         return self.state in (WorkerState.STARTING, WorkerState.UP)
 
+    @property
+    def asked(self) -> bool:
+        """A Load or a Drop is in flight: what it holds is known again once it answers."""
+        return self.loading is not None or self.dropping
+
     def holds(self, fingerprint: str) -> bool:
-        """Up, holding that model, and no Load in flight that could change what it holds."""
-        return self.state is WorkerState.UP and self.loading is None and fingerprint in self.models
+        """Up, holding that model, and nothing in flight that could change what it holds."""
+        return self.state is WorkerState.UP and not self.asked and fingerprint in self.models
 
     def kill(self) -> None:
         if self.channel is not None:
@@ -235,8 +241,9 @@ class Workers:
         """Have every idle worker forget its VAEs and give memory back (it stays up, and says
         so with an Idle)."""
         for h in self.handles:
-            if h.state is WorkerState.UP and not h.tasks and h.models and h.loading is None:
+            if h.state is WorkerState.UP and not h.tasks and h.models and not h.asked:
                 h.send(msgs.Drop())
+                h.dropping = True
 
     def drain(self) -> None:
         """Read what idle workers sent since the last job (Idle records, deaths)."""
@@ -342,6 +349,7 @@ class Workers:
             self.weights_done(record.fingerprint)
         elif isinstance(record, msgs.Idle):
             h.held, h.models = record.held, tuple(record.models)
+            h.dropping = h.dropping and not record.dropped
             log.info("parallel_vae: worker %s idle, holding %.0f MiB on %s with %d VAE(s)", h.name,
                      record.held / 2**20, h.spec.device, len(record.models))
         elif isinstance(record, msgs.LoadFailed):
@@ -362,9 +370,9 @@ class Workers:
 
     # -- models and result slots ------------------------------------------------------------------
     def want_model(self, source: ModelSource) -> None:
-        """Send the model to every worker that is up, says it lacks it, and has no Load in flight
-        (weights packed once)."""
-        need = [h for h in self.handles if h.state is WorkerState.UP and h.loading is None
+        """Send the model to every worker that is up, says it lacks it, and has no Load or Drop in
+        flight (weights packed once)."""
+        need = [h for h in self.handles if h.state is WorkerState.UP and not h.asked
                 and source.fingerprint not in h.models]
         if not need:
             return

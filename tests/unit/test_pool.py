@@ -165,6 +165,22 @@ def test_a_load_still_running_keeps_its_weights_when_another_vae_is_sent():
         pool.shutdown()
 
 
+def test_a_job_right_after_idle_workers_were_told_to_drop_their_vaes_ships_the_vae_again():
+    """The idle timeout sends Drop; a job that starts before the worker answers must not take the
+    worker's last word (it held the VAE) as still true: its task would find the VAE gone."""
+    pool = make_pool(1)
+    try:
+        plan, z = toy_plan(), latent(seed=9)
+        pool_decode(pool, plan, z)
+        loads = pool.stats.loads
+        pool.workers.drop_models()  # sent, not waited for
+        out, _ = pool_decode(pool, plan, z)
+        assert torch.equal(out, local_reference(plan, z))
+        assert pool.stats.loads == loads + 1, "the worker built the VAE again"
+    finally:
+        pool.shutdown()
+
+
 class RefusingLoads:
     """A worker's connection whose sending of a Load fails in the parent, as a Ray put does when
     the object store and the disk are full; everything else goes through."""

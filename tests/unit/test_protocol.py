@@ -31,6 +31,7 @@ EXAMPLES = [
     protocol.Drop(),
     protocol.Idle(123 << 20, ()),
     protocol.Idle(123 << 20, ("fp", "other")),
+    protocol.Idle(1 << 20, (), True),
     protocol.Up(1234),
     protocol.InitFailed("RuntimeError: no such device"),
     protocol.Loaded("fp", 1.5, ("other", "fp")),
