@@ -1,4 +1,4 @@
-"""Parallel tiled VAE engine: tile plans, blending, device lists and decode lanes.
+"""Parallel tiled VAE engine: tile plans, blending, device lists and the backends that decode.
 
 Importable and testable without ComfyUI: this package never imports ``comfy``.
 """

@@ -89,7 +89,7 @@ def parse(spec: str, cuda_devices: Optional[int] = None, cpu_cores: Optional[int
             out.append(Device("cpu", 0))
         elif item.startswith("cpu:"):
             n = _number(item[4:], item, spec)
-            limit = cpu_lane_limit(cpu_cores)
+            limit = cpu_worker_limit(cpu_cores)
             if not 1 <= n <= limit:
                 raise InputError("devices", f"{item!r} asks for {n} CPU workers; this machine has {cpu_cores} "
                                             f"cores, so use cpu:1..cpu:{limit} (workers beyond the cores "
@@ -135,7 +135,7 @@ def uses_ray(devices: list[Device]) -> bool:
     return any(d.kind == "ray" for d in devices)
 
 
-def cpu_lane_limit(cpu_cores: int) -> int:
+def cpu_worker_limit(cpu_cores: int) -> int:
     """More CPU workers than cores only share the cores (one torch thread each); twice is plenty."""
     return max(4, 2 * cpu_cores)
 

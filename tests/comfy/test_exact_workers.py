@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import torch
 
-from testkit import faults
+from testkit import faults, interrupt
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
@@ -95,20 +94,28 @@ def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_ou
 
 
 def test_interrupt_mid_exact_decode_returns_within_2_s_and_the_next_prompt_succeeds(
-        comfy, pack, load_vae, decode, core_decode, backends):
+        comfy, pack, load_vae, decode, core_decode, backends, monkeypatch):
     import comfy.model_management as mm
 
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 19), vae, 64, 16, devices="cpu:2", mode="exact")  # warm
     z = latent((1, 4, 64, 40), 20)  # tens of seconds on two CPU workers
-    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
-    timer.start()
-    start = time.monotonic()
-    with pytest.raises(mm.InterruptProcessingException):
-        decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
-    returned = time.monotonic() - start
-    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
-    assert not mm.processing_interrupted()
+    job = pack.parallel_vae.lockstep_job.LockstepJob
+    share, rounds = job._share, []
+
+    def counted(self, k):  # the lock-step's sync points, as the parent answers them
+        share(self, k)
+        rounds.append(k)
+
+    monkeypatch.setattr(job, "_share", counted)
+    press = interrupt.Press(lambda: len(rounds) >= 3)  # inside the lock-step, far from its ~60 rounds
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            decode(z, vae, 512, 16, devices="cpu:2", mode="exact")
+        returned = time.monotonic() - press.at
+    finally:
+        press.stop()
+    assert returned < 2.0, f"returned {returned:.2f} s after the interrupt"
     small = latent((1, 4, 10, 10), 21)
     assert max_diff(decode(small, vae, 64, 16, devices="cpu:2", mode="exact"), core_decode(small, vae)) <= TOL
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import torch
 
-from testkit import ray_cluster
+from testkit import interrupt, ray_cluster
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
@@ -116,21 +115,25 @@ def test_sigkill_of_an_actor_mid_job_gives_the_same_output_and_the_lane_rejoins(
 
 
 def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_runs_on_the_same_actors(
-        comfy, load_vae, decode, core_tiled, ray_pool):
+        comfy, load_vae, decode, core_tiled, ray_pool, monkeypatch):
     import comfy.model_management as mm
+    import comfy.utils
 
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 67), vae, 64, 16, devices=RAY)  # warm
     pids = ray_pool().pids()
     z = latent((1, 4, 48, 48), 68)  # ~100 tiles: tens of seconds on two one-CPU lanes
-    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
-    timer.start()
-    start = time.monotonic()
-    with pytest.raises(mm.InterruptProcessingException):
-        decode(z, vae, 64, 16, devices=RAY)
-    returned = time.monotonic() - start
-    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
-    assert not mm.processing_interrupted()
+    units = []  # ComfyUI's progress bar advances once per unit decoded
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
+    press = interrupt.Press(lambda: max(units, default=0) >= 2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            decode(z, vae, 64, 16, devices=RAY)
+        returned = time.monotonic() - press.at
+    finally:
+        press.stop()
+    assert returned < 2.0, f"returned {returned:.2f} s after the interrupt"
+    assert max(units) < 50, "it stopped long before the end"
     small = latent((1, 4, 10, 10), 69)
     assert max_diff(decode(small, vae, 64, 16, devices=RAY), core_tiled(small, vae, 64, 16)) <= TOL
     assert ray_pool().pids() == pids, "the same actors"

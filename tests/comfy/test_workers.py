@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 
-from testkit import faults
+from testkit import faults, interrupt
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
 
@@ -85,20 +84,24 @@ def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_
 
 
 def test_interrupt_mid_decode_returns_within_2_s_and_the_next_prompt_succeeds(comfy, load_vae, decode,
-                                                                              core_tiled, backends):
+                                                                              core_tiled, backends, monkeypatch):
     import comfy.model_management as mm
+    import comfy.utils
 
     vae = load_vae("sd")
     decode(latent((1, 4, 8, 8), 19), vae, 64, 16, devices="cpu:2")  # warm
     z = latent((1, 4, 48, 48), 20)  # ~100 tiles: tens of seconds on two CPU workers
-    timer = threading.Timer(2.0, mm.interrupt_current_processing, args=(True,))
-    timer.start()
-    start = time.monotonic()
-    with pytest.raises(mm.InterruptProcessingException):
-        decode(z, vae, 64, 16, devices="cpu:2")
-    returned = time.monotonic() - start
-    assert 2.0 <= returned < 4.0, f"returned {returned - 2.0:.2f} s after the interrupt"
-    assert not mm.processing_interrupted()
+    units = []  # ComfyUI's progress bar advances once per unit decoded
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
+    press = interrupt.Press(lambda: max(units, default=0) >= 2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            decode(z, vae, 64, 16, devices="cpu:2")
+        returned = time.monotonic() - press.at
+    finally:
+        press.stop()
+    assert returned < 2.0, f"returned {returned:.2f} s after the interrupt"
+    assert max(units) < 50, "it stopped long before the end"
     small = latent((1, 4, 10, 10), 21)
     assert max_diff(decode(small, vae, 64, 16, devices="cpu:2"), core_tiled(small, vae, 64, 16)) <= TOL
 
