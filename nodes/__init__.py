@@ -4,11 +4,12 @@ import logging
 from . import compat, live, server_hooks
 from ._api import ComfyExtension, io
 from .decode import ParallelVAEDecode
+from .encode import ParallelVAEEncode
 from .save_video import ParallelVAESaveVideo
 from .stream import ParallelVAEDecodeStream, ParallelVAEStreamToImages
 
-NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEDecodeStream, ParallelVAESaveVideo,
-                                   ParallelVAEStreamToImages]
+NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEEncode, ParallelVAEDecodeStream,
+                                   ParallelVAESaveVideo, ParallelVAEStreamToImages]
 
 
 logging.getLogger("parallel_vae").info("parallel_vae: %s", compat.summary())  # for bug reports
@@ -20,5 +21,5 @@ class ParallelVAEExtension(ComfyExtension):
         return list(NODES)
 
 
-__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEDecodeStream", "ParallelVAEExtension",
+__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEEncode", "ParallelVAEDecodeStream", "ParallelVAEExtension",
            "ParallelVAESaveVideo", "ParallelVAEStreamToImages"]

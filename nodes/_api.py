@@ -5,9 +5,10 @@ except ImportError:  # a ComfyUI older or newer than the pinned surface
     from comfy_api.latest import ComfyExtension, io
 
 
-def latent_node(node_id: str, display_name: str, description: str, inputs: list, outputs: list, **more) -> "io.Schema":
-    """The schema of one of the pack's nodes in ComfyUI's latent category."""
-    return io.Schema(node_id=node_id, display_name=display_name, category="latent", description=description,
+def latent_node(node_id: str, display_name: str, description: str, inputs: list, outputs: list,
+                category: str = "latent", **more) -> "io.Schema":
+    """The schema of one of the pack's nodes, in ComfyUI's latent category unless told."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=category, description=description,
                      inputs=inputs, outputs=outputs, **more)
 
 

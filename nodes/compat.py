@@ -70,6 +70,26 @@ def vae_metadata(vae) -> dict | None:
     return args[1] if isinstance(args[1], dict) else None
 
 
+def encode_crop(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """IMAGE pixels as this ComfyUI's VAE Encode hands them to the VAE: cropped to whole latent
+    positions (``vae_encode_crop_pixels``), extra channels dropped (0.33 in the VAE, 0.3.75 in the
+    node: ``pixels[..., :3]``), missing ones padded where the VAE says how (0.33's
+    ``pad_channel_value``). Channels still missing are left for the caller to refuse."""
+    pixels = vae.vae_encode_crop_pixels(pixels)
+    want = vae.output_channels
+    if pixels.shape[-1] > want:
+        pixels = pixels[..., :want]
+    return pixels
+
+
+def latent_category() -> str:
+    """The category of core's VAE Encode and VAE Decode on this ComfyUI ("latent"; 0.33:
+    "model/latent"): the pack's nodes sit beside them."""
+    import nodes
+
+    return getattr(nodes.VAEEncode, "CATEGORY", "latent")
+
+
 def tiles_itself(vae) -> bool:
     """VAEs whose model does its own tiling (SeedVR2, MiniMax-H3 video; 0.28+)."""
     return bool(getattr(vae, "handles_tiling", False))

@@ -49,6 +49,19 @@ def to_frames(region):
     return region[0].movedim(0, -1) if region.dim() == 5 else region.movedim(1, -1)
 
 
+def exact_wanted(mode: str, spec: VaeSpec, vae, direction: str = "decode") -> bool:
+    """Whether a job runs in exact mode: asked for, or auto where the VAE has an executor; exact
+    asked for a VAE without one is an error naming the supported families."""
+    if mode == "tiled":
+        return False
+    refusal = families.exact_refusal(spec.family, vae.first_stage_model, direction)
+    if mode == "exact" and refusal is not None:
+        raise InputError("mode", f"exact is not available for {spec.label}: {refusal}. Exact {direction} supports "
+                                 f"{'; '.join(families.exact_supported(direction))}. Use mode=tiled (or auto, "
+                                 f"which picks tiled for this VAE).")
+    return refusal is None
+
+
 @dataclass
 class Planned:
     """A plan for a backend's lanes, the tile size it was made with, and why (tile_size 0, exact rows)."""
@@ -68,12 +81,13 @@ class Started:
 
 
 @dataclass
-class DecodeJob:
-    """Everything a decode needs, checked."""
+class Job:
+    """Everything one decode or encode needs, checked; ``tensor`` is its input (a latent to
+    decode, or pixels through the VAE's crop and process_input to encode)."""
 
     vae: object  # ComfyUI's VAE
     spec: VaeSpec
-    latent: torch.Tensor
+    tensor: torch.Tensor
     devices: list[Device]
     tile_size: int
     overlap: int
@@ -82,52 +96,44 @@ class DecodeJob:
     exact: bool  # the mode asked for or picked (auto: exact where the VAE has an executor)
     node_id: object
 
-    @classmethod
-    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
-                mode="auto") -> "DecodeJob":
-        mode = check_mode(mode)
-        spec = vae_info.describe(vae)
-        if not isinstance(samples, dict) or "samples" not in samples:
-            raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
-        latent = check_latent(first_part(samples["samples"]), spec)
-        named = device_lists.parse(devices)
-        validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
-        refusal = families.exact_refusal(spec.family, vae.first_stage_model) if mode != "tiled" else None
-        if mode == "exact" and refusal is not None:
-            raise InputError("mode", f"exact is not available for {spec.label}: {refusal}. Exact mode supports "
-                                     f"{'; '.join(families.EXACT_SUPPORTED)}. Use mode=tiled (or auto, which picks "
-                                     f"tiled for this VAE).")
-        return cls(vae, spec, latent, named, tile_size, overlap, temporal_size, temporal_overlap,
-                   mode != "tiled" and refusal is None, node_id)
+    direction = "decode"
 
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return self.spec.out_shape(tuple(self.latent.shape))
+    def cost(self) -> sizing.Cost:
+        """Bytes of one tile by its pixels (tile_size 0 sizes tiles from it)."""
+        raise NotImplementedError
+
+    def tiled_plan(self, tile_size: int, overlap: int) -> Plan:
+        raise NotImplementedError
+
+    def exact_plan(self, tile_size: int, terms) -> Plan:
+        raise NotImplementedError
+
+    def row_px(self) -> int:
+        """Pixels of one latent row (exact bands are sized by the pixels they hold)."""
+        shape, scales = self.tensor.shape, self.spec.scales
+        width = shape[-1] * scales[-1].factor if self.direction == "decode" else shape[-1]
+        return width * scales[-2].factor
 
     def plan_for(self, backend: backends.Backend) -> Planned:
         """The plan on ``backend``'s lanes, and why it is sized so (tile_size 0: from the lanes'
         free memory, measured once; exact rows: by lane speed and memory)."""
-        spec, shape = self.spec, tuple(self.latent.shape)
         tile_size, overlap, sized = self.tile_size, self.overlap, ""
         auto = tile_size == TILE_AUTO
         frees = backend.free_bytes() if auto else {}
-        cost = vae_info.decode_cost(self.vae, spec) if auto else None
+        cost = self.cost() if auto else None
         if auto:
             choice = sizing.choose(cost, list(frees.items()))
             tile_size, sized = choice.tile_size, choice.why
             overlap = min(overlap, tile_size // 4)  # what VAE Decode (Tiled) makes of a larger one
         if not self.exact:
-            settings = spec.settings(tile_size, overlap, self.temporal_size, self.temporal_overlap)
-            return Planned(spec.plan(shape, settings), tile_size, sized)
-        row_px = shape[-1] * spec.scales[-1].factor * spec.scales[-2].factor  # output pixels of one latent row
+            return Planned(self.tiled_plan(tile_size, overlap), tile_size, sized)
+        row_px = self.row_px()
         max_rows = None
         if auto:
             max_rows = {name: max(1, int(min(sizing.max_pixels(cost, free) // row_px, 1 << 30)))
                         for name, free in frees.items()}
         terms = backend.exact_terms(max(1, tile_size * tile_size // row_px), max_rows)
-        model = self.vae.first_stage_model
-        plan = exact.plan(shape, spec.scales, spec.out_channels, tile_size, families.exact_halo(spec.family, model),
-                          families.exact_lockstep(spec.family), terms)
+        plan = self.exact_plan(tile_size, terms)
         if plan.shares:
             what = "auto: rows by device speed and memory" if auto else "rows by device speed"
             sized = f"{what}: {shares.describe(plan)}"
@@ -139,12 +145,51 @@ class DecodeJob:
         backend = backends.backend_for(self.devices)
         planned = self.plan_for(backend)
         plan, sized = planned.plan, planned.why
-        units = backend.results(plan, self.latent, vae_model(self.vae, self.spec), order, poll)
+        units = backend.results(plan, self.tensor, vae_model(self.vae, self.spec), order, poll)
         what = f"{len(plan.tiles)} bands" if plan.exact else f"{len(plan.tiles)} tiles"
         note = f"{plan.mode}, {what}, {backend.note}" + (f"; {sized}" if sized else "")
-        log.info("parallel_vae: %s, latent %s -> %s mode, %s x %d steps on %s", self.spec.label,
-                 list(self.latent.shape), plan.mode, what, plan.steps, ", ".join(backend.lanes))
+        log.info("parallel_vae: %s %s, %s %s, %s mode, %s x %d steps on %s", self.direction, self.spec.label,
+                 "latent" if self.direction == "decode" else "pixels", list(self.tensor.shape), plan.mode, what,
+                 plan.steps, ", ".join(backend.lanes))
         return Started(plan, units, NodeProgress(plan, self.node_id, backend.lanes, note, sized))
+
+
+@dataclass
+class DecodeJob(Job):
+    """A decode: ``tensor`` is the latent."""
+
+    @classmethod
+    def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
+                mode="auto") -> "DecodeJob":
+        mode = check_mode(mode)
+        spec = vae_info.describe(vae)
+        if not isinstance(samples, dict) or "samples" not in samples:
+            raise InputError("samples", "expected a LATENT (a dict with a 'samples' tensor)")
+        latent = check_latent(first_part(samples["samples"]), spec)
+        named = device_lists.parse(devices)
+        validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
+        return cls(vae, spec, latent, named, tile_size, overlap, temporal_size, temporal_overlap,
+                   exact_wanted(mode, spec, vae), node_id)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.tensor
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.spec.out_shape(tuple(self.tensor.shape))
+
+    def cost(self) -> sizing.Cost:
+        return vae_info.decode_cost(self.vae, self.spec)
+
+    def tiled_plan(self, tile_size: int, overlap: int) -> Plan:
+        settings = self.spec.settings(tile_size, overlap, self.temporal_size, self.temporal_overlap)
+        return self.spec.plan(tuple(self.tensor.shape), settings)
+
+    def exact_plan(self, tile_size: int, terms) -> Plan:
+        spec, model = self.spec, self.vae.first_stage_model
+        return exact.plan(tuple(self.tensor.shape), spec.scales, spec.out_channels, tile_size,
+                          families.exact_halo(spec.family, model), families.exact_lockstep(spec.family), terms)
 
     def finisher(self, progress: NodeProgress) -> Callable:
         """The blender's hook for each finished segment: ComfyUI's post-processing of the pixels (to
@@ -158,4 +203,5 @@ class DecodeJob:
         return finish
 
 
-__all__ = ["DecodeJob", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]
+
+__all__ = ["DecodeJob", "Job", "exact_wanted", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]

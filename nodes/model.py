@@ -106,15 +106,17 @@ def vae_model(vae, spec: VaeSpec) -> Model:
         target = torch.device(torch_device)
         here = vae if _same_device(vae.device, target) else rebuild_on(vae, target)
         biggest = max(plan.tiles, key=lambda t: t.volume)
-        tile_shape = (1, spec.latent_channels) + biggest.lat_size
+        if plan.direction == "encode":
+            needed = here.memory_used_encode((1, spec.out_channels) + biggest.in_size, here.vae_dtype)
+        else:
+            needed = here.memory_used_decode((1, spec.latent_channels) + biggest.in_size, here.vae_dtype)
         with compat.device_context(here.device):
-            mm.load_models_gpu([here.patcher], memory_required=here.memory_used_decode(tile_shape, here.vae_dtype),
-                               force_full_load=here.disable_offload)
+            mm.load_models_gpu([here.patcher], memory_required=needed, force_full_load=here.disable_offload)
             decoder = families.make_decoder(spec.family, here.first_stage_model, here.vae_dtype, here.device,
                                             pixel_dtype=pixels, latent_channels=spec.latent_channels)
         return Local(decoder,
-                     executor=lambda: families.exact_executor(spec.family, here.first_stage_model, here.vae_dtype,
-                                                              here.device),
+                     executor=lambda direction: families.exact_executor(spec.family, here.first_stage_model,
+                                                                        here.vae_dtype, here.device, direction),
                      context=lambda: compat.device_context(here.device), empty_cache=mm.soft_empty_cache)
 
     return Model(ModelSource(fp, lambda: _weights(vae), recipe), local)

@@ -9,8 +9,9 @@ from ..parallel_vae.spec import VaeSpec
 from . import compat
 
 
-def describe(vae) -> VaeSpec:
-    """Raise InputError("vae", ...) for VAEs the pack cannot decode, else return their spec."""
+def describe(vae, direction: str = "decode") -> VaeSpec:
+    """Raise InputError("vae", ...) for VAEs the pack cannot decode (or encode), else return their spec."""
+    verb, core = ("encoded", "VAE Encode") if direction == "encode" else ("decoded", "VAE Decode")
     model = getattr(vae, "first_stage_model", None)
     if model is None:
         raise InputError("vae", "ComfyUI could not initialise this VAE: no known VAE weights were found in "
@@ -21,12 +22,12 @@ def describe(vae) -> VaeSpec:
             or vae.output_channels not in (3, 4)):
         # MiniMax-H3's audio VAE has 2-D latents [B, C, 2, T] and 2 output channels: not an image
         raise InputError("vae", f"{name} is an audio VAE (latents of {vae.latent_dim} axes, {vae.output_channels} "
-                                f"output channels); only image and video VAEs can be decoded in tiles here. "
-                                f"Use VAE Decode (Audio).")
+                                f"output channels); only image and video VAEs can be {verb} in tiles here. "
+                                f"Use {core} (Audio).")
     if compat.tiles_itself(vae):
-        raise InputError("vae", f"{name} tiles itself (its model decodes in its own spatial and temporal chunks), "
-                                f"so its tiles cannot be spread over devices or blended here. Use VAE Decode "
-                                f"(Tiled), which hands it its tile sizes, or VAE Decode.")
+        raise InputError("vae", f"{name} tiles itself (its model works in its own spatial and temporal chunks), "
+                                f"so its tiles cannot be spread over devices or blended here. Use {core} "
+                                f"(Tiled), which hands it its tile sizes, or {core}.")
     if vae.latent_dim == 2:
         ratio = vae.upscale_ratio
         if isinstance(ratio, (tuple, list)) or int(ratio) != ratio or ratio < 1:
@@ -65,6 +66,21 @@ def decode_cost(vae, spec: VaeSpec) -> Cost:
     for side in (16, 32):  # latent pixels
         shape = (1, spec.latent_channels) + ((1,) if spec.latent_dim == 3 else ()) + (side, side)
         points.append(((side * scale) ** 2, float(vae.memory_used_decode(shape, vae.vae_dtype))))
+    return _fit(points)
+
+
+def _fit(points) -> Cost:
+    """The line through two (pixels, bytes) points."""
     (p1, b1), (p2, b2) = points
     per_px = (b2 - b1) / (p2 - p1)
     return Cost(max(0.0, b1 - per_px * p1), per_px)
+
+
+def encode_cost(vae, spec: VaeSpec) -> Cost:
+    """Bytes to encode one tile (one frame of it for video) by its pixels, fitted to ComfyUI's own
+    estimate ``memory_used_encode`` at two tile sizes: ``fixed + per_px * tile^2``."""
+    points = []
+    for side in (128, 256):  # pixels
+        shape = (1, spec.out_channels) + ((1,) if spec.latent_dim == 3 else ()) + (side, side)
+        points.append((side ** 2, float(vae.memory_used_encode(shape, vae.vae_dtype))))
+    return _fit(points)

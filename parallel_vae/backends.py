@@ -36,11 +36,12 @@ from .workers import ModelSource
 
 @dataclass
 class Local:
-    """A VAE made ready to decode in this process: its decoder, its exact band executor (made on
-    first use), the context each decode call runs in, and how to give cached device memory back."""
+    """A VAE made ready in this process: its decoder (which also encodes whole tiles), its exact
+    band executor for a direction (made on first use), the context each call runs in, and how to
+    give cached device memory back."""
 
     decoder: object
-    executor: Callable[[], object]
+    executor: Callable[[str], object]
     context: Callable[[], ContextManager] = contextlib.nullcontext
     empty_cache: Callable[[], None] = lambda: None
 
@@ -104,14 +105,14 @@ class InProcess(Backend):
         """The model is made ready here, in the caller's thread (ComfyUI loads it on its device);
         the units follow as the caller iterates."""
         local = model.local(self.device.torch_device, plan)
-        executor = local.executor() if plan.exact else None
+        executor = local.executor(plan.direction) if plan.exact else None
         return self._units(plan, latent, local, executor, order, poll)
 
     def _units(self, plan: Plan, latent: torch.Tensor, local: Local, executor, order: str,
                poll: Callable[[], None]) -> Iterator[Decoded]:
         work, pid, name = Work.of(plan), os.getpid(), self.device.name
         for group in schedule.in_process_groups(plan, order):
-            decoded = units.decode(work, latent, group, local.decoder, executor, order=order, poll=poll,
+            decoded = units.run(work, latent, group, local.decoder, executor, order=order, poll=poll,
                                    empty_cache=local.empty_cache)
             while True:
                 with local.context():

@@ -36,12 +36,22 @@ def feather_mask(out_size: tuple[int, ...], feather: tuple[int, ...]) -> torch.T
     return mask
 
 
+def _cut(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    for d, n in enumerate(size):
+        if t.shape[d + 2] != n:
+            t = t.narrow(d + 2, 0, n)
+    return t
+
+
 def allocate_output(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(storage, view): channels-last float32 storage ``[B, *axes, C]`` and its ``[B, C, *axes]`` view.
 
     Writing through the view fills the storage in place, and a video's storage reshapes to
     ComfyUI's IMAGE ``[B*T, H, W, C]`` without a copy.
     """
+    if plan.direction == "encode":  # a latent: ComfyUI's own layout, contiguous [B, C, *axes]
+        latent = torch.empty(plan.out_shape, dtype=torch.float32)
+        return latent, latent
     b, c, *axes = plan.out_shape
     storage = torch.empty((b, *axes, c), dtype=torch.float32)
     return storage, storage.movedim(-1, 1)
@@ -148,6 +158,9 @@ class Blender:
             raise DecodeError(f"the VAE returned pixels of shape {tuple(pixels.shape)} for tile {tile.index}"
                               f"{f' step {step}' if self.plan.kind == CAUSAL else ''}; expected {expected}")
         pixels = pixels.to(dtype=torch.float32, device=self.device)
+        fit = tuple(min(n, total - p) for p, n, total in zip(start, size, seg.size))
+        if fit != size:  # an encoded tile overhanging the latent canvas: cut, mask and all, as ComfyUI
+            pixels = _cut(pixels, fit)
         last_of_pass = (seg.next + 1 == len(seg.tiles)
                         or seg.tiles[seg.next + 1].pass_index != tile.pass_index)
         if tile.whole:
@@ -156,9 +169,9 @@ class Blender:
             if seg.acc is None:
                 seg.acc = torch.zeros((1, self.plan.out_shape[1]) + seg.size, device=self.device)
                 seg.div = torch.zeros((1, 1) + seg.size, device=self.device)
-            mask = feather_mask(size, tile.feather).to(self.device)
+            mask = _cut(feather_mask(size, tile.feather), fit).to(self.device)
             acc, div = seg.acc, seg.div
-            for d, (p, n) in enumerate(zip(start, size)):
+            for d, (p, n) in enumerate(zip(start, fit)):
                 acc = acc.narrow(d + 2, p, n)
                 div = div.narrow(d + 2, p, n)
             acc.add_(pixels * mask)

@@ -36,8 +36,8 @@ class Report:
 def _blend_all(plan: Plan, latent: torch.Tensor, units: Iterator[Decoded], blender: Blender, report: Report,
                on_unit: Optional[Callable[[Decoded], None]]) -> Iterator[list[Segment]]:
     """Blend every unit of ``plan``; yields the segments each unit finished."""
-    if tuple(latent.shape) != plan.latent_shape:
-        raise ValueError(f"latent shape {tuple(latent.shape)} does not match the plan's {plan.latent_shape}")
+    if tuple(latent.shape) != plan.in_shape:
+        raise ValueError(f"latent shape {tuple(latent.shape)} does not match the plan's {plan.in_shape}")
     with torch.inference_mode():
         try:
             for unit in units:

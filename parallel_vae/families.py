@@ -29,6 +29,7 @@ class Family:
     stepper: Optional[type] = None  # steps(z) frame by frame, checked against decode() (models/check.py)
     exact: Optional[type] = None  # the band executor of exact mode
     exact_label: str = ""  # what exact mode supports, for messages
+    exact_encode: Optional[type] = None  # the band executor of exact encoding
     patch_size: int = 1  # pixels per side of one output position where the model does not say (Wan 2.2: 2)
     first_chunk: bool = False  # the decoder flags its first call (Wan 2.2)
 
@@ -48,7 +49,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
            stepper=TaehvStepper),
 )}
 
-EXACT_SUPPORTED = tuple(f.exact_label for f in FAMILIES.values() if f.exact is not None)
+EXACT_SUPPORTED = tuple(f.exact_label for f in FAMILIES.values() if f.exact is not None)  # decoding
 
 
 def of(key: str) -> Family:
@@ -79,31 +80,41 @@ def make_decoder(key: str, module, dtype, device, output_device="cpu", pixel_dty
     return GenericDecoder(module, dtype, device, output_device, pixel_dtype)
 
 
-def exact_refusal(key: str, model) -> Optional[str]:
-    """Why ``model`` cannot decode in exact mode (None: it can), without building anything."""
-    family = FAMILIES[key]
-    if family.exact is None:
-        return "exact mode has no executor for this family"
-    return family.exact.refusal(model)
+def _executor_class(family: Family, direction: str) -> Optional[type]:
+    return family.exact_encode if direction == "encode" else family.exact
 
 
-def exact_executor(key: str, model, dtype: torch.dtype, device):
-    why = exact_refusal(key, model)
+def exact_supported(direction: str = "decode") -> tuple[str, ...]:
+    """What exact mode supports in ``direction``, for messages."""
+    return tuple(f.exact_label for f in FAMILIES.values() if _executor_class(f, direction) is not None)
+
+
+def exact_refusal(key: str, model, direction: str = "decode") -> Optional[str]:
+    """Why ``model`` cannot run exact mode in ``direction`` (None: it can), without building anything."""
+    executor = _executor_class(FAMILIES[key], direction)
+    if executor is None:
+        return f"exact {direction} has no executor for this family"
+    return executor.refusal(model)
+
+
+def exact_executor(key: str, model, dtype: torch.dtype, device, direction: str = "decode"):
+    why = exact_refusal(key, model, direction)
     if why is not None:
         raise Unsupported(why)
     family = FAMILIES[key]
-    return family.exact(model, dtype, device, patch_size=family.patch(model), first_chunk=family.first_chunk)
+    return _executor_class(family, direction)(model, dtype, device, patch_size=family.patch(model),
+                                              first_chunk=family.first_chunk)
 
 
-def exact_halo(key: str, model) -> int:
+def exact_halo(key: str, model, direction: str = "decode") -> int:
     """Rows each band of ``model`` reads beyond its own."""
-    return FAMILIES[key].exact.halo_of(model)
+    return _executor_class(FAMILIES[key], direction).halo_of(model)
 
 
-def exact_lockstep(key: str) -> bool:
+def exact_lockstep(key: str, direction: str = "decode") -> bool:
     """Whether the family's bands exchange statistics and edge rows (and so run in lock-step)."""
-    return FAMILIES[key].exact.sync == "groupnorm"
+    return _executor_class(FAMILIES[key], direction).sync == "groupnorm"
 
 
 __all__ = ["EXACT_SUPPORTED", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
-           "exact_refusal", "make_decoder", "of"]
+           "exact_refusal", "exact_supported", "make_decoder", "of"]

@@ -198,7 +198,7 @@ class LockstepJob(Job):
     def _positions(self, key: int) -> int:
         """Latent positions (rows x width) of one group's bands."""
         tiles = [self.plan.tiles[i] for i in self.groups[key].bands]
-        return sum(math.prod(t.lat_size[-2:]) for t in tiles)
+        return sum(math.prod(t.in_size[-2:]) for t in tiles)
 
     def _share(self, k: int) -> None:
         got = self.reported[k]

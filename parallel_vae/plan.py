@@ -40,6 +40,41 @@ class AxisScale:
     def offset(self, pos: int) -> int:
         return pos * self.factor
 
+    def canvas(self, n: int) -> int:
+        """The output's length for an input of ``n`` (decoding: what a tile of ``n`` gives)."""
+        return self.size(n)
+
+    def feather(self, overlap: int) -> int:
+        return self.size(overlap)
+
+
+@dataclass(frozen=True)
+class DownScale:
+    """Pixel -> latent mapping along one axis, as ComfyUI's tiled encode (``tiled_scale_multidim``
+    with a downscale) uses it: the canvas and the feathers are ``round(n / factor)`` on spatial
+    axes and ComfyUI's frame formula ``(n + trim) // factor`` on a time axis; a tile's own latent
+    length is what the encoder gives (stride-2 convs over a one-row pad: ``ceil(n / factor)``);
+    a tile lands at ``round(pos / factor)``. The blender cuts a tile that overhangs the canvas,
+    as ComfyUI does."""
+
+    factor: int
+    trim: int = 0
+    temporal: bool = False
+
+    def size(self, n: int) -> int:
+        if self.temporal:
+            return max(0, (n + self.trim) // self.factor)
+        return -(-n // self.factor)
+
+    def canvas(self, n: int) -> int:
+        return self.size(n) if self.temporal else round(n / self.factor)
+
+    def offset(self, pos: int) -> int:
+        return round(pos / self.factor)
+
+    def feather(self, overlap: int) -> int:
+        return self.size(overlap) if self.temporal else round(overlap / self.factor)
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -48,8 +83,8 @@ class Tile:
     index: int  # position in plan order: blending in this order reproduces ComfyUI bit for bit
     batch: int
     pass_index: int  # image plans average three grids, like VAEDecodeTiled
-    lat_start: tuple[int, ...]
-    lat_size: tuple[int, ...]
+    in_start: tuple[int, ...]
+    in_size: tuple[int, ...]
     out_start: tuple[int, ...]
     out_size: tuple[int, ...]
     feather: tuple[int, ...]  # ramp width per axis; 0 means no ramp on that axis
@@ -57,7 +92,7 @@ class Tile:
 
     @property
     def volume(self) -> int:
-        return math.prod(self.lat_size)
+        return math.prod(self.in_size)
 
 
 @dataclass(frozen=True)
@@ -73,7 +108,7 @@ class TileSettings:
 @dataclass(frozen=True)
 class Plan:
     kind: str  # IMAGE | VIDEO | CAUSAL
-    latent_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]  # [B, C_out, *axes] in pixels
     scales: tuple[AxisScale, ...]
     passes: int
@@ -86,6 +121,9 @@ class Plan:
     # exact mode on workers: (lane name, bands of each item) top to bottom, where rows were
     # shared out by lane speed and memory (exact/shares.py); empty: any even grouping
     shares: tuple[tuple[str, int], ...] = ()
+    # "decode" (latent in, pixels out) or "encode" (pixels in, latent out): in_shape and the
+    # tiles' in_* boxes are in the input's units, out_* in the output's
+    direction: str = "decode"
 
     @property
     def exact(self) -> bool:
@@ -93,7 +131,7 @@ class Plan:
 
     @property
     def batch(self) -> int:
-        return self.latent_shape[0]
+        return self.in_shape[0]
 
     @property
     def steps(self) -> int:
@@ -190,74 +228,74 @@ def _grid(batch: int, axes: tuple[int, ...], tile: tuple[int, ...], overlap: tup
         spans = [[(0, n)] for n in axes]
     else:
         spans = [axis_spans(n, t, o) for n, t, o in zip(axes, tile, overlap)]
-    feather = tuple(s.size(o) if use else 0 for s, o, use in zip(scales, overlap, feather_axes))
+    feather = tuple(s.feather(o) if use else 0 for s, o, use in zip(scales, overlap, feather_axes))
     tiles = []
     for combo in itertools.product(*spans):
         starts = tuple(p for p, _ in combo)
         sizes = tuple(n for _, n in combo)
         tiles.append(Tile(
             index=first_index + len(tiles), batch=batch, pass_index=pass_index,
-            lat_start=starts, lat_size=sizes,
+            in_start=starts, in_size=sizes,
             out_start=tuple(s.offset(p) for s, p in zip(scales, starts)),
             out_size=tuple(s.size(n) for s, n in zip(scales, sizes)),
             feather=(0,) * len(axes) if whole else feather, whole=whole))
     return tiles
 
 
-def _out_shape(latent_shape, out_channels, scales) -> tuple[int, ...]:
-    return (latent_shape[0], out_channels) + tuple(s.size(n) for s, n in zip(scales, latent_shape[2:]))
+def _out_shape(in_shape, out_channels, scales) -> tuple[int, ...]:
+    return (in_shape[0], out_channels) + tuple(s.canvas(n) for s, n in zip(scales, in_shape[2:]))
 
 
-def plan_image(latent_shape: tuple[int, ...], settings: TileSettings, scale: AxisScale,
+def plan_image(in_shape: tuple[int, ...], settings: TileSettings, scale: AxisScale,
                out_channels: int = 3) -> Plan:
     """Three grids per item, averaged, as ``VAE.decode_tiled_``: (t/2 x 2t), (2t x t/2), (t x t).
 
     ``tiled_scale(samples, fn, tile_x, tile_y)`` tiles (H, W) with (tile_y, tile_x), and
     decode_tiled_ calls it with (tile_x//2, tile_y*2), (tile_x*2, tile_y//2), (tile_x, tile_y).
     """
-    if len(latent_shape) != 4:
-        raise ValueError(f"image plans take [B, C, H, W] latents, got {latent_shape}")
+    if len(in_shape) != 4:
+        raise ValueError(f"image plans take [B, C, H, W] latents, got {in_shape}")
     t, o = settings.tile, settings.overlap
     grids = [(t * 2, t // 2), (t // 2, t * 2), (t, t)]  # (H, W) per pass
     scales = (scale, scale)
     tiles: list[Tile] = []
-    for b in range(latent_shape[0]):
+    for b in range(in_shape[0]):
         for p, hw in enumerate(grids):
-            tiles += _grid(b, tuple(latent_shape[2:]), hw, (o, o), scales, p, len(tiles), (True, True))
-    return Plan(IMAGE, tuple(latent_shape), _out_shape(latent_shape, out_channels, scales), scales, 3,
+            tiles += _grid(b, tuple(in_shape[2:]), hw, (o, o), scales, p, len(tiles), (True, True))
+    return Plan(IMAGE, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 3,
                 tuple(tiles))
 
 
-def plan_video(latent_shape: tuple[int, ...], settings: TileSettings, scales: tuple[AxisScale, ...],
+def plan_video(in_shape: tuple[int, ...], settings: TileSettings, scales: tuple[AxisScale, ...],
                out_channels: int = 3) -> Plan:
     """One 3-D grid per item, as ``VAE.decode_tiled_3d`` with VAEDecodeTiled's arguments."""
-    if len(latent_shape) != 5:
-        raise ValueError(f"video plans take [B, C, T, H, W] latents, got {latent_shape}")
+    if len(in_shape) != 5:
+        raise ValueError(f"video plans take [B, C, T, H, W] latents, got {in_shape}")
     tile = (max(2, settings.tile_t), settings.tile, settings.tile)
     overlap = (max(1, settings.overlap_t), settings.overlap, settings.overlap)
     tiles: list[Tile] = []
-    for b in range(latent_shape[0]):
-        tiles += _grid(b, tuple(latent_shape[2:]), tile, overlap, scales, 0, len(tiles), (True, True, True))
-    return Plan(VIDEO, tuple(latent_shape), _out_shape(latent_shape, out_channels, scales), scales, 1,
+    for b in range(in_shape[0]):
+        tiles += _grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (True, True, True))
+    return Plan(VIDEO, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 1,
                 tuple(tiles))
 
 
-def plan_causal(latent_shape: tuple[int, ...], settings: TileSettings, scales: tuple[AxisScale, ...],
+def plan_causal(in_shape: tuple[int, ...], settings: TileSettings, scales: tuple[AxisScale, ...],
                 out_channels: int = 3) -> Plan:
     """Spatial tiles that each span every frame, decoded step by step with their causal cache.
 
     Equals VAEDecodeTiled with a temporal tile covering all frames: there the temporal ramp is
     the same for every tile and cancels in the weighted average, so it is left out here.
     """
-    if len(latent_shape) != 5:
-        raise ValueError(f"video plans take [B, C, T, H, W] latents, got {latent_shape}")
-    frames = latent_shape[2]
+    if len(in_shape) != 5:
+        raise ValueError(f"video plans take [B, C, T, H, W] latents, got {in_shape}")
+    frames = in_shape[2]
     tile = (frames, settings.tile, settings.tile)
     overlap = (0, settings.overlap, settings.overlap)
     tiles: list[Tile] = []
-    for b in range(latent_shape[0]):
-        tiles += _grid(b, tuple(latent_shape[2:]), tile, overlap, scales, 0, len(tiles), (False, True, True))
+    for b in range(in_shape[0]):
+        tiles += _grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (False, True, True))
     ts = scales[0]
     steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(frames))
-    return Plan(CAUSAL, tuple(latent_shape), _out_shape(latent_shape, out_channels, scales), scales, 1,
+    return Plan(CAUSAL, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 1,
                 tuple(tiles), steps)

@@ -13,7 +13,7 @@ other module reads a record's fields by name. In order, per worker:
   Arena(name, nbytes, slot_bytes, slots)
   JobData(job_id, fingerprint, work,              (no reply; work is units.Work in plain data)
           latent_block, latent_nbytes,
-          latent_dtype, latent_shape)
+          latent_dtype, in_shape)
   Task(job_id, key, tiles, threads)               Result(job_id, tile, step, slot, shape)...,
                                                   then Done(job_id, key, busy_s)
                                                   | Failed(job_id, key, why, message)
@@ -168,7 +168,7 @@ class JobData(Record):
     latent_block: str  # shared-memory block holding the latent
     latent_nbytes: int
     latent_dtype: Any  # a torch dtype (pickles by name)
-    latent_shape: tuple
+    in_shape: tuple
 
     def blocks(self) -> list[tuple[str, int]]:
         return [(self.latent_block, self.latent_nbytes)]

@@ -31,16 +31,16 @@ class VaeSpec:
     def temporal_compression(self):
         return self.scales[0].factor if self.latent_dim == 3 else None
 
-    def out_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The decoded pixels' shape ``[B, C, *axes]`` for a latent of this shape."""
-        return (latent_shape[0], self.out_channels) + tuple(s.size(n) for s, n in zip(self.scales, latent_shape[2:]))
+        return (in_shape[0], self.out_channels) + tuple(s.size(n) for s, n in zip(self.scales, in_shape[2:]))
 
     def settings(self, tile_size: int, overlap: int, temporal_size: int, temporal_overlap: int):
         return plans.settings_from_pixels(tile_size, overlap, temporal_size, temporal_overlap,
                                           self.spatial_compression, self.temporal_compression)
 
-    def plan(self, latent_shape: tuple[int, ...], settings: plans.TileSettings) -> plans.Plan:
+    def plan(self, in_shape: tuple[int, ...], settings: plans.TileSettings) -> plans.Plan:
         if self.latent_dim == 2:
-            return plans.plan_image(latent_shape, settings, self.scales[-1], self.out_channels)
+            return plans.plan_image(in_shape, settings, self.scales[-1], self.out_channels)
         make = plans.plan_causal if self.causal else plans.plan_video
-        return make(latent_shape, settings, self.scales, self.out_channels)
+        return make(in_shape, settings, self.scales, self.out_channels)

@@ -1,5 +1,6 @@
-"""Units of work as a lane decodes them: the one routine that turns a group of tiles (or exact
-bands) into pixels, shared by the in-process backend and the worker process.
+"""Units of work as a lane computes them: the one routine that turns a group of tiles (or exact
+bands) into pixels (decoding) or latents (encoding), shared by the in-process backend and the
+worker process.
 
 A unit is (tile, step): a whole tile for image and generic video plans (step 0), one latent frame
 of one spatial tile for causal video. A group is decoded frame by frame across its tiles, each
@@ -43,11 +44,13 @@ class Work:
     step_frames: tuple
     boxes: tuple
     split: int = 1
+    encode: bool = False  # pixels in, latent out (the boxes are in pixels)
 
     @classmethod
     def of(cls, plan: Plan) -> "Work":
         return cls(plan.kind == CAUSAL, plan.exact, tuple(plan.step_frames),
-                   tuple((t.batch, tuple(t.lat_start), tuple(t.lat_size)) for t in plan.tiles))
+                   tuple((t.batch, tuple(t.in_start), tuple(t.in_size)) for t in plan.tiles),
+                   encode=plan.direction == "encode")
 
     def split_in(self, split: int) -> "Work":
         return replace(self, split=split)
@@ -78,10 +81,11 @@ def box_of(latent: torch.Tensor, batch: int, start, size) -> torch.Tensor:
     return box
 
 
-def decode(work: Work, latent: torch.Tensor, tiles: Sequence[int], decoder, executor=None,
-           answer: Optional[Callable] = None, order: str = "frame", poll: Optional[Callable[[], None]] = None,
-           empty_cache: Callable[[], None] = lambda: None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(tile, step, pixels) of the group ``tiles``, pixels as ``decoder.output`` gives them.
+def run(work: Work, latent: torch.Tensor, tiles: Sequence[int], decoder, executor=None,
+        answer: Optional[Callable] = None, order: str = "frame", poll: Optional[Callable[[], None]] = None,
+        empty_cache: Callable[[], None] = lambda: None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(tile, step, output) of the group ``tiles``, as ``decoder.output`` gives it: pixels, or a
+    latent where ``work.encode`` (``latent`` is then the VAE's input pixels).
 
     Exact groups are bands of one batch item, run by ``executor``: ``answer`` carries their sync
     points to the bands of other workers (None: these bands are the whole item), ``order`` says
@@ -95,9 +99,10 @@ def decode(work: Work, latent: torch.Tensor, tiles: Sequence[int], decoder, exec
         for t, step, pixels in bands.run(executor, work, latent, tiles, answer, order, poll, empty_cache):
             yield t, step, decoder.output(pixels)
         return
-    if not work.causal:
+    if work.encode or not work.causal:
+        code = decoder.encode if work.encode else decoder.decode
         for t in tiles:
-            yield t, 0, decoder.decode(work.box(latent, t))
+            yield t, 0, code(work.box(latent, t))
         return
     steps = len(work.step_frames)
     streams = [decoder.steps(work.box(latent, t), work.step_frames) for t in tiles]
@@ -111,4 +116,4 @@ def decode(work: Work, latent: torch.Tensor, tiles: Sequence[int], decoder, exec
             yield t, step, pixels
 
 
-__all__ = ["Decoded", "Work", "box_of", "decode"]
+__all__ = ["Decoded", "Work", "box_of", "run"]

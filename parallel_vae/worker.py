@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
@@ -132,14 +132,14 @@ class Cancelled(Exception):
 
 @dataclass
 class Built:
-    """A VAE this worker keeps: ComfyUI's object, its decoder, its exact executor once used, and
-    the shared block its CPU weights live in (None: it copied them)."""
+    """A VAE this worker keeps: ComfyUI's object, its decoder, its exact executors once used (per
+    direction), and the shared block its CPU weights live in (None: it copied them)."""
 
     built: Any
     decoder: Any
     family: str
     block: Any = None
-    executor: Any = None
+    executors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -260,7 +260,7 @@ class Worker:
         except FileNotFoundError:  # the job ended (cancelled) before this message was read
             self.cancelled.add(record.job_id)
             return
-        latent = shm.view(block.buf, record.latent_dtype, record.latent_shape)
+        latent = shm.view(block.buf, record.latent_dtype, record.in_shape)
         self.job = Job(record.job_id, record.fingerprint, Work.from_wire(record.work), latent, block)
 
     def drop_job(self) -> None:
@@ -298,14 +298,14 @@ class Worker:
                 raise Cancelled
         return self.free_slots.pop()
 
-    def _executor(self, built: Built):
-        """The exact-mode band executor of a VAE, built on first use."""
+    def _executor(self, built: Built, direction: str):
+        """The exact-mode band executor of a VAE for ``direction``, built on first use."""
         from . import families
 
-        if built.executor is None:
-            built.executor = families.exact_executor(built.family, built.decoder.module, built.decoder.dtype,
-                                                     self.device)
-        return built.executor
+        if direction not in built.executors:
+            built.executors[direction] = families.exact_executor(built.family, built.decoder.module,
+                                                                 built.decoder.dtype, self.device, direction)
+        return built.executors[direction]
 
     def _answer(self, job_id: int, key: int, requests) -> list:
         """The lock-step's round trip: this task's part out, the item's statistics or the
@@ -350,8 +350,8 @@ class Worker:
             built = self.cache[job.fingerprint]
             if self.hooks is not None and hasattr(self.hooks, "before_task"):
                 self.hooks.before_task(self, job.work, tiles)
-            executor = self._executor(built) if job.work.exact else None
-            decoded = units.decode(job.work, job.latent, tiles, built.decoder, executor,
+            executor = self._executor(built, "encode" if job.work.encode else "decode") if job.work.exact else None
+            decoded = units.run(job.work, job.latent, tiles, built.decoder, executor,
                                    answer=lambda requests: self._answer(job_id, key, requests),
                                    empty_cache=self._empty_cache)
             for tile_index, step, pixels in decoded:

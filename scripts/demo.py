@@ -42,7 +42,7 @@ def video_demo(server: ComfyServer, assets) -> int:
         size, codec = f"{stream.codec_context.width}x{stream.codec_context.height}", stream.codec_context.name
     start = next(m["t"] for m in run.of_type("executing") if m["data"].get("node") == "3")
     previews = [m["t"] - start for m in run.of_type("binary") if m["event"] in (1, 4)]
-    print(f"video: {assets.description}; latent {list(assets.latent_shape)}")
+    print(f"video: {assets.description}; latent {list(assets.in_shape)}")
     print(f"Save Video (Stream) wrote {path}")
     first = f", the first after {previews[0]:.2f} s" if previews else ""
     print(f"  {frames} frames {size} {codec}, decoded and encoded in {run.node_seconds('4'):.2f} s; "
@@ -57,14 +57,14 @@ def main() -> int:
 
     assets = demo_assets.prepare(BASE, args.vae)
     print(f"VAE: {assets.description}")
-    print(f"latent: random {list(assets.latent_shape)} -> {BASE / 'input' / assets.latent_name}")
+    print(f"latent: random {list(assets.in_shape)} -> {BASE / 'input' / assets.latent_name}")
 
     ours = prompts.example_prompt(assets.vae_name, assets.latent_name)
     settings = {k: ours["3"]["inputs"][k] for k in prompts.SETTINGS}
     tiled = prompts.example_prompt(assets.vae_name, assets.latent_name)
     tiled["3"] = prompts.vae_decode_tiled(settings)
     if assets.causal:  # compare with a temporal tile covering every frame: ours never cuts time
-        tiled["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.latent_shape[2])
+        tiled["3"]["inputs"]["temporal_size"] = max(settings["temporal_size"], 4 * assets.in_shape[2])
     tiled["4"]["inputs"]["filename_prefix"] = "parallel_vae/vae_decode_tiled"
     untiled = prompts.example_prompt(assets.vae_name, assets.latent_name)
     untiled["3"] = {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}}

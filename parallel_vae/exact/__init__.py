@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .geometry import band_count, plan_exact, split_rows
+from .geometry import band_count, plan_exact, plan_exact_encode, split_rows
 from .sd import SdExact
 from .shares import Terms, split
 from .wan import WanExact
@@ -19,7 +19,7 @@ class Unsupported(Exception):
     """This VAE has no exact executor; the message says why."""
 
 
-def plan(latent_shape, scales, out_channels: int, tile_size: int, halo: int, lockstep: bool,
+def plan(in_shape, scales, out_channels: int, tile_size: int, halo: int, lockstep: bool,
          terms: Sequence[Terms] = ()):
     """The exact plan, with ``halo`` rows read beyond each band (none where bands exchange their
     conv edges). Bands in ``lockstep`` with the lanes' ``terms`` (one per lane decoding at once):
@@ -28,12 +28,25 @@ def plan(latent_shape, scales, out_channels: int, tile_size: int, halo: int, loc
     bands are even, one per lane where the rows allow, and sized by ``tile_size`` (a band's own
     rows hold at most tile_size^2 output pixels); Wan's bands are independent units, pulled by
     whichever lane is free."""
-    height, width = latent_shape[-2], latent_shape[-1]
+    height, width = in_shape[-2], in_shape[-1]
     if lockstep and terms:
         shared = split(height, terms)
-        return plan_exact(latent_shape, scales, out_channels, shared.spans, halo, shared.shares)
+        return plan_exact(in_shape, scales, out_channels, shared.spans, halo, shared.shares)
     bands = band_count(height, width, scales[-1].factor, tile_size, max(1, len(terms)), halo)
-    return plan_exact(latent_shape, scales, out_channels, split_rows(height, bands), halo)
+    return plan_exact(in_shape, scales, out_channels, split_rows(height, bands), halo)
 
 
-__all__ = ["SdExact", "Terms", "Unsupported", "WanExact", "plan"]
+def plan_encode(in_shape, scales, latent_channels: int, tile_size: int, halo: int, lockstep: bool,
+                terms: Sequence[Terms] = ()):
+    """Exact encoding's plan, banded as ``plan`` bands a decode: ``in_shape`` are the pixels, the
+    bands are rows of the latent they encode to."""
+    f = scales[-2].factor
+    height, width = -(-in_shape[-2] // f), -(-in_shape[-1] // f)
+    if lockstep and terms:
+        shared = split(height, terms)
+        return plan_exact_encode(in_shape, scales, latent_channels, shared.spans, halo, shared.shares)
+    bands = band_count(height, width, f, tile_size, max(1, len(terms)), halo)
+    return plan_exact_encode(in_shape, scales, latent_channels, split_rows(height, bands), halo)
+
+
+__all__ = ["SdExact", "Terms", "Unsupported", "WanExact", "plan", "plan_encode"]

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from ..plan import CAUSAL, IMAGE, AxisScale, Plan, Tile
+from ..plan import CAUSAL, IMAGE, VIDEO, AxisScale, Plan, Tile
+from ..plan_encode import down_scales
 
 MIN_ROWS_PER_HALO = 2  # bands much shorter than their halo mostly recompute their neighbours
 # oneDNN takes another conv algorithm for inputs a few rows high, whose rows differ from a tall
@@ -111,12 +112,12 @@ def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: 
     return min(height, max(for_memory, for_lanes))
 
 
-def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int,
+def plan_exact(in_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int,
                spans: Sequence[tuple[int, int]], halo: int, shares: tuple = ()) -> Plan:
     """A plan whose tiles are the bands ``spans`` (latent rows [a, e), top to bottom) of each batch
     item: own rows only, no feather, one pass, so the blender writes each band's pixels where they
     belong unchanged. ``shares``: see Plan.shares."""
-    shape = tuple(latent_shape)
+    shape = tuple(in_shape)
     causal = len(shape) == 5
     width = shape[-1]
     sh, sw = scales[-2], scales[-1]
@@ -125,14 +126,14 @@ def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_cha
         for a, e in spans:
             if causal:
                 frames = shape[2]
-                lat_start, lat_size = (0, a, 0), (frames, e - a, width)
+                in_start, in_size = (0, a, 0), (frames, e - a, width)
                 out_start = (0, sh.offset(a), 0)
                 out_size = (scales[0].size(frames), sh.factor * (e - a), sw.size(width))
             else:
-                lat_start, lat_size = (a, 0), (e - a, width)
+                in_start, in_size = (a, 0), (e - a, width)
                 out_start, out_size = (sh.offset(a), 0), (sh.factor * (e - a), sw.size(width))
-            tiles.append(Tile(index=len(tiles), batch=b, pass_index=0, lat_start=lat_start, lat_size=lat_size,
-                              out_start=out_start, out_size=out_size, feather=(0,) * len(lat_start), whole=False))
+            tiles.append(Tile(index=len(tiles), batch=b, pass_index=0, in_start=in_start, in_size=in_size,
+                              out_start=out_start, out_size=out_size, feather=(0,) * len(in_start), whole=False))
     out_shape = (shape[0], out_channels) + tuple(s.size(n) for s, n in zip(scales, shape[2:]))
     steps = ()
     if causal:
@@ -142,11 +143,41 @@ def plan_exact(latent_shape: Sequence[int], scales: Sequence[AxisScale], out_cha
                 mode="exact", halo=halo, shares=tuple(shares))
 
 
+def plan_exact_encode(in_shape: Sequence[int], scales: Sequence[AxisScale], latent_channels: int,
+                      spans: Sequence[tuple[int, int]], halo: int, shares: tuple = ()) -> Plan:
+    """Exact encoding's plan: the bands ``spans`` (latent rows [a, e)) of each item, each reading
+    the pixel rows [a*f, e*f) (the executor reads ``halo`` latent rows more where it needs them)
+    and giving its latent rows, every frame at once; one pass, no feather."""
+    shape = tuple(in_shape)
+    video = len(shape) == 5
+    f = scales[-2].factor
+    down = down_scales(tuple(scales))
+    height, width = shape[-2], shape[-1]
+    w_lat = down[-1].canvas(width)
+    tiles: list[Tile] = []
+    for b in range(shape[0]):
+        for a, e in spans:
+            rows = (a * f, min(height, e * f) - a * f)
+            if video:
+                frames = shape[2]
+                in_start, in_size = (0, rows[0], 0), (frames, rows[1], width)
+                out_start, out_size = (0, a, 0), (down[0].canvas(frames), e - a, w_lat)
+            else:
+                in_start, in_size = (rows[0], 0), (rows[1], width)
+                out_start, out_size = (a, 0), (e - a, w_lat)
+            tiles.append(Tile(index=len(tiles), batch=b, pass_index=0, in_start=in_start, in_size=in_size,
+                              out_start=out_start, out_size=out_size, feather=(0,) * len(in_start), whole=False))
+    out_shape = (shape[0], latent_channels) + tuple(s.canvas(n) for s, n in zip(down, shape[2:]))
+    return Plan(VIDEO if video else IMAGE, shape, out_shape, down, 1, tuple(tiles), mode="exact", halo=halo,
+                shares=tuple(shares), direction="encode")
+
+
 def bands_of(plan: Plan, batch: int) -> list[Band]:
     """The bands of one batch item, top to bottom."""
     axis = 1 if plan.kind == CAUSAL else 0
-    return [Band(t.index, t.lat_start[axis], t.lat_start[axis] + t.lat_size[axis]) for t in plan.tiles_of(batch)]
+    return [Band(t.index, t.in_start[axis], t.in_start[axis] + t.in_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "receptive_rows",
+__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "plan_exact_encode",
+           "receptive_rows",
            "split_rows"]

@@ -1,4 +1,5 @@
-"""Whole-tile decoding through the model's own ``decode``, as ComfyUI's tiled decode calls it."""
+"""Whole-tile decoding and encoding through the model's own ``decode`` and ``encode``, as ComfyUI's
+tiled decode and encode call them."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -30,6 +31,11 @@ class GenericDecoder:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.output(self.module.decode(z.to(self.dtype).to(self.device)))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A tile's latent as VAE Encode (Tiled)'s encode_fn gives it: ``pixels`` have been through
+        the VAE's process_input already (elementwise, so the whole input is done at once)."""
+        return self.output(self.module.encode(pixels.to(self.dtype).to(self.device)))
 
     def steps(self, z: torch.Tensor, step_frames: Sequence[tuple[int, int]]) -> Iterator[torch.Tensor]:
         """Frames of each step; here by decoding the whole tile once and slicing it."""

@@ -22,7 +22,7 @@ class DemoAssets:
     latent_name: str
     description: str
     causal: bool
-    latent_shape: tuple
+    in_shape: tuple
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -111,7 +111,7 @@ def test_exact_terms_are_one_per_lane_where_lanes_decode_at_once(backend):
 def test_every_backend_decodes_the_same_pixels_and_says_which_lane_did(backend):
     made, count = backend
     plan = toy_plan()
-    z = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(plan.in_shape, generator=torch.Generator().manual_seed(5))
     reference, _ = decode(in_process()[0], plan, z)
     out, report = decode(made, plan, z)
     assert torch.equal(out, reference)

@@ -73,7 +73,7 @@ def test_tiles_cover_every_output_pixel_and_stay_inside(plan):
                 if t.pass_index != p:
                     continue
                 assert all(0 <= s and s + n <= a for s, n, a in zip(t.out_start, t.out_size, axes))
-                assert all(0 <= s and s + n <= a for s, n, a in zip(t.lat_start, t.lat_size, plan.latent_shape[2:]))
+                assert all(0 <= s and s + n <= a for s, n, a in zip(t.in_start, t.in_size, plan.in_shape[2:]))
                 region = cover
                 for d, (s, n) in enumerate(zip(t.out_start, t.out_size)):
                     region = region.narrow(d, s, n)

@@ -56,7 +56,7 @@ def test_image_plan_three_grids_exact():
     s = P.TileSettings(8, 2)
     p = P.plan_image((1, 4, 10, 14), s, P.AxisScale(8))
     assert p.passes == 3 and p.out_shape == (1, 3, 80, 112)
-    by_pass = [[(t.lat_start, t.lat_size) for t in p.tiles if t.pass_index == k] for k in range(3)]
+    by_pass = [[(t.in_start, t.in_size) for t in p.tiles if t.pass_index == k] for k in range(3)]
     # pass 0: 16 rows x 4 cols, pass 1: 4 rows x 16 cols, pass 2: 8 x 8 (VAE.decode_tiled_)
     assert by_pass[0] == [((0, c), (10, 4)) for c in (0, 2, 4, 6, 8, 10)]
     assert by_pass[1] == [((r, 0), (4, 14)) for r in (0, 2, 4, 6)]
@@ -79,7 +79,7 @@ def test_causal_plan_spans_all_frames_and_steps_like_the_vae():
     p = P.plan_causal((1, 16, 3, 10, 14), P.TileSettings(8, 2, 2, 1), scales)
     assert p.out_shape == (1, 3, 9, 80, 112)
     assert p.step_frames == ((0, 1), (1, 5), (5, 9))
-    assert [(t.lat_start, t.lat_size) for t in p.tiles] == [
+    assert [(t.in_start, t.in_size) for t in p.tiles] == [
         ((0, 0, 0), (3, 8, 8)), ((0, 0, 6), (3, 8, 8)), ((0, 6, 0), (3, 4, 8)), ((0, 6, 6), (3, 4, 8))]
     assert all(t.feather == (0, 16, 16) for t in p.tiles)  # never a temporal ramp: time is never cut
     assert p.units == 4 * 3
@@ -89,6 +89,6 @@ def test_video_plan_cuts_time_like_decode_tiled_3d():
     scales = (P.AxisScale(8, 7), P.AxisScale(32), P.AxisScale(32))  # LTXV-like geometry
     p = P.plan_video((1, 128, 5, 4, 4), P.TileSettings(4, 1, 2, 1), scales)
     assert p.out_shape == (1, 3, 33, 128, 128)
-    assert [(t.lat_start[0], t.lat_size[0], t.out_start[0], t.out_size[0]) for t in p.tiles] == [
+    assert [(t.in_start[0], t.in_size[0], t.out_start[0], t.out_size[0]) for t in p.tiles] == [
         (0, 2, 0, 9), (1, 2, 8, 9), (2, 2, 16, 9), (3, 2, 24, 9)]
     assert all(t.feather == (1, 32, 32) for t in p.tiles)
