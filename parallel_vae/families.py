@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .exact import SdExact, Unsupported, WanExact
+from .exact.sd_encode import SdEncodeExact
 from .models import GenericDecoder, check
 from .models.taehv import TaehvStepper
 from .models.wan import WanStepper
@@ -38,8 +39,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
-    Family("image", "image VAE", exact=SdExact,
-           exact_label="SD 1.x/2.x, SDXL, SD3, Flux and other image VAEs built on ComfyUI's 2-D Decoder"),
+    Family("image", "image VAE", exact=SdExact, exact_encode=SdEncodeExact,
+           exact_label="SD 1.x/2.x, SDXL, SD3, Flux and other image VAEs built on ComfyUI's 2-D Decoder and Encoder"),
     Family("video", "video VAE"),
     Family("wan22", "Wan 2.2 VAE", causal=True, classes=("comfy.ldm.wan.vae2_2.WanVAE",), stepper=WanStepper,
            exact=WanExact, exact_label="Wan 2.2", patch_size=2, first_chunk=True),

@@ -32,7 +32,7 @@ from . import shm
 from .errors import DecodeError
 from .exact import stats
 from .exact.geometry import bands_of, split_rows
-from .exact.lockstep import neighbours
+from .exact.lockstep import neighbours, rows_from_wire, rows_to_wire
 from .jobs import SLOTS, Job, next_job_id, slot_bytes
 from .plan import Plan
 from .units import Decoded, Work
@@ -157,7 +157,7 @@ class LockstepJob(Job):
     # -- records -----------------------------------------------------------------------------------
     def on_message(self, h: Handle, record: msgs.Record) -> Optional[Decoded]:
         current = getattr(record, "job_id", None) == self.id
-        if isinstance(record, (msgs.GroupStats, msgs.GroupRows)):
+        if isinstance(record, (msgs.GroupStats, msgs.GroupRows, msgs.GroupPart)):
             if current:
                 self.last_heard = time.monotonic()
                 self.reported.setdefault(record.k, {})[record.key] = record
@@ -210,6 +210,12 @@ class LockstepJob(Job):
             raise DecodeError(f"exact mode: workers fell out of step at sync point {k} "
                               f"({sorted({r.name for r in ordered})})")
         del self.reported[k]
+        if isinstance(ordered[0], msgs.GroupPart):
+            whole = torch.cat([rows_from_wire(r.part, "cpu") for r in ordered], -2)
+            shared = msgs.SharedWhole(self.id, k, rows_to_wire(whole))
+            for key in keys:
+                self.groups[key].worker.send(shared)
+            return
         if isinstance(ordered[0], msgs.GroupRows):
             beyond = neighbours([r.top for r in ordered], [r.bottom for r in ordered])
             for key, (above, below) in zip(keys, beyond):

@@ -310,3 +310,28 @@ class SharedRows(Record):
     k: int
     above: Optional[tuple]
     below: Optional[tuple]
+
+
+@record("part")
+class GroupPart(Record):
+    """A task's bands reached a layer that reads every row (exact encoding's mid-block attention):
+    their rows of its input, concatenated (exact.lockstep.rows_to_wire). The worker waits for
+    SharedWhole."""
+
+    job_id: int
+    key: int
+    k: int
+    name: str
+    part: tuple
+
+
+@record("whole")
+class SharedWhole(Record):
+    """Every group's part at sync point ``k``, in band order, as one tensor."""
+
+    job_id: int
+    k: int
+    whole: tuple
+
+
+SHARED = (SharedStats, SharedRows, SharedWhole)  # the parent's answers at a sync point

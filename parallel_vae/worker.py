@@ -165,7 +165,7 @@ class Worker:
         self.job: Optional[Job] = None
         self.cancelled: set[int] = set()  # of the current job or later ones (older ids are dropped)
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
-        self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> SharedStats/SharedRows
+        self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> one of msgs.SHARED
         self.waited = 0.0  # seconds the running task spent waiting on its lock-step partners
         self.hooks = _load_hooks()
         self.heap = Heap()
@@ -277,7 +277,7 @@ class Worker:
         """Records read while a tile is decoding: bookkeeping now, the rest later in order."""
         if isinstance(record, msgs.Free):
             self.free_slots.append(record.slot)
-        elif isinstance(record, (msgs.SharedStats, msgs.SharedRows)):
+        elif isinstance(record, msgs.SHARED):
             self.shared[(record.job_id, record.k)] = record
         elif isinstance(record, msgs.Cancel):
             self.cancelled.add(record.job_id)
@@ -428,7 +428,7 @@ class Worker:
             if action is not None:
                 action(record)
                 self.busy = True
-            elif isinstance(record, (msgs.Free, msgs.Cancel, msgs.SharedStats, msgs.SharedRows)):
+            elif isinstance(record, (msgs.Free, msgs.Cancel) + msgs.SHARED):
                 self.handle(record)  # statistics and rows can arrive after their task was cancelled
             else:
                 raise msgs.ProtocolError(f"a worker does not take {type(record).__name__} records")

@@ -24,18 +24,20 @@ def _is_split_attention(fn) -> bool:
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_bytes: int) -> torch.Tensor:
     """ComfyUI's split attention over ``[B, C, H, W]`` q, k, v with at most ``slice_bytes`` of
-    scores alive."""
+    scores alive. ``q`` may hold fewer rows than k and v (an exact band's own queries against the
+    whole item's keys): each query's result does not depend on the others."""
     shape = q.shape
     b, c = shape[0], shape[1]
     q = q.reshape(b, c, -1).permute(0, 2, 1)
     k = k.reshape(b, c, -1)
     v = v.reshape(b, c, -1)
-    out = torch.zeros_like(k)
+    out = torch.zeros((b, c, q.shape[1]), dtype=v.dtype, device=v.device)
     scale = int(q.shape[-1]) ** -0.5
     positions = k.shape[2]
+    queries = q.shape[1]
     rows = max(MIN_SLICE_ROWS, slice_bytes // max(1, b * positions * q.element_size()))
-    count = -(-positions // rows)
-    base, extra = divmod(positions, count)  # even slices: no short remainder
+    count = -(-queries // rows)
+    base, extra = divmod(queries, count)  # even slices: no short remainder
     i = 0
     for n in range(count):
         j = i + base + (1 if n < extra else 0)

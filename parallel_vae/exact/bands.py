@@ -34,7 +34,8 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     if any(work.boxes[t][0] != batch for t in tiles):
         raise ValueError("an exact group's bands must belong to one batch item")
     z = latent.narrow(0, batch, 1)
-    bands = [Band(*work.band(t)) for t in tiles]
+    r = getattr(ex, "in_rows", 1)  # encoding: the boxes are pixel rows, the bands latent rows
+    bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
     if answer is not None and ex.sync == "groupnorm":
         return attempt(ex, z, bands, work.split, order, poll, answer)
     return item_results(ex, z, bands, order, poll, empty_cache)

@@ -3,7 +3,8 @@
 Every band is a generator (sd.SdExact.band) that yields a request at each sync point: a
 ``StatsRequest`` (the moments of its rows), answered with the global (mean, rstd), or a
 ``RowsRequest`` (its edge rows), answered with (the band above's bottom rows, the band below's top
-rows). ``run`` drives bands in one thread; ``answers`` answers bands that are a whole batch item.
+rows), or a ``GatherRequest`` (its rows of a tensor every band reads whole), answered with the
+whole. ``run`` drives bands in one thread; ``answers`` answers bands that are a whole batch item.
 In a worker whose bands are part of an item, ``report`` makes the record for the parent (which
 holds every worker's part) and ``answers_from`` turns the parent's reply into each band's answer.
 """
@@ -39,7 +40,17 @@ class RowsRequest:
     bottom: torch.Tensor
 
 
-Request = Union[StatsRequest, RowsRequest]
+@dataclass(frozen=True)
+class GatherRequest:
+    """A band reached a layer that reads every row (global attention): its own rows of ``part``;
+    answered with the whole item's, bands in order (concatenated along the rows)."""
+
+    k: int
+    name: str
+    part: torch.Tensor
+
+
+Request = Union[StatsRequest, RowsRequest, GatherRequest]
 
 
 def check_same(requests: Sequence[Request]) -> None:
@@ -75,6 +86,9 @@ def answers(requests: Sequence[Request]) -> list:
     check_same(requests)
     if isinstance(requests[0], RowsRequest):
         return neighbours([r.top for r in requests], [r.bottom for r in requests])
+    if isinstance(requests[0], GatherRequest):
+        whole = torch.cat([r.part for r in requests], -2)
+        return [whole] * len(requests)
     shared = stats.combine([r.moments for r in requests], requests[0].eps)
     return [shared] * len(requests)
 
@@ -86,11 +100,15 @@ def report(job_id: int, key: int, requests: Sequence[Request]) -> msgs.Record:
     first, last = requests[0], requests[-1]
     if isinstance(first, RowsRequest):
         return msgs.GroupRows(job_id, key, first.k, first.name, rows_to_wire(first.top), rows_to_wire(last.bottom))
+    if isinstance(first, GatherRequest):
+        return msgs.GroupPart(job_id, key, first.k, first.name, rows_to_wire(torch.cat([r.part for r in requests], -2)))
     return msgs.GroupStats(job_id, key, first.k, first.name, first.eps, [r.moments.as_wire() for r in requests])
 
 
 def answers_from(requests: Sequence[Request], shared: msgs.Record) -> list:
     """Each band's answer from the parent's SharedRows (its neighbours' rows) or SharedStats."""
+    if isinstance(shared, msgs.SharedWhole):
+        return [rows_from_wire(shared.whole, requests[0].part.device)] * len(requests)
     if isinstance(shared, msgs.SharedRows):
         device = requests[0].top.device
         return neighbours([r.top for r in requests], [r.bottom for r in requests],

@@ -19,27 +19,9 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
-from . import stats
 from .attention import attention_block
-from .geometry import conv_spread
-from .lockstep import Request, RowsRequest, StatsRequest
-
-
-class _Sync:
-    """A band's place: own latent rows, the image height, and its sync points so far."""
-
-    __slots__ = ("a", "e", "height", "k")
-
-    def __init__(self, a: int, e: int, height: int):
-        self.a, self.e, self.height, self.k = a, e, height, 0
-
-    @property
-    def alone(self) -> bool:  # the only band: no neighbours to exchange rows with
-        return self.a == 0 and self.e == self.height
-
-    def next(self) -> int:
-        self.k += 1
-        return self.k - 1
+from .lockstep import Request
+from .row_ops import RowOps, Sync, same_rows
 
 
 def _resblocks(decoder):
@@ -51,7 +33,7 @@ def _resblocks(decoder):
             yield up.upsample
 
 
-class SdExact:
+class SdExact(RowOps):
     """Bands of one SD-family ``first_stage_model``; ``sync`` says bands exchange GroupNorm moments
     and conv edge rows."""
 
@@ -97,7 +79,7 @@ class SdExact:
             return "its upsampling is not a nearest x2 followed by a conv"
         for layer in SdExact.up_path(dec):
             for m in layer.modules():
-                if hasattr(m, "kernel_size") and not _same_rows(m):
+                if hasattr(m, "kernel_size") and not same_rows(m):
                     return "its up path has a conv that is strided or not row-aligned"
         return None
 
@@ -119,7 +101,7 @@ class SdExact:
         """Own rows ``[a, e)``: yields a Request at each sync point and is sent back (mean, rstd) for
         a StatsRequest, (rows above or None, rows below or None) for a RowsRequest; returns the band's pixels
         ``[1, C, px*(e-a), W*px]`` on the device."""
-        me = _Sync(a, e, mid.shape[-2])
+        me = Sync(a, e, mid.shape[-2])
         x = mid[:, :, a:e].contiguous()
         for layer in _resblocks(self.decoder):
             if not hasattr(layer, "norm1"):  # an Upsample: nearest x2, then its conv
@@ -134,57 +116,3 @@ class SdExact:
         if getattr(self.decoder, "tanh_out", False):
             x = torch.tanh(x)
         return x
-
-    def _conv(self, me: _Sync, conv, box: list, name: str):
-        """``conv`` on the tensor in ``box`` (taken out of it, so the caller holds no reference
-        and it is freed once copied next to its neighbours' rows: one band-sized tensor less at
-        the peak)."""
-        x = box.pop()
-        spread = conv_spread(conv)
-        if spread == 0 or me.alone:
-            return conv(x)
-        rows = x.shape[-2]
-        if rows < spread:
-            raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
-        # clones: a view would keep this band's whole tensor alive in the neighbour's hands
-        above, below = yield RowsRequest(me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
-        parts = [p for p in (above, x, below) if p is not None]
-        if len(parts) == 1:
-            return conv(x)
-        joined = torch.cat(parts, -2)
-        del parts, x
-        y = conv(joined)
-        del joined
-        top = 0 if above is None else above.shape[-2]
-        # contiguous again: on a view, elementwise kernels take their scalar tail path on other
-        # elements than in a whole tensor (SiLU's exp differs there in the last bit), and the
-        # output would depend on the band count
-        return y[:, :, top:top + rows].contiguous()
-
-    def _norm(self, me: _Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
-        mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
-        return stats.normalize(x, norm, mean, rstd, inplace=inplace)
-
-    def _resblock(self, me: _Sync, block, box: list):
-        x = box.pop()
-        h = yield from self._norm(me, block.norm1, x, "norm1")
-        if block.in_channels != block.out_channels:
-            # the 1x1 shortcut now, not at the end: the block's wide input (up[0]'s first block
-            # takes 256 channels at full size) is not held through its sync points
-            x = block.nin_shortcut(x)
-        box, h = [F.silu(h, inplace=True)], None
-        h = yield from self._conv(me, block.conv1, box, "conv1")
-        h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
-        box, h = [F.silu(h, inplace=True)], None
-        h = yield from self._conv(me, block.conv2, box, "conv2")
-        return h.add_(x)
-
-
-def _same_rows(conv) -> bool:
-    """Output row i is centred on input row i: stride 1, padding equal to the spread."""
-    stride = conv.stride[-2] if isinstance(conv.stride, (tuple, list)) else conv.stride
-    pad = conv.padding
-    if isinstance(pad, str):
-        return pad == "same"
-    pad = pad[-2] if isinstance(pad, (tuple, list)) else pad
-    return stride == 1 and pad == conv_spread(conv)

@@ -1,0 +1,92 @@
+"""What a row band of ComfyUI's 2-D VAE blocks does at each layer, exchanging with its neighbour
+bands whatever crosses its edges (the decoder's up path, sd.py, and the encoder's down path,
+sd_encode.py):
+- at every GroupNorm it yields the moments of its rows and waits for the global statistics
+  (``stats.combine``);
+- before every conv that reads beyond its output row it yields its edge rows of the conv's input
+  and waits for its neighbours' (``"rows"``); the conv runs on [above; own; below] and keeps its
+  own output rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import stats
+from .geometry import conv_spread
+from .lockstep import RowsRequest, StatsRequest
+
+
+class Sync:
+    """A band's place: own latent rows, the image height, and its sync points so far."""
+
+    __slots__ = ("a", "e", "height", "k")
+
+    def __init__(self, a: int, e: int, height: int):
+        self.a, self.e, self.height, self.k = a, e, height, 0
+
+    @property
+    def alone(self) -> bool:  # the only band: no neighbours to exchange rows with
+        return self.a == 0 and self.e == self.height
+
+    def next(self) -> int:
+        self.k += 1
+        return self.k - 1
+
+
+class RowOps:
+    """Band steps shared by the 2-D executors; ``me`` is the band's Sync."""
+
+    def _conv(self, me: Sync, conv, box: list, name: str):
+        """``conv`` on the tensor in ``box`` (taken out of it, so the caller holds no reference
+        and it is freed once copied next to its neighbours' rows: one band-sized tensor less at
+        the peak)."""
+        x = box.pop()
+        spread = conv_spread(conv)
+        if spread == 0 or me.alone:
+            return conv(x)
+        rows = x.shape[-2]
+        if rows < spread:
+            raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
+        # clones: a view would keep this band's whole tensor alive in the neighbour's hands
+        above, below = yield RowsRequest(me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
+        parts = [p for p in (above, x, below) if p is not None]
+        if len(parts) == 1:
+            return conv(x)
+        joined = torch.cat(parts, -2)
+        del parts, x
+        y = conv(joined)
+        del joined
+        top = 0 if above is None else above.shape[-2]
+        # contiguous again: on a view, elementwise kernels take their scalar tail path on other
+        # elements than in a whole tensor (SiLU's exp differs there in the last bit), and the
+        # output would depend on the band count
+        return y[:, :, top:top + rows].contiguous()
+
+    def _norm(self, me: Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
+        mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
+        return stats.normalize(x, norm, mean, rstd, inplace=inplace)
+
+    def _resblock(self, me: Sync, block, box: list):
+        x = box.pop()
+        h = yield from self._norm(me, block.norm1, x, "norm1")
+        if block.in_channels != block.out_channels:
+            # the 1x1 shortcut now, not at the end: the block's wide input (up[0]'s first block
+            # takes 256 channels at full size) is not held through its sync points
+            x = block.nin_shortcut(x)
+        box, h = [F.silu(h, inplace=True)], None
+        h = yield from self._conv(me, block.conv1, box, "conv1")
+        h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
+        box, h = [F.silu(h, inplace=True)], None
+        h = yield from self._conv(me, block.conv2, box, "conv2")
+        return h.add_(x)
+
+
+def same_rows(conv) -> bool:
+    """Output row i is centred on input row i: stride 1, padding equal to the spread."""
+    stride = conv.stride[-2] if isinstance(conv.stride, (tuple, list)) else conv.stride
+    pad = conv.padding
+    if isinstance(pad, str):
+        return pad == "same"
+    pad = pad[-2] if isinstance(pad, (tuple, list)) else pad
+    return stride == 1 and pad == conv_spread(conv)
