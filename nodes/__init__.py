@@ -7,9 +7,10 @@ from .decode import ParallelVAEDecode
 from .encode import ParallelVAEEncode
 from .save_video import ParallelVAESaveVideo
 from .stream import ParallelVAEDecodeStream, ParallelVAEStreamToImages
+from .vae_wrapper import ParallelVAE
 
 NODES: list[type[io.ComfyNode]] = [ParallelVAEDecode, ParallelVAEEncode, ParallelVAEDecodeStream,
-                                   ParallelVAESaveVideo, ParallelVAEStreamToImages]
+                                   ParallelVAESaveVideo, ParallelVAEStreamToImages, ParallelVAE]
 
 
 logging.getLogger("parallel_vae").info("parallel_vae: %s", compat.summary())  # for bug reports
@@ -21,5 +22,5 @@ class ParallelVAEExtension(ComfyExtension):
         return list(NODES)
 
 
-__all__ = ["NODES", "ParallelVAEDecode", "ParallelVAEEncode", "ParallelVAEDecodeStream", "ParallelVAEExtension",
+__all__ = ["NODES", "ParallelVAE", "ParallelVAEDecode", "ParallelVAEEncode", "ParallelVAEDecodeStream", "ParallelVAEExtension",
            "ParallelVAESaveVideo", "ParallelVAEStreamToImages"]
