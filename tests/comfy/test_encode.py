@@ -1,0 +1,234 @@
+"""Parallel Tiled VAE Encode and Parallel VAE with ComfyUI's real VAEs (random weights, loaded by the
+real VAELoader): tiled equals VAE Encode (Tiled), exact equals VAE Encode, on any number of lanes."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from testkit import comfy_env, interrupt
+from testkit.procs import when_busy
+
+TOL = 1e-4
+
+
+def pixels(shape, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def backends(pack):
+    yield pack.nodes.backends
+    pack.nodes.backends.shutdown()
+
+
+@pytest.fixture(scope="module")
+def encode(pack):
+    node = comfy_env.node_clone(pack.nodes.ParallelVAEEncode, {"UNIQUE_ID": "5"})
+
+    def run(px, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="cpu", mode="tiled"):
+        with torch.inference_mode():
+            out = node.execute(px, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, mode=mode)
+        return out.result[0]["samples"]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def core(comfy):
+    class Core:
+        @staticmethod
+        def encode(px, vae):
+            with torch.inference_mode():
+                return comfy.VAEEncode().encode(vae, px)[0]["samples"]
+
+        @staticmethod
+        def tiled(px, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8):
+            with torch.inference_mode():
+                return comfy.VAEEncodeTiled().encode(vae, px, tile_size, overlap, temporal_size, temporal_overlap)[0][
+                    "samples"]
+
+    return Core
+
+
+@pytest.mark.every_runtime
+@pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
+def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(load_vae, encode, core, backends, devices):
+    sd = load_vae("sd")
+    px = pixels((2, 203, 141, 3), 1)  # batch of 2, not square, not a multiple of 8: cropped as core crops
+    ours = encode(px, sd, 128, 32, devices=devices)
+    assert ours.shape == (2, 4, 25, 17) and ours.dtype == torch.float32
+    assert diff(ours, core.tiled(px, sd, 128, 32)) <= TOL
+
+    flux = load_vae("flux")
+    px = pixels((1, 136, 72, 3), 2)
+    assert diff(encode(px, flux, 64, 16, devices=devices), core.tiled(px, flux, 64, 16)) <= TOL
+
+    ltxv = load_vae("ltxv_meta")  # non-causal video: cut in time as VAE Encode (Tiled) cuts it
+    video = pixels((17, 160, 200, 3), 3)
+    ours = encode(video, ltxv, 64, 16, 16, 8, devices=devices)
+    assert ours.shape == (1, 128, 3, 5, 6)
+    assert diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
+
+
+@pytest.mark.every_runtime
+@pytest.mark.parametrize("frames", [1, 17])
+def test_causal_video_is_never_cut_in_time(load_vae, encode, core, backends, frames):
+    wan = load_vae("wan21")
+    video = pixels((frames, 72, 88, 3), 4)
+    ours = encode(video, wan, 64, 16, 16, 8, devices="cpu:2")  # temporal_size 16 would cut 17 frames
+    assert ours.shape == (1, 16, (frames + 3) // 4, 9, 11)
+    assert diff(ours, core.tiled(video, wan, 64, 16, 4096, 8)) <= TOL  # VAE Encode (Tiled), one temporal tile
+    if frames == 17:
+        assert diff(ours, core.tiled(video, wan, 64, 16, 16, 8)) > 1e-2, "core's temporal tiles restart the cache"
+    whole = encode(video, wan, 512, 16, 16, 8)  # a whole-frame tile: VAE Encode itself
+    assert diff(whole, core.encode(video, wan)) <= TOL
+
+
+@pytest.mark.every_runtime
+def test_exact_equals_vae_encode_and_does_not_depend_on_bands_or_workers(load_vae, encode, core, backends,
+                                                                         torch_threads, monkeypatch):
+    monkeypatch.setenv(backends.THREADS_ENV, "1")  # one torch thread per lane: bit-identity holds
+    torch_threads(1)
+    for family, channels in (("sd", 4), ("flux", 16)):
+        vae = load_vae(family)
+        px = pixels((1, 200, 136, 3), 5)  # 25 latent rows: no band count divides them
+        ref = core.encode(px, vae)
+        first = encode(px, vae, 0, devices="cpu", mode="exact")
+        assert first.shape == (1, channels, 25, 17)
+        assert diff(first, ref) <= TOL
+        for devices, tile in (("cpu", 128), ("cpu:2", 512), ("cpu:3", 512)):
+            assert torch.equal(encode(px, vae, tile, devices=devices, mode="exact"), first), (family, devices, tile)
+    px = pixels((2, 96, 64, 3), 6)  # a batch
+    sd = load_vae("sd")
+    assert diff(encode(px, sd, 0, devices="cpu:2", mode="exact"), core.encode(px, sd)) <= TOL
+
+
+def run_bands(pack, ex, x, spans, own_stats=False, edges=True):
+    """Drive exact encode bands (latent rows ``spans``) in this thread; ``own_stats`` normalises each
+    band with its own statistics (what independent tiles do); ``edges=False`` withholds the
+    neighbours' rows (each conv and downsample zero-pads at band edges)."""
+    lockstep, stats = pack.parallel_vae.exact.lockstep, pack.parallel_vae.exact.stats
+    gens = [ex.band(x, a, e) for a, e in spans]
+    requests = [g.send(None) for g in gens]
+    out = [None] * len(gens)
+    while any(r is not None for r in requests):
+        first = requests[0]
+        if isinstance(first, lockstep.RowsRequest) and not edges:
+            replies = [(None, None)] * len(gens)
+        elif isinstance(first, lockstep.StatsRequest) and own_stats:
+            replies = [stats.combine([r.moments], r.eps) for r in requests]
+        else:
+            replies = lockstep.answers(requests)
+        for i, g in enumerate(gens):
+            try:
+                requests[i] = g.send(replies[i])
+            except StopIteration as stop:
+                out[i], requests[i] = stop.value, None
+    return torch.cat(out, -2)
+
+
+def test_the_exchange_between_bands_matters(pack, load_vae):
+    """Bands encoded with their own statistics, or without their neighbours' edge rows, differ
+    visibly from the untiled encode: the combine is what makes exact mode exact."""
+    vae = load_vae("sd")
+    model = vae.first_stage_model
+    ex = pack.parallel_vae.families.exact_executor("image", model, torch.float32, "cpu", "encode")
+    x = pixels((1, 3, 160, 64), 16) * 2 - 1
+    spans = pack.parallel_vae.exact.geometry.split_rows(20, 3)
+    with torch.inference_mode():
+        ref = model.encode(x)
+        exact = run_bands(pack, ex, ex.prefix(x), spans)
+        alone = run_bands(pack, ex, ex.prefix(x), spans, own_stats=True)
+        padded = run_bands(pack, ex, ex.prefix(x), spans, edges=False)
+    assert diff(exact, ref) <= TOL
+    assert diff(alone, exact) > 1e-2, "per-band statistics should visibly change the latent"
+    assert diff(padded, exact) > 1e-2, "zero padding at band edges should visibly change the latent"
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_band_alignment_from_the_layers_is_the_encoders_downscale(pack, load_vae, family):
+    """A probe: the pixel rows per latent row the executor works out from the encoder's levels is
+    the downscale the encoder measures on an input, so every level's band edges fall on whole rows."""
+    model = load_vae(family).first_stage_model
+    ex = pack.parallel_vae.families.exact_executor("image", model, torch.float32, "cpu", "encode")
+    for height in (64, 136):
+        with torch.inference_mode():
+            z = model.encode(pixels((1, 3, height, 32), 17))
+        assert height == z.shape[-2] * ex.in_rows and ex.in_rows == 8
+
+
+def test_auto_is_exact_where_supported_else_tiled_and_says_which(load_vae, encode, core, pack, backends):
+    sd = load_vae("sd")
+    px = pixels((1, 96, 80, 3), 7)
+    assert diff(encode(px, sd, 0, mode="auto"), core.encode(px, sd)) <= TOL
+    ltxv = load_vae("ltxv_meta")
+    video = pixels((9, 96, 96, 3), 8)
+    assert diff(encode(video, ltxv, 64, 16, 16, 8, mode="auto"), core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
+    errors = pack.parallel_vae.errors
+    with pytest.raises(errors.InputError, match=r"^mode: exact is not available for .*Use mode=tiled"):
+        encode(video, ltxv, 64, 16, 16, 8, mode="exact")
+
+
+@pytest.mark.parametrize("family", ["sd", "wan21"])
+def test_sigkill_of_a_worker_mid_encode_gives_the_same_latent_and_a_full_pool(load_vae, encode, core, backends,
+                                                                              source_of, family):
+    vae = load_vae(family)
+    px = pixels((1, 256, 256, 3), 9) if family == "sd" else pixels((5, 128, 128, 3), 9)
+    encode(pixels((1, 64, 64, 3), 10), vae, 64, 16, devices="cpu:2")  # warm: both workers hold the VAE
+    pool = backends.local_pool()
+    restarts = pool.stats.restarts
+    victim = pool.pids()["cpu[1]"]
+    killer = when_busy(pool, "cpu[1]", lambda h: os.kill(victim, signal.SIGKILL))
+    ours = encode(px, vae, 64, 16, devices="cpu:2")
+    killer.join()
+    assert pool.stats.restarts == restarts + 1
+    assert diff(ours, core.tiled(px, vae, 64, 16)) <= TOL
+    ready = pool.wait_ready(source_of(vae))
+    assert len(ready) == 2 and victim not in ready.values()
+
+
+def test_interrupt_mid_encode_returns_within_2_s_and_the_next_prompt_succeeds(comfy, load_vae, encode, core,
+                                                                              backends, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    vae = load_vae("sd")
+    encode(pixels((1, 64, 64, 3), 11), vae, 64, 16, devices="cpu:2")  # warm
+    units = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
+    press = interrupt.Press(lambda: max(units, default=0) >= 2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            encode(pixels((1, 512, 512, 3), 12), vae, 64, 16, devices="cpu:2")  # ~300 tiles
+        returned = time.monotonic() - press.at
+    finally:
+        press.stop()
+    assert returned < 2.0, f"returned {returned:.2f} s after the interrupt"
+    small = pixels((1, 80, 64, 3), 13)
+    assert diff(encode(small, vae, 64, 16, devices="cpu:2"), core.tiled(small, vae, 64, 16)) <= TOL
+
+
+def test_a_decode_after_an_encode_with_the_same_vae_ships_no_weights(load_vae, encode, decode, backends, hold_vae):
+    vae = load_vae("sd")
+    latent = encode(pixels((1, 96, 96, 3), 14), vae, 64, 16, devices="cpu:2")
+    pool = backends.local_pool()
+    hold_vae(pool, vae)
+    sent, loads = pool.stats.weights_bytes, pool.stats.loads
+    decode(latent, vae, 64, 16, devices="cpu:2")
+    assert (pool.stats.weights_bytes, pool.stats.loads) == (sent, loads), "the encode's copy decodes too"
+
+
+def test_progress_names_the_mode_and_each_lane(load_vae, encode, pack, backends, monkeypatch):
+    texts = []
+    monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
+    encode(pixels((1, 128, 96, 3), 15), load_vae("sd"), 0, devices="cpu:2", mode="exact")
+    assert "exact, " in texts[-1] and "cpu[0]" in texts[-1] and "cpu[1]" in texts[-1], texts[-1]
