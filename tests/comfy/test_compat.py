@@ -171,6 +171,10 @@ def test_vaes_that_tile_themselves_or_are_audio_are_refused_naming_what_to_use(p
         decode(latent(shape, 70), vae)
     assert str(e.value).startswith("vae: ") and says in str(e.value)
     assert ("VAE Decode (Tiled)" if family == "seedvr2" else "VAE Decode (Audio)") in str(e.value)
+    with pytest.raises(pack.parallel_vae.errors.InputError) as e:
+        pack.nodes.ParallelVAEEncode.execute(torch.rand(1, 64, 64, 3), vae, 512, 64, 64, 8, "cpu")
+    assert str(e.value).startswith("vae: ") and says in str(e.value)
+    assert ("VAE Encode (Tiled)" if family == "seedvr2" else "VAE Encode (Audio)") in str(e.value)
 
 
 def _has_module(name: str) -> bool:

@@ -232,3 +232,23 @@ def test_progress_names_the_mode_and_each_lane(load_vae, encode, pack, backends,
     monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
     encode(pixels((1, 128, 96, 3), 15), load_vae("sd"), 0, devices="cpu:2", mode="exact")
     assert "exact, " in texts[-1] and "cpu[0]" in texts[-1] and "cpu[1]" in texts[-1], texts[-1]
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.full((1, 64, 64, 3), float("nan")), "pixels: contains 12288 NaN or inf values"),
+    (torch.zeros((0, 64, 64, 3)), "pixels: is empty"),
+    (torch.rand((1, 6, 64, 3)), "pixels: 64x6 px is smaller than one latent pixel"),
+    (torch.rand((1, 64, 64, 2)), "pixels: has 2 channels; the image VAE"),
+    (torch.rand((64, 64, 3)), "pixels: expected an IMAGE [B, H, W, C], got a 3-D tensor"),
+])
+def test_bad_pixels_are_a_clear_error_naming_the_input(pack, load_vae, encode, core, backends, bad, says):
+    with pytest.raises(pack.parallel_vae.errors.InputError) as e:
+        encode(bad, load_vae("sd"), devices="cpu:2")
+    assert str(e.value).startswith(says), str(e.value)
+    good = pixels((1, 64, 64, 3), 18)
+    assert diff(encode(good, load_vae("sd"), devices="cpu:2"), core.tiled(good, load_vae("sd"))) <= TOL
+
+
+def test_an_overlap_the_grid_cannot_walk_is_refused(pack, load_vae, encode):
+    with pytest.raises(pack.parallel_vae.errors.InputError, match=r"^overlap: 32 px must be smaller than the narrow"):
+        encode(pixels((1, 256, 256, 3), 19), load_vae("sd"), 64, 32)
