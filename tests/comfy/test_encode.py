@@ -15,6 +15,15 @@ from testkit.procs import when_busy
 TOL = 1e-4
 
 
+def loads_metadata() -> bool:
+    """VAELoader passes the file's metadata (0.9.2+), which the small LTXV's architecture is in."""
+    import inspect
+
+    import nodes
+
+    return "metadata" in inspect.getsource(nodes.VAELoader.load_vae)
+
+
 def pixels(shape, seed):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -61,17 +70,19 @@ def core(comfy):
 
 @pytest.mark.every_runtime
 @pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
-def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(load_vae, encode, core, backends, devices):
+def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(pack, load_vae, encode, core, backends, devices):
     sd = load_vae("sd")
-    px = pixels((2, 203, 141, 3), 1)  # batch of 2, not square, not a multiple of 8: cropped as core crops
-    ours = encode(px, sd, 128, 32, devices=devices)
-    assert ours.shape == (2, 4, 25, 17) and ours.dtype == torch.float32
-    assert diff(ours, core.tiled(px, sd, 128, 32)) <= TOL
+    px = pixels((2, 139, 75, 3), 1)  # batch of 2, not square, not a multiple of 8: cropped as core crops
+    ours = encode(px, sd, 64, 16, devices=devices)
+    assert ours.shape == (2, 4, 17, 9) and ours.dtype == torch.float32
+    assert diff(ours, core.tiled(px, sd, 64, 16)) <= TOL
 
     flux = load_vae("flux")
-    px = pixels((1, 136, 72, 3), 2)
+    px = pixels((1, 80, 64, 3), 2)
     assert diff(encode(px, flux, 64, 16, devices=devices), core.tiled(px, flux, 64, 16)) <= TOL
 
+    if not loads_metadata():
+        return  # this ComfyUI's VAELoader drops the small LTXV's config: another model (Wan covers video here)
     ltxv = load_vae("ltxv_meta")  # non-causal video: cut in time as VAE Encode (Tiled) cuts it
     video = pixels((17, 160, 200, 3), 3)
     ours = encode(video, ltxv, 64, 16, 16, 8, devices=devices)

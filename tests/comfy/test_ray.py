@@ -58,6 +58,32 @@ def test_sd_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, loa
 
 
 
+def test_encode_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack, comfy, load_vae, decode, cluster,
+                                                                            ray_pool, hold_vae):
+    vae = load_vae("sd")
+    px = torch.rand((1, 136, 96, 3), generator=torch.Generator().manual_seed(66))
+
+    def encode(devices, mode, tile_size=64):
+        with torch.inference_mode():
+            return pack.nodes.ParallelVAEEncode.execute(px, vae, tile_size, 16, 64, 8, devices, mode).result[0][
+                "samples"]
+
+    with torch.inference_mode():
+        core = comfy.VAEEncode().encode(vae, px)[0]["samples"]
+        core_tiled = comfy.VAEEncodeTiled().encode(vae, px, 64, 16)[0]["samples"]
+    tiled = encode(RAY, "tiled")
+    assert max_diff(tiled, core_tiled) <= TOL
+    exact = encode(RAY, "exact", 0)  # bands in lock-step across the nodes, attention keys gathered
+    assert max_diff(exact, core) <= TOL
+    assert set(ray_pool().transport.result_nodes) == ray_cluster.worker_node_ids(cluster)
+    assert torch.equal(exact, encode("cpu:2", "exact", 0))
+    pool = ray_pool()
+    hold_vae(pool, vae)
+    puts, loads = pool.transport.puts, pool.stats.loads
+    decode(exact, vae, 64, 16, devices=RAY, mode="exact")
+    assert pool.transport.puts - puts == 1 and pool.stats.loads == loads, "the encode's copy decodes: no weights"
+
+
 def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae, decode, core_tiled, core_decode,
                                                                         stream_of, to_images, cluster, ray_pool):
     vae = load_vae("wan21")
