@@ -43,6 +43,7 @@ bench: setup
 	$(VPY) benchmarks/bench_workers.py
 	$(VPY) benchmarks/bench_stream.py
 	$(VPY) benchmarks/bench_exact.py
+	$(VPY) benchmarks/bench_encode.py
 
 gpu-check: setup
 	$(VPY) benchmarks/gpu_check.py

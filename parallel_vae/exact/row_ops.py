@@ -35,7 +35,17 @@ class Sync:
 
 
 class RowOps:
-    """Band steps shared by the 2-D executors; ``me`` is the band's Sync."""
+    """Band steps shared by the 2-D executors; ``me`` is the band's Sync. ``fmt`` is the memory
+    layout every band tensor is kept in (the same in every band and process: kernels may round
+    differently on another layout, and neighbours' rows arrive from the wire in any layout)."""
+
+    fmt = torch.contiguous_format
+
+    def dense(self, t: torch.Tensor) -> torch.Tensor:
+        """A fresh copy of ``t`` in ``fmt``. Never a view: on a view, elementwise kernels take their
+        scalar tail path on other elements than in a whole tensor (SiLU's exp differs there in
+        the last bit), and the output would depend on the band count."""
+        return t.clone(memory_format=self.fmt)
 
     def _conv(self, me: Sync, conv, box: list, name: str):
         """``conv`` on the tensor in ``box`` (taken out of it, so the caller holds no reference
@@ -53,15 +63,12 @@ class RowOps:
         parts = [p for p in (above, x, below) if p is not None]
         if len(parts) == 1:
             return conv(x)
-        joined = torch.cat(parts, -2)
+        joined = torch.cat(parts, -2).contiguous(memory_format=self.fmt)
         del parts, x
         y = conv(joined)
         del joined
         top = 0 if above is None else above.shape[-2]
-        # contiguous again: on a view, elementwise kernels take their scalar tail path on other
-        # elements than in a whole tensor (SiLU's exp differs there in the last bit), and the
-        # output would depend on the band count
-        return y[:, :, top:top + rows].contiguous()
+        return self.dense(y[:, :, top:top + rows])
 
     def _norm(self, me: Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
         mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))

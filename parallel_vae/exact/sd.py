@@ -102,7 +102,7 @@ class SdExact(RowOps):
         a StatsRequest, (rows above or None, rows below or None) for a RowsRequest; returns the band's pixels
         ``[1, C, px*(e-a), W*px]`` on the device."""
         me = Sync(a, e, mid.shape[-2])
-        x = mid[:, :, a:e].contiguous()
+        x = self.dense(mid[:, :, a:e])
         for layer in _resblocks(self.decoder):
             if not hasattr(layer, "norm1"):  # an Upsample: nearest x2, then its conv
                 box, x = [F.interpolate(x, scale_factor=2.0, mode="nearest")], None

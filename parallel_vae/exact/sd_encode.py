@@ -35,6 +35,9 @@ class SdEncodeExact(RowOps):
     sync = "groupnorm"
     causal = False
     halo = 0
+    # VAE Encode's input is IMAGE moved to [B, C, H, W]: channels-last in memory, and so is every
+    # activation after it; oneDNN's convs are faster so (about 15% of an SD encode on a CPU)
+    fmt = torch.channels_last
 
     @staticmethod
     def halo_of(model) -> int:
@@ -96,7 +99,7 @@ class SdEncodeExact(RowOps):
         enc, f = self.encoder, self.in_rows
         height = x_all.shape[-2]
         me = Sync(a * f, min(height, e * f), height)
-        box = [x_all[:, :, me.a:me.e].contiguous()]
+        box = [self.dense(x_all[:, :, me.a:me.e])]
         h = yield from self._conv(me, enc.conv_in, box, "conv_in")
         for i in range(enc.num_resolutions):
             level = enc.down[i]
@@ -128,9 +131,9 @@ class SdEncodeExact(RowOps):
             _, below = yield RowsRequest(me.next(), "downsample", x[:, :, :1].clone(), x[:, :, rows - 1:].clone())
         if below is None:  # the image's bottom: ComfyUI's zero pad
             below = torch.zeros_like(x[:, :, :1])
-        joined = F.pad(torch.cat([x, below], -2), (0, 1, 0, 0))
+        joined = F.pad(torch.cat([x, below], -2), (0, 1, 0, 0)).contiguous(memory_format=self.fmt)
         del x
-        return down.conv(joined).contiguous()
+        return self.dense(down.conv(joined))
 
     def _attention(self, me: Sync, attn, x: torch.Tensor):
         """``attn(x)`` (ComfyUI's AttnBlock) for this band's queries against every band's keys."""
@@ -141,7 +144,7 @@ class SdEncodeExact(RowOps):
             channels = k.shape[1]
             kv = yield GatherRequest(me.next(), "attn", torch.cat([k, v], 1))
             k, v = kv[:, :channels], kv[:, channels:]
-        out = split_attention(q, k, v, SLICE_BYTES)
+        out = self.dense(split_attention(q, k, v, SLICE_BYTES))
         del q, k, v
         return x + attn.proj_out(out)
 

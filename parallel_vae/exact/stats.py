@@ -45,6 +45,8 @@ def moments(x: torch.Tensor, groups: int) -> Moments:
     if x.dim() != 4:
         raise ValueError(f"exact GroupNorm statistics take [B, C, H, W], not {tuple(x.shape)}")
     b, c, h, w = x.shape
+    if c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return _moments_channels_last(x, groups)
     step = max(1, min(c, BUFFER_BYTES // max(1, b * h * w * x.element_size())))
     buf = torch.empty((b, step, h, w), dtype=x.dtype, device=x.device)
     mean_c = torch.empty((b, c, h), dtype=torch.float64)
@@ -57,12 +59,37 @@ def moments(x: torch.Tensor, groups: int) -> Moments:
         s2 = d.square_().sum(-1).double()
         mean_c[:, c0:c0 + step] = (part[..., 0].double() + s1 / w).cpu()
         m2_c[:, c0:c0 + step] = (s2 - s1 * s1 / w).clamp_min_(0.0).cpu()
-    # the group's channels of one row, combined in float64
+    return _by_group(mean_c, m2_c, groups, w)
+
+
+def _by_group(mean_c: torch.Tensor, m2_c: torch.Tensor, groups: int, w: int) -> Moments:
+    """Per-(batch, channel, row) moments ``[B, C, H]`` combined over each group's channels, float64."""
+    c = mean_c.shape[1]
     mean_c = mean_c.unflatten(1, (groups, c // groups))
     m2_c = m2_c.unflatten(1, (groups, c // groups))
     mean = mean_c.mean(2)
     m2 = (m2_c + w * (mean_c - mean.unsqueeze(2)).square()).sum(2)
     return Moments(w * (c // groups), mean, m2)
+
+
+def _moments_channels_last(x: torch.Tensor, groups: int) -> Moments:
+    """``moments`` of a channels-last tensor, read in its own order: a few rows at a time, each
+    row's sums over the width taken for every channel at once (contiguous channels)."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1)  # [B, H, W, C], contiguous
+    step = max(1, min(h, BUFFER_BYTES // max(1, b * w * c * x.element_size())))
+    buf = torch.empty((b, step, w, c), dtype=x.dtype, device=x.device)
+    mean_c = torch.empty((b, h, c), dtype=torch.float64)
+    m2_c = torch.empty((b, h, c), dtype=torch.float64)
+    for h0 in range(0, h, step):
+        part = rows[:, h0:h0 + step]
+        d = buf[:, :part.shape[1]]
+        torch.sub(part, part[:, :, :1], out=d)
+        s1 = d.sum(2).double()
+        s2 = d.square_().sum(2).double()
+        mean_c[:, h0:h0 + step] = (part[:, :, 0].double() + s1 / w).cpu()
+        m2_c[:, h0:h0 + step] = (s2 - s1 * s1 / w).clamp_min_(0.0).cpu()
+    return _by_group(mean_c.transpose(1, 2), m2_c.transpose(1, 2), groups, w)
 
 
 def combine(parts: Sequence[Moments], eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -263,3 +263,33 @@ def test_bad_pixels_are_a_clear_error_naming_the_input(pack, load_vae, encode, c
 def test_an_overlap_the_grid_cannot_walk_is_refused(pack, load_vae, encode):
     with pytest.raises(pack.parallel_vae.errors.InputError, match=r"^overlap: 32 px must be smaller than the narrow"):
         encode(pixels((1, 256, 256, 3), 19), load_vae("sd"), 64, 32)
+
+
+@pytest.mark.every_runtime
+def test_parallel_vae_gives_core_nodes_the_same_results(comfy, pack, load_vae, backends):
+    """VAE Encode and VAE Decode fed the Parallel VAE (exact, cpu:2) equal them fed the plain VAE,
+    and so does WanImageToVideo, which encodes its start image and grey frames inside itself."""
+    from comfy_extras import nodes_wan
+
+    sd = load_vae("sd")
+    (parallel,) = pack.nodes.ParallelVAE.execute(sd, "cpu:2", "exact", 0).result
+    assert parallel is not sd and not hasattr(sd, pack.nodes.vae_wrapper.BASE), "the input VAE is unchanged"
+    px = pixels((1, 96, 72, 3), 20)
+    with torch.inference_mode():
+        plain = comfy.VAEEncode().encode(sd, px)[0]["samples"]
+        assert diff(comfy.VAEEncode().encode(parallel, px)[0]["samples"], plain) <= TOL
+        decoded = comfy.VAEDecode().decode(parallel, {"samples": plain})[0]
+        assert diff(decoded, comfy.VAEDecode().decode(sd, {"samples": plain})[0]) <= TOL
+
+    wan = load_vae("wan21")
+    (parallel,) = pack.nodes.ParallelVAE.execute(wan, "cpu:2", "auto", 512).result
+    conditioning = [[torch.zeros(1, 4, 8), {}]]
+    args = dict(positive=conditioning, negative=conditioning, width=80, height=64, length=9, batch_size=1,
+                start_image=pixels((1, 64, 80, 3), 21))
+    with torch.inference_mode():
+        ours = nodes_wan.WanImageToVideo.execute(vae=parallel, **args).result
+        core = nodes_wan.WanImageToVideo.execute(vae=wan, **args).result
+    concat = ours[0][0][1]["concat_latent_image"]
+    assert concat.shape == (1, 16, 3, 8, 10)
+    assert diff(concat, core[0][0][1]["concat_latent_image"]) <= TOL
+    assert diff(ours[2]["samples"], core[2]["samples"]) == 0

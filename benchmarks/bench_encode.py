@@ -1,0 +1,128 @@
+"""Parallel Tiled VAE Encode against ComfyUI's own nodes on the same pixels, in one run.
+
+Each method runs in its own fresh process (its peak RSS is its own) on the same random image and
+random-weight VAE in ComfyUI's real layout: VAEEncode (untiled), VAEEncodeTiled 512/64, ours in
+exact mode in-process and on CPU worker processes (with their default threads, and with one torch
+thread per lane for the scaling figure). Each process first encodes a small image (loads the
+model, starts workers), then times one encode. Printed per method: seconds, peak RSS (for
+workers: ComfyUI's process plus the workers' peaks), max abs difference against VAEEncode; then
+the ratios issue 20 asks for.
+
+    .venv/bin/python benchmarks/bench_encode.py [--case sd1024|sd512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
+
+from bench_decode import machine  # noqa: E402
+from bench_exact import worker_peaks_kib  # noqa: E402
+
+CASES = {
+    # name: VAE family, pixels [B, H, W, C], warm-up pixels, note
+    "sd512": ("sd", (1, 512, 512, 3), (1, 64, 64, 3), "SD VAE (full size), 512x512 image"),
+    "sd1024": ("sd", (1, 1024, 1024, 3), (1, 64, 64, 3), "SD VAE (full size), 1024x1024 image"),
+}
+# label: (node, devices, mode, tile_size, overlap, torch threads per lane (0: default))
+METHODS = {
+    "VAEEncode": ("VAEEncode", None, None, None, None, 0),
+    "VAEEncodeTiled 512/64": ("VAEEncodeTiled", None, None, 512, 64, 0),
+    "ours exact, in-process": ("ParallelVAEEncode", "cpu", "exact", 512, 64, 0),
+    "ours exact, cpu:2": ("ParallelVAEEncode", "cpu:2", "exact", 0, 64, 0),
+    "ours exact, cpu:1, 1 thread": ("ParallelVAEEncode", "cpu:1", "exact", 0, 64, 1),
+    "ours exact, cpu:2, 1 thread each": ("ParallelVAEEncode", "cpu:2", "exact", 0, 64, 1),
+}
+UNTILED, TILED = "VAEEncode", "VAEEncodeTiled 512/64"
+
+
+def child(case: str, label: str, out: Path) -> None:
+    import resource
+
+    import torch
+    from testkit import comfy_env, random_vaes
+
+    family, shape, warm_shape, _ = CASES[case]
+    node, devices, mode, tile, overlap, threads = METHODS[label]
+    if threads:
+        os.environ["PARALLEL_VAE_CPU_THREADS"] = str(threads)
+    nodes, vae = random_vaes.load_in_process(family)
+    pack = None
+    if node == "ParallelVAEEncode":
+        pack = comfy_env.load_pack()
+        ours = comfy_env.node_clone(pack.nodes.ParallelVAEEncode, {"UNIQUE_ID": "bench"})
+        run = lambda px: ours.execute(px, vae, tile, overlap, 64, 8, devices, mode=mode).result[0]["samples"]  # noqa: E731
+    elif node == "VAEEncodeTiled":
+        run = lambda px: nodes.VAEEncodeTiled().encode(vae, px, tile, overlap, 64, 8)[0]["samples"]  # noqa: E731
+    else:
+        run = lambda px: nodes.VAEEncode().encode(vae, px)[0]["samples"]  # noqa: E731
+    gen = torch.Generator().manual_seed(1234)
+    with torch.inference_mode():
+        run(torch.rand(warm_shape, generator=gen))
+        px = torch.rand(shape, generator=gen)
+        t = time.perf_counter()
+        latent = run(px)
+        seconds = time.perf_counter() - t
+    workers = worker_peaks_kib(pack.nodes.backends.local_pool()) if pack and devices != "cpu" else 0
+    torch.save(latent.float().contiguous(), out)
+    parent_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": (parent_kib + workers) / 1024}))
+
+
+def parent(case: str) -> None:
+    import torch
+
+    print(f"machine: {machine()}")
+    _, shape, _, note = CASES[case]
+    print(f"\n### {note}\npixels {list(shape)}; one timed encode per method after a small warm-up encode\n")
+    rows, outputs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in METHODS:
+            out = Path(tmp) / f"{len(rows)}.pt"
+            r = subprocess.run([sys.executable, __file__, "--child", case, label, str(out)], capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{label} failed:\n{r.stderr[-4000:]}")
+            stats = json.loads(r.stdout.strip().splitlines()[-1])
+            outputs[label] = torch.load(out)
+            rows.append((label, stats))
+            print(f"  {label}: {stats['seconds']:.1f} s", file=sys.stderr, flush=True)
+    table = dict(rows)
+    untiled, base, tiled = outputs[UNTILED], table[UNTILED], table[TILED]
+    print("| method | seconds | time vs VAEEncode | time vs VAEEncodeTiled | peak RSS (MiB) | RSS vs VAEEncode "
+          "| max abs diff vs VAEEncode |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, stats in rows:
+        diff = float((outputs[label] - untiled).abs().max())
+        print(f"| {label} | {stats['seconds']:.1f} | {stats['seconds'] / base['seconds']:.2f}x | "
+              f"{stats['seconds'] / tiled['seconds']:.2f}x | {stats['peak_rss_mb']:.0f} | "
+              f"{stats['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {diff:.1e} |")
+    ex2, ex1 = table["ours exact, cpu:2"], table["ours exact, in-process"]
+    one, two = table["ours exact, cpu:1, 1 thread"], table["ours exact, cpu:2, 1 thread each"]
+    print(f"\nexact cpu:2: {ex2['seconds'] / base['seconds']:.2f}x VAEEncode's time (target <= 1.10x), "
+          f"{tiled['seconds'] / ex2['seconds']:.2f}x faster than VAEEncodeTiled (target >= 2x); "
+          f"exact in-process peak RSS {ex1['peak_rss_mb'] / base['peak_rss_mb']:.2f}x VAEEncode's (target <= 0.75x); "
+          f"scaling cpu:2 vs cpu:1 at one thread each {one['seconds'] / two['seconds']:.2f}x (target >= 1.9x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=list(CASES), default="sd1024")
+    ap.add_argument("--child", nargs=3, metavar=("CASE", "METHOD", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], Path(args.child[2]))
+    else:
+        parent(args.case)
+
+
+if __name__ == "__main__":
+    main()
