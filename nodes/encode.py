@@ -64,7 +64,7 @@ def encode(job: EncodeJob):
     latent, out = blend.allocate_output(run.plan)
     engine.decode(run.plan, job.tensor, run.units, out, on_unit=run.progress.unit)
     run.progress.finish()
-    return job.result(latent)
+    return job.result(latent, run.plan)
 
 
 class ParallelVAEEncode(io.ComfyNode):

@@ -13,6 +13,7 @@ from ..parallel_vae.plan import Plan
 from ..parallel_vae.spec import VaeSpec
 from . import compat, vae_info
 from .job import Job, check_mode, exact_wanted
+from .model import vae_model
 
 
 def prepare_pixels(vae, spec: VaeSpec, pixels) -> torch.Tensor:
@@ -78,13 +79,20 @@ class EncodeJob(Job):
 
     def exact_plan(self, tile_size: int, terms) -> Plan:
         spec, model = self.spec, self.vae.first_stage_model
-        return exact.plan_encode(tuple(self.tensor.shape), spec.scales, spec.latent_channels, tile_size,
+        channels = families.exact_encode_channels(spec.family, model, spec.latent_channels)
+        return exact.plan_encode(tuple(self.tensor.shape), spec.scales, channels, tile_size,
                                  families.exact_halo(spec.family, model, "encode"),
                                  families.exact_lockstep(spec.family, "encode"), terms)
 
-    def result(self, latent: torch.Tensor) -> torch.Tensor:
-        """The LATENT's samples as core's VAE Encode returns them (its dtype: ComfyUI's intermediate one)."""
-        return latent.to(compat.pixel_dtype())
+    def result(self, blended: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The LATENT's samples as core's VAE Encode returns them (its dtype: ComfyUI's intermediate
+        one). Where exact bands gave the down path's features (Wan), the rest of the encoder runs
+        here, once, on the whole frame, on the VAE's own device."""
+        if plan.exact and blended.shape[1] != self.spec.latent_channels:
+            local = vae_model(self.vae, self.spec).local(str(self.vae.device), plan)
+            with local.context():
+                blended = local.executor("encode").suffix(blended, self.tensor.shape[2]).to("cpu", torch.float32)
+        return blended.to(compat.pixel_dtype())
 
 
 __all__ = ["EncodeJob", "prepare_pixels"]

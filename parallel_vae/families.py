@@ -16,6 +16,7 @@ import torch
 
 from .exact import SdExact, Unsupported, WanExact
 from .exact.sd_encode import SdEncodeExact
+from .exact.wan_encode import WanEncodeExact
 from .models import GenericDecoder, check
 from .models.taehv import TaehvStepper
 from .models.wan import WanStepper
@@ -43,9 +44,9 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
            exact_label="SD 1.x/2.x, SDXL, SD3, Flux and other image VAEs built on ComfyUI's 2-D Decoder and Encoder"),
     Family("video", "video VAE"),
     Family("wan22", "Wan 2.2 VAE", causal=True, classes=("comfy.ldm.wan.vae2_2.WanVAE",), stepper=WanStepper,
-           exact=WanExact, exact_label="Wan 2.2", patch_size=2, first_chunk=True),
+           exact=WanExact, exact_label="Wan 2.2", patch_size=2, first_chunk=True, exact_encode=WanEncodeExact),
     Family("wan21", "Wan 2.1 VAE", causal=True, classes=("comfy.ldm.wan.vae.WanVAE",), stepper=WanStepper,
-           exact=WanExact, exact_label="Wan 2.1 (also Qwen-Image)"),
+           exact=WanExact, exact_label="Wan 2.1 (also Qwen-Image)", exact_encode=WanEncodeExact),
     Family("taehv", "TAEHV (tiny video VAE)", causal=True, classes=("comfy.taesd.taehv.TAEHV",),
            stepper=TaehvStepper),
 )}
@@ -112,10 +113,16 @@ def exact_halo(key: str, model, direction: str = "decode") -> int:
     return _executor_class(FAMILIES[key], direction).halo_of(model)
 
 
+def exact_encode_channels(key: str, model, latent_channels: int) -> int:
+    """Channels of what exact encode bands give: the latent, or the features a suffix finishes."""
+    executor = FAMILIES[key].exact_encode
+    return executor.out_channels(model) if hasattr(executor, "out_channels") else latent_channels
+
+
 def exact_lockstep(key: str, direction: str = "decode") -> bool:
     """Whether the family's bands exchange statistics and edge rows (and so run in lock-step)."""
     return _executor_class(FAMILIES[key], direction).sync == "groupnorm"
 
 
 __all__ = ["EXACT_SUPPORTED", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
-           "exact_refusal", "exact_supported", "make_decoder", "of"]
+           "exact_encode_channels", "exact_refusal", "exact_supported", "make_decoder", "of"]

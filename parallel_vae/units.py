@@ -70,7 +70,7 @@ class Work:
     def band(self, tile: int) -> tuple[int, int, int]:
         """(tile, a, e): the latent rows of an exact band."""
         _, start, size = self.boxes[tile]
-        axis = 1 if self.causal else 0
+        axis = len(start) - 2  # rows: (H, W) or (T, H, W)
         return tile, start[axis], start[axis] + size[axis]
 
 

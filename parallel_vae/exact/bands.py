@@ -74,7 +74,27 @@ def attempt(ex, z, bands: Sequence[Band], split: int = 1, order: str = "tile", p
     statistics, conv edge rows); by default these bands are the whole item."""
     if ex.sync == "groupnorm":
         return _lockstep_item(ex, z, bands, split, poll, answer or lockstep.answers)
+    if getattr(ex, "encodes", False):
+        return _wan_encode_item(ex, z, bands, split, poll)
     return _wan_item(ex, z, bands, split, order, poll)
+
+
+def _wan_encode_item(ex, z, bands: Sequence[Band], split: int, poll) -> Iterator[Unit]:
+    """Band by band (one causal cache alive at a time): each band's down-path features over every
+    encoder call, concatenated in time (the suffix runs on the whole frame once they are all in)."""
+    x = ex.prefix(z)
+    height = x.shape[-2]
+    calls = ex.schedule(x.shape[2])
+    for band in bands:
+        subs = [ex.band(p, q, height) for p, q in sub_bands(band, split)]
+        parts = []
+        for t0, t1, extra in calls:
+            got = [s.feed(x[:, :, t0:t1], extra) for s in subs]
+            if got[0] is not None:
+                parts.append(got[0] if len(got) == 1 else torch.cat(got, -2))
+            if poll is not None:
+                poll()
+        yield band.index, 0, torch.cat(parts, 2)
 
 
 def _lockstep_item(ex, z, bands: Sequence[Band], split: int, poll, answer) -> Iterator[Unit]:

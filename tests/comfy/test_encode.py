@@ -193,7 +193,7 @@ def test_auto_is_exact_where_supported_else_tiled_and_says_which(load_vae, encod
 def test_sigkill_of_a_worker_mid_encode_gives_the_same_latent_and_a_full_pool(load_vae, encode, core, backends,
                                                                               source_of, family):
     vae = load_vae(family)
-    px = pixels((1, 256, 256, 3), 9) if family == "sd" else pixels((5, 128, 128, 3), 9)
+    px = pixels((1, 192, 192, 3), 9) if family == "sd" else pixels((5, 128, 128, 3), 9)
     encode(pixels((1, 64, 64, 3), 10), vae, 64, 16, devices="cpu:2")  # warm: both workers hold the VAE
     pool = backends.local_pool()
     restarts = pool.stats.restarts
@@ -293,3 +293,39 @@ def test_parallel_vae_gives_core_nodes_the_same_results(comfy, pack, load_vae, b
     assert concat.shape == (1, 16, 3, 8, 10)
     assert diff(concat, core[0][0][1]["concat_latent_image"]) <= TOL
     assert diff(ours[2]["samples"], core[2]["samples"]) == 0
+
+
+@pytest.mark.every_runtime  # Wan 2.1's encoder takes frames in pairs with deferral on 0.33, in fours on 0.3.75
+@pytest.mark.parametrize("family, frames, height", [("wan21", 1, 256), ("wan21", 17, 256), ("wan22", 5, 128)])
+def test_wan_exact_equals_vae_encode_on_any_number_of_bands_and_workers(load_vae, encode, core, backends,
+                                                                        torch_threads, monkeypatch, family,
+                                                                        frames, height):
+    monkeypatch.setenv(backends.THREADS_ENV, "1")
+    torch_threads(1)
+    vae = load_vae(family)
+    video = pixels((frames, height, 80, 3), 22)
+    ref = core.encode(video, vae)
+    whole = encode(video, vae, 0, mode="exact")  # one band
+    assert whole.shape == ref.shape and diff(whole, ref) <= TOL
+    for devices in ("cpu", "cpu:2") if family == "wan21" else ("cpu",):  # tile_size 64: bands of a few rows + halo
+        assert torch.equal(encode(video, vae, 64, devices=devices, mode="exact"), whole), devices
+
+
+@pytest.mark.parametrize("family", ["wan21", "wan22"])
+def test_wan_encode_halo_from_the_layers_covers_what_an_impulse_probe_reaches(pack, load_vae, family):
+    """Perturb one encoder-input row: the down path's output rows that change lie within the halo
+    worked out from the layers (and the probe reaches most of it: the halo is not padding)."""
+    model = load_vae(family).first_stage_model
+    ex = pack.parallel_vae.families.exact_executor(family, model, torch.float32, "cpu", "encode")
+    x = ex.prefix(pixels((1, 3, 1, 512, 16 * ex.patch), 23))
+    row = x.shape[-2] // 2
+    probe = x.clone()
+    probe[:, :, :, row] += 1.0
+    with torch.inference_mode():
+        base = ex.down(x, [None] * ex.slots, {})
+        moved = ex.down(probe, [None] * ex.slots, {})
+    changed = ((moved - base).abs().amax(dim=(0, 1, 2, 4)) > 0).nonzero().flatten()
+    own = row // ex.rows
+    reach = int(max(own - changed.min(), changed.max() - own))
+    assert reach <= ex.halo, (reach, ex.halo)
+    assert reach >= ex.halo - 2, f"the probe reached {reach} rows of a {ex.halo}-row halo"
