@@ -26,6 +26,16 @@ def _named(module, name: str) -> bool:
     return type(module).__name__ == name
 
 
+def _tops_up(forward, default: bool) -> bool:
+    """Whether the encoder's own cached convs (its conv1 and head, which ``WanEncodeExact._cached``
+    mirrors) keep the previous call's last frame beside a single new one: Wan 2.2 and 0.3.75's
+    Wan 2.1 do, 0.33's Wan 2.1 (frames in pairs) does not. Read from its code where it can be."""
+    try:
+        return "cache_x.shape[2] < 2" in inspect.getsource(forward)
+    except (OSError, TypeError):
+        return default
+
+
 def down_reach(layers) -> tuple[float, int]:
     """(reach in input rows on either side, input rows per output row) of a down path whose
     modules run in order: every conv adds its spread at the scale it reads, strided ones change
@@ -73,7 +83,7 @@ class WanEncodeExact:
         self.cache_t = getattr(module, "CACHE_T", 2)
         # ComfyUI 0.33's Wan 2.1 encoder takes frames in pairs and defers lone downsampled frames
         self.pairs = "final" in inspect.signature(type(enc).forward).parameters
-        self.top_up = "vae2_2" in type(enc).__module__  # Wan 2.2's cached convs keep 2 frames
+        self.top_up = _tops_up(type(enc).forward, default=not self.pairs)
         self.slots = 2 * sum(1 for _ in enc.modules()) + 2
         _, rows = down_reach([enc.conv1, enc.downsamples])
         self.rows = rows  # encoder-input rows per latent row

@@ -83,6 +83,12 @@ def test_encode_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack,
     decode(exact, vae, 64, 16, devices=RAY, mode="exact")
     assert pool.transport.puts - puts == 1 and pool.stats.loads == loads, "the encode's copy decodes: no weights"
 
+    wan = load_vae("wan21")  # halo bands on the actors, the rest of the encoder in ComfyUI's process
+    video = torch.rand((5, 256, 64, 3), generator=torch.Generator().manual_seed(67))
+    with torch.inference_mode():
+        ours = pack.nodes.ParallelVAEEncode.execute(video, wan, 128, 16, 64, 8, RAY, "exact").result[0]["samples"]
+        assert max_diff(ours, comfy.VAEEncode().encode(wan, video)[0]["samples"]) <= TOL
+
 
 def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae, decode, core_tiled, core_decode,
                                                                         stream_of, to_images, cluster, ray_pool):
