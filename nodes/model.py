@@ -28,6 +28,7 @@ from . import compat
 
 log = logging.getLogger("parallel_vae")
 
+BASE = "_parallel_vae_base"  # on a Parallel VAE (vae_wrapper.py): the plain VAE it wraps
 _fingerprints: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 # A VAE rebuilt on another device than its own, per (VAE object, device); freed with the VAE.
 _copies: "weakref.WeakKeyDictionary[object, dict[str, comfy.sd.VAE]]" = weakref.WeakKeyDictionary()
@@ -38,6 +39,7 @@ def fingerprint(vae) -> str:
 
     Two VAE objects with the same weights share workers' copies; changed weights never do.
     """
+    vae = getattr(vae, BASE, vae)  # a Parallel VAE is its plain VAE's weights
     fp = _fingerprints.get(vae)
     if fp is None:
         h = hashlib.blake2b(digest_size=16)

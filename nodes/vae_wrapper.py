@@ -20,9 +20,9 @@ from ._api import io
 from .encode import encode as run_encode
 from .encode_job import EncodeJob
 from .job import MODES, DecodeJob, check_mode
+from .model import BASE  # the plain VAE a Parallel VAE wraps (a wrapper of a wrapper wraps the plain one)
 from .progress import NodeProgress
 
-BASE = "_parallel_vae_base"  # the plain VAE a Parallel VAE wraps (a wrapper of a wrapper wraps the plain one)
 
 
 def _decode(vae, latent, tile_size, overlap, temporal_size, temporal_overlap, devices, mode):

@@ -11,6 +11,7 @@ from .server import prepare_base
 
 DEMO_VAE = "parallel_vae_demo_sd.safetensors"  # the names example_workflows/ uses
 DEMO_LATENT = "parallel_vae_demo.latent"
+DEMO_IMAGE = "parallel_vae_demo.png"  # example_workflows/parallel_vae_img2img*.json
 DEMO_VIDEO_VAE = "parallel_vae_demo_wan21.safetensors"  # example_workflows/parallel_vae_video*.json
 DEMO_VIDEO_LATENT = "parallel_vae_demo_video.latent"
 DEMO_VIDEO_SHAPE = (1, 16, 5, 32, 32)  # 17 frames of 256 x 256 from the Wan 2.1 VAE
@@ -61,7 +62,20 @@ def prepare(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> DemoA
     hw = (256 // spec.spatial_compression, 384 // spec.spatial_compression)
     shape = (1, spec.latent_channels) + ((5,) if spec.latent_dim == 3 else ()) + hw
     latents.save_latent(latents.random_latent(shape, seed), base / "input" / DEMO_LATENT)
+    save_demo_image(base / "input" / DEMO_IMAGE)
     return DemoAssets(vae_name, DEMO_LATENT, description, spec.causal, shape)
+
+
+def save_demo_image(path: Path, height: int = 256, width: int = 384) -> Path:
+    """A smooth colour picture (gradients and rings) for the encode example to encode."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = np.hypot(y - height / 2, x - width / 2)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(r / 9.0)], -1)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+    return path
 
 
 def prepare_video(base: Path, seed: int = 0) -> DemoAssets:

@@ -84,7 +84,9 @@ def test_bad_input_is_the_nodes_error_and_the_server_keeps_serving(server, put_l
 def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     templates = server.get("/api/workflow_templates").json()
     assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api",
-                                                       "parallel_vae_video", "parallel_vae_video_api"]
+                                                       "parallel_vae_img2img", "parallel_vae_img2img_api",
+                                                       "parallel_vae_video", "parallel_vae_video_api",
+                                                       "parallel_vae_wan_i2v", "parallel_vae_wan_i2v_api"]
     known = server.get("/object_info").json()
     video = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_video.json").json()
     assert {n["type"] for n in video["nodes"]} == {"VAELoader", "LoadLatent", "ParallelVAEDecodeStream",
@@ -97,3 +99,33 @@ def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     ui_node = next(n for n in served["nodes"] if n["type"] == "ParallelVAEDecode")
     api_inputs = api["3"]["inputs"]
     assert ui_node["widgets_values"] == [api_inputs[k] for k in INPUTS[2:] + ["mode"]]
+
+
+@pytest.mark.every_runtime
+def test_the_encode_templates_run_or_need_only_the_users_model_files(server):
+    """The img2img-style template (encode -> decode) runs on the demo's files; the Wan
+    image-to-video template is valid against the live node definitions, short only of the model
+    files a user brings (and every link lands on a node input of the right type)."""
+    from testkit import demo_assets, random_vaes
+
+    demo_assets.save_demo_image(server.base / "input" / demo_assets.DEMO_IMAGE, 64, 96)
+    img2img = json.loads((REPO / "example_workflows" / "parallel_vae_img2img_api.json").read_text())
+    img2img["1"]["inputs"]["vae_name"] = random_vaes.vae_filename("sd")
+    run = server.run(img2img)
+    assert run.ok, (run.error, server.log_tail())
+    assert saved_images(server, run, "5").shape == (1, 64, 96, 3)
+    assert "(exact, " in run.progress_texts("3")[-1] and "(exact, " in run.progress_texts("4")[-1]
+
+    ui = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_wan_i2v.json").json()
+    known = server.get("/object_info").json()
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for _, src, slot, dst, dst_slot, kind in ui["links"]:
+        assert nodes[src]["outputs"][slot]["type"] == kind == nodes[dst]["inputs"][dst_slot]["type"]
+    assert {n["type"] for n in nodes.values()} <= set(known)
+    demo_assets.save_demo_image(server.base / "input" / "example.png", 64, 96)
+    wan = json.loads((REPO / "example_workflows" / "parallel_vae_wan_i2v_api.json").read_text())
+    refused = server.queue(wan)
+    assert refused.status_code == 400
+    errors = refused.json()["node_errors"]
+    assert set(errors) == {"1", "2", "5", "9"}, errors  # the loaders: model files this machine has not
+    assert {e["type"] for node in errors.values() for e in node["errors"]} == {"value_not_in_list"}
