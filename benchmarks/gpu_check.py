@@ -5,6 +5,7 @@ ComfyUI on the GPU and TF32 off, with random-weight SD and Wan 2.1 VAEs loaded b
   - in-process CUDA decode (ours, tiled) vs VAE Decode (Tiled) and VAE Decode: max abs, seconds,
     peak VRAM;
   - exact mode on the GPU vs VAE Decode;
+  - exact encode on the GPU vs VAE Encode (the decoded frames encoded again): seconds, peak VRAM;
   - a CUDA worker next to a CPU worker (devices "cuda:0,cpu") vs VAE Decode (Tiled);
   - the out-of-memory path: exact mode under a tight per-process cap (its bands split and retry);
   - POST /free's path (workers.release): the GPU memory the worker held comes back.
@@ -79,6 +80,15 @@ def child() -> None:
                 ref = nodes.VAEDecodeTiled().decode(vae, {"samples": z}, 256, 64, 64, 8)[0]
                 row(f"{family}: ours tiled, workers cuda:0,cpu", seconds=s,
                     max_abs_vs_tiled=float((out - ref).abs().max()))
+                # encode: VAE Encode against ours in exact mode, on the decoded frames
+                enc_node = comfy_env.node_clone(pack.nodes.ParallelVAEEncode, {"UNIQUE_ID": "gpu-encode"})
+                px = untiled
+                enc_ref, s_e, v_e = timed(lambda: nodes.VAEEncode().encode(vae, px)[0]["samples"])
+                row(f"{family}: VAE Encode", seconds=s_e, vram_mib=v_e)
+                out, s, v = timed(lambda: enc_node.execute(px, vae, 512, 64, 64, 8, "cuda:0",
+                                                           mode="exact").result[0]["samples"])
+                row(f"{family}: ours exact encode, cuda:0", seconds=s, vram_mib=v,
+                    max_abs_vs_untiled=float((out - enc_ref).abs().max()))
                 held = [r.get("held_mib") for r in pack.nodes.backends.report()["workers"]]
                 free_before = torch.cuda.mem_get_info()[0]
                 pack.nodes.backends.release("gpu check")
