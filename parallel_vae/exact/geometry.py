@@ -174,7 +174,7 @@ def plan_exact_encode(in_shape: Sequence[int], scales: Sequence[AxisScale], late
 
 def bands_of(plan: Plan, batch: int) -> list[Band]:
     """The bands of one batch item, top to bottom."""
-    axis = 1 if plan.kind == CAUSAL else 0
+    axis = len(plan.in_shape) - 4  # rows: (H, W) or (T, H, W)
     return [Band(t.index, t.in_start[axis], t.in_start[axis] + t.in_size[axis]) for t in plan.tiles_of(batch)]
 
 

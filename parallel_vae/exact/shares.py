@@ -103,7 +103,8 @@ def split(height: int, terms: Sequence[Terms]) -> Split:
 
 
 def rows_by_lane(plan) -> dict[str, int]:
-    """Latent rows of each batch item per lane of an exact plan that shared them out."""
+    """Input rows of each batch item (latent rows decoding, pixel rows encoding) per lane of an
+    exact plan that shared them out."""
     bands, out, i = bands_of(plan, 0), {}, 0
     for name, count in plan.shares:
         out[name] = bands[i + count - 1].e - bands[i].a
@@ -114,7 +115,7 @@ def rows_by_lane(plan) -> dict[str, int]:
 def describe(plan) -> str:
     """Rows per lane of an exact plan that shared them out, for the progress text:
     "cpu[0] 640 px rows in 2 bands, cpu[1] 384 px rows"."""
-    px = plan.scales[-2].factor
+    px = 1 if plan.direction == "encode" else plan.scales[-2].factor
     counts = dict(plan.shares)
     return ", ".join(f"{name} {rows * px} px rows" + (f" in {counts[name]} bands" if counts[name] > 1 else "")
                      for name, rows in rows_by_lane(plan).items())

@@ -336,3 +336,24 @@ def test_wan_encode_halo_from_the_layers_covers_what_an_impulse_probe_reaches(pa
     reach = int(max(own - changed.min(), changed.max() - own))
     assert reach <= ex.halo, (reach, ex.halo)
     assert reach >= ex.halo - 2, f"the probe reached {reach} rows of a {ex.halo}-row halo"
+
+
+def test_out_of_memory_on_a_worker_splits_the_bands_and_gives_the_same_latent(load_vae, encode, backends,
+                                                                             monkeypatch):
+    """Exact encode bands in lock-step: the group that runs out of memory makes the item start again
+    with every band split in two (bands of 8 latent rows and more stay bit-identical)."""
+    from testkit import faults
+
+    vae = load_vae("sd")
+    px = pixels((1, 512, 64, 3), 25)  # 64 latent rows: 4 bands of 16 at tile_size 96, then 8 of 8
+    clean = encode(px, vae, 96, devices="cpu:2", mode="exact")
+    backends.shutdown()
+    faults.enable(monkeypatch, "oom:2:cpu[1]")
+    try:
+        again = encode(px, vae, 96, devices="cpu:2", mode="exact")
+        events = [text for _, text in backends.local_pool().stats.events]
+    finally:
+        backends.shutdown()
+        monkeypatch.delenv(faults.FAULT_ENV)
+    assert any("out of memory; bands split 2 ways" in text for text in events), events
+    assert torch.equal(again, clean)

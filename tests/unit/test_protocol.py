@@ -45,6 +45,8 @@ EXAMPLES = [
     protocol.GroupRows(7, 3, 1, "conv1", (b"\x00" * 8, (1, 2, 1, 1), "float32"),
                        (b"\x00" * 8, (1, 2, 1, 1), "float32")),
     protocol.SharedRows(7, 1, None, (b"\x00" * 8, (1, 2, 1, 1), "float32")),
+    protocol.GroupPart(7, 3, 2, "attn", (b"\x00" * 8, (1, 2, 1, 1), "float32")),
+    protocol.SharedWhole(7, 2, (b"\x00" * 16, (1, 2, 2, 1), "float32")),
 ]
 
 
