@@ -220,7 +220,7 @@ def axis_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _grid(batch: int, axes: tuple[int, ...], tile: tuple[int, ...], overlap: tuple[int, ...],
+def grid(batch: int, axes: tuple[int, ...], tile: tuple[int, ...], overlap: tuple[int, ...],
           scales: tuple[AxisScale, ...], pass_index: int, first_index: int,
           feather_axes: tuple[bool, ...]) -> list[Tile]:
     whole = all(n <= t for n, t in zip(axes, tile))
@@ -242,7 +242,7 @@ def _grid(batch: int, axes: tuple[int, ...], tile: tuple[int, ...], overlap: tup
     return tiles
 
 
-def _out_shape(in_shape, out_channels, scales) -> tuple[int, ...]:
+def out_shape_of(in_shape, out_channels, scales) -> tuple[int, ...]:
     return (in_shape[0], out_channels) + tuple(s.canvas(n) for s, n in zip(scales, in_shape[2:]))
 
 
@@ -261,8 +261,8 @@ def plan_image(in_shape: tuple[int, ...], settings: TileSettings, scale: AxisSca
     tiles: list[Tile] = []
     for b in range(in_shape[0]):
         for p, hw in enumerate(grids):
-            tiles += _grid(b, tuple(in_shape[2:]), hw, (o, o), scales, p, len(tiles), (True, True))
-    return Plan(IMAGE, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 3,
+            tiles += grid(b, tuple(in_shape[2:]), hw, (o, o), scales, p, len(tiles), (True, True))
+    return Plan(IMAGE, tuple(in_shape), out_shape_of(in_shape, out_channels, scales), scales, 3,
                 tuple(tiles))
 
 
@@ -275,8 +275,8 @@ def plan_video(in_shape: tuple[int, ...], settings: TileSettings, scales: tuple[
     overlap = (max(1, settings.overlap_t), settings.overlap, settings.overlap)
     tiles: list[Tile] = []
     for b in range(in_shape[0]):
-        tiles += _grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (True, True, True))
-    return Plan(VIDEO, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 1,
+        tiles += grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (True, True, True))
+    return Plan(VIDEO, tuple(in_shape), out_shape_of(in_shape, out_channels, scales), scales, 1,
                 tuple(tiles))
 
 
@@ -294,8 +294,8 @@ def plan_causal(in_shape: tuple[int, ...], settings: TileSettings, scales: tuple
     overlap = (0, settings.overlap, settings.overlap)
     tiles: list[Tile] = []
     for b in range(in_shape[0]):
-        tiles += _grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (False, True, True))
+        tiles += grid(b, tuple(in_shape[2:]), tile, overlap, scales, 0, len(tiles), (False, True, True))
     ts = scales[0]
     steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(frames))
-    return Plan(CAUSAL, tuple(in_shape), _out_shape(in_shape, out_channels, scales), scales, 1,
+    return Plan(CAUSAL, tuple(in_shape), out_shape_of(in_shape, out_channels, scales), scales, 1,
                 tuple(tiles), steps)

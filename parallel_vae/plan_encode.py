@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .plan import IMAGE, VIDEO, AxisScale, DownScale, Plan, Tile, _grid, _out_shape, validate_settings
+from .plan import IMAGE, VIDEO, AxisScale, DownScale, Plan, Tile, grid, out_shape_of, validate_settings
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def settings(scales: tuple[AxisScale, ...], tile_size: int, overlap: int, tempor
     validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
     smallest = tile_size // 2 if len(scales) == 2 else tile_size
     if tile_size and overlap >= smallest:
-        grid = "the narrow side of the t/2 x 2t grid" if len(scales) == 2 else "tile_size"
-        raise InputError("overlap", f"{overlap} px must be smaller than {grid} ({smallest} px) for this VAE")
+        what = "the narrow side of the t/2 x 2t grid" if len(scales) == 2 else "tile_size"
+        raise InputError("overlap", f"{overlap} px must be smaller than {what} ({smallest} px) for this VAE")
     if len(scales) == 2:
         return EncodeSettings(tile_size, overlap)
     t = scales[0]
@@ -67,8 +67,8 @@ def plan_image(in_shape: tuple[int, ...], s: EncodeSettings, scales: tuple[AxisS
     tiles: list[Tile] = []
     for b in range(in_shape[0]):
         for p, hw in enumerate([(t, t), (t // 2, t * 2), (t * 2, t // 2)]):
-            tiles += _grid(b, tuple(in_shape[2:]), hw, (o, o), down, p, len(tiles), (True, True))
-    return Plan(IMAGE, tuple(in_shape), _out_shape(in_shape, latent_channels, down), down, 3, tuple(tiles),
+            tiles += grid(b, tuple(in_shape[2:]), hw, (o, o), down, p, len(tiles), (True, True))
+    return Plan(IMAGE, tuple(in_shape), out_shape_of(in_shape, latent_channels, down), down, 3, tuple(tiles),
                 direction="encode")
 
 
@@ -85,8 +85,8 @@ def plan_video(in_shape: tuple[int, ...], s: EncodeSettings, scales: tuple[AxisS
         tile, overlap, feather = (s.tile_t, s.tile, s.tile), (s.overlap_t, s.overlap, s.overlap), (True,) * 3
     tiles: list[Tile] = []
     for b in range(in_shape[0]):
-        tiles += _grid(b, tuple(in_shape[2:]), tile, overlap, down, 0, len(tiles), feather)
-    return Plan(VIDEO, tuple(in_shape), _out_shape(in_shape, latent_channels, down), down, 1, tuple(tiles),
+        tiles += grid(b, tuple(in_shape[2:]), tile, overlap, down, 0, len(tiles), feather)
+    return Plan(VIDEO, tuple(in_shape), out_shape_of(in_shape, latent_channels, down), down, 1, tuple(tiles),
                 direction="encode")
 
 
