@@ -88,7 +88,7 @@ class EncodeJob(Job):
         """The LATENT's samples as core's VAE Encode returns them (its dtype: ComfyUI's intermediate
         one). Where exact bands gave the down path's features (Wan), the rest of the encoder runs
         here, once, on the whole frame, on the VAE's own device."""
-        if plan.exact and blended.shape[1] != self.spec.latent_channels:
+        if plan.exact and families.exact_encode_finishes(self.spec.family):
             local = vae_model(self.vae, self.spec).local(str(self.vae.device), plan)
             with local.context():
                 blended = local.executor("encode").suffix(blended, self.tensor.shape[2]).to("cpu", torch.float32)

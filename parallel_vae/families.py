@@ -113,6 +113,11 @@ def exact_halo(key: str, model, direction: str = "decode") -> int:
     return _executor_class(FAMILIES[key], direction).halo_of(model)
 
 
+def exact_encode_finishes(key: str) -> bool:
+    """Whether exact encode bands give features that the executor's ``suffix`` turns into the latent."""
+    return hasattr(FAMILIES[key].exact_encode, "suffix")
+
+
 def exact_encode_channels(key: str, model, latent_channels: int) -> int:
     """Channels of what exact encode bands give: the latent, or the features a suffix finishes."""
     executor = FAMILIES[key].exact_encode
@@ -125,4 +130,4 @@ def exact_lockstep(key: str, direction: str = "decode") -> bool:
 
 
 __all__ = ["EXACT_SUPPORTED", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
-           "exact_encode_channels", "exact_refusal", "exact_supported", "make_decoder", "of"]
+           "exact_encode_channels", "exact_encode_finishes", "exact_refusal", "exact_supported", "make_decoder", "of"]
