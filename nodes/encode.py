@@ -3,13 +3,11 @@ on the named devices (the node's schema and its queue-time checks; the encode is
 from __future__ import annotations
 
 from ..parallel_vae import blend, engine, families
-from ..parallel_vae import devices as device_lists
-from ..parallel_vae.errors import InputError
-from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX, validate_settings
+from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX
 from . import compat
 from ._api import io, latent_node
 from .encode_job import EncodeJob
-from .job import MODES, check_mode
+from .job import MODES, queue_checks
 from .progress import NodeProgress
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2) ignore it: they are never cut in time (restarting their "
@@ -77,16 +75,7 @@ class ParallelVAEEncode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
                         devices=None, mode=None):
-        """Queue-time checks of the widget values (linked inputs arrive as None and are checked at run)."""
-        try:
-            if None not in (tile_size, overlap, temporal_size, temporal_overlap):
-                validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
-            if devices is not None:
-                device_lists.parse(devices)
-            check_mode(mode)
-        except InputError as e:
-            return str(e)
-        return True
+        return queue_checks(tile_size, overlap, temporal_size, temporal_overlap, devices, mode)
 
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,

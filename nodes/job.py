@@ -36,6 +36,22 @@ def check_mode(mode) -> str:
     return mode
 
 
+def queue_checks(tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None, devices=None,
+                 mode=None):
+    """The decode and encode nodes' queue-time checks of their widget values, so a bad value fails
+    before hours of sampling: True, or the message naming the input. Linked inputs arrive as None
+    here and are checked again when the node runs."""
+    try:
+        if None not in (tile_size, overlap, temporal_size, temporal_overlap):
+            validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
+        if devices is not None:
+            device_lists.parse(devices)
+        check_mode(mode)
+    except InputError as e:
+        return str(e)
+    return True
+
+
 def first_part(samples):
     """A nested (audio+video) latent's first part where core's VAE Decode (Tiled) decodes that
     (ComfyUI 0.32+); older ComfyUI fails on them, and so does check_latent, with a clear message."""
@@ -204,4 +220,4 @@ class DecodeJob(Job):
 
 
 
-__all__ = ["DecodeJob", "Job", "exact_wanted", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]
+__all__ = ["DecodeJob", "Job", "exact_wanted", "queue_checks", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]
