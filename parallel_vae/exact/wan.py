@@ -79,19 +79,23 @@ class WanExact:
             i += n
 
     def _cached(self, conv, x, cache: list, idx: list):
-        """A causal conv with the cache handling of ComfyUI's Wan decoders (the last CACHE_T frames,
-        topped up with the previous chunk's last frame when a chunk is a single frame)."""
-        i = idx[0]
-        cache_x = x[:, :, -self.cache_t:].clone()
-        if cache_x.shape[2] < 2 and cache[i] is not None:
-            cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
-        x = conv(x, cache[i])
-        cache[i] = cache_x
-        idx[0] += 1
-        return x
+        return cached_conv(conv, x, cache, idx, self.cache_t)
 
     def band(self, a: int, e: int, height: int) -> "WanBand":
         return WanBand(self, a, e, height)
+
+
+def cached_conv(conv, x, cache: list, idx: list, cache_t: int, top_up: bool = True):
+    """A causal conv with the cache handling of ComfyUI's Wan modules: the last ``cache_t`` frames,
+    topped up (where the module does) with the previous call's last frame when a call brings one."""
+    i = idx[0]
+    cache_x = x[:, :, -cache_t:].clone()
+    if top_up and cache_x.shape[2] < 2 and cache[i] is not None:
+        cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
+    x = conv(x, cache[i])
+    cache[i] = cache_x
+    idx[0] += 1
+    return x
 
 
 class WanBand:

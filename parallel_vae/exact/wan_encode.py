@@ -18,6 +18,7 @@ import sys
 import torch
 
 from .geometry import conv_spread, is_conv
+from .wan import cached_conv
 
 SKIP = ("AvgDown3D",)  # Wan 2.2's parallel shortcuts: no spatial reach beyond their own block
 
@@ -126,14 +127,7 @@ class WanEncodeExact:
         return patchify(z.to(self.device, self.dtype), self.patch)
 
     def _cached(self, conv, x, cache: list, idx: list):
-        i = idx[0]
-        cache_x = x[:, :, -self.cache_t:].clone()
-        if self.top_up and cache_x.shape[2] < 2 and cache[i] is not None:
-            cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
-        x = conv(x, cache[i])
-        cache[i] = cache_x
-        idx[0] += 1
-        return x
+        return cached_conv(conv, x, cache, idx, self.cache_t, self.top_up)
 
     def down(self, x: torch.Tensor, cache: list, extra: dict):
         """conv1 and the downsamples on one call's frames (None: the call's frames were deferred)."""
