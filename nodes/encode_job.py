@@ -9,6 +9,7 @@ import torch
 from ..parallel_vae import exact, families, plan_encode, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
+from ..parallel_vae.inputs import check_values
 from ..parallel_vae.plan import Plan
 from ..parallel_vae.spec import VaeSpec
 from . import compat, vae_info
@@ -25,15 +26,7 @@ def prepare_pixels(vae, spec: VaeSpec, pixels) -> torch.Tensor:
     if pixels.ndim != 4:
         raise InputError("pixels", f"expected an IMAGE [B, H, W, C], got a {pixels.ndim}-D tensor of shape "
                                    f"{list(pixels.shape)}")
-    if pixels.numel() == 0:
-        raise InputError("pixels", f"is empty (shape {list(pixels.shape)}): nothing to encode")
-    if not pixels.is_floating_point():
-        raise InputError("pixels", f"must be a floating-point IMAGE, got {pixels.dtype}")
-    finite = torch.isfinite(pixels)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise InputError("pixels", f"contains {bad} NaN or inf value{'s' if bad != 1 else ''}; "
-                                   f"an upstream node produced an invalid image")
+    check_values(pixels, "pixels", "encode", "IMAGE", "an upstream node produced an invalid image")
     factor = spec.spatial_compression
     if min(pixels.shape[1], pixels.shape[2]) < factor:
         raise InputError("pixels", f"{pixels.shape[2]}x{pixels.shape[1]} px is smaller than one latent pixel of "

@@ -25,13 +25,17 @@ def check_latent(samples, spec: VaeSpec) -> torch.Tensor:
     if samples.shape[1] != spec.latent_channels:
         raise InputError("samples", f"has {samples.shape[1]} channels, but the {spec.label} takes "
                                     f"{spec.latent_channels}-channel latents: is this latent from another model?")
-    if samples.numel() == 0:
-        raise InputError("samples", f"is empty (shape {list(samples.shape)}): nothing to decode")
-    if not samples.is_floating_point():
-        raise InputError("samples", f"must be a floating-point tensor, got {samples.dtype}")
-    finite = torch.isfinite(samples)
+    check_values(samples, "samples", "decode", "tensor", "the sampler or an upstream node produced an invalid latent")
+    return samples
+
+
+def check_values(t: torch.Tensor, name: str, verb: str, kind: str, cause: str) -> None:
+    """An input tensor with something to ``verb``, of floats, all finite; else InputError naming ``name``."""
+    if t.numel() == 0:
+        raise InputError(name, f"is empty (shape {list(t.shape)}): nothing to {verb}")
+    if not t.is_floating_point():
+        raise InputError(name, f"must be a floating-point {kind}, got {t.dtype}")
+    finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise InputError("samples", f"contains {bad} NaN or inf value{'s' if bad != 1 else ''}; "
-                                    f"the sampler or an upstream node produced an invalid latent")
-    return samples
+        raise InputError(name, f"contains {bad} NaN or inf value{'s' if bad != 1 else ''}; {cause}")
