@@ -11,6 +11,7 @@ import os
 
 import folder_paths
 from comfy.cli_args import args
+from ..parallel_vae import audio as sound
 from ..parallel_vae import video
 from ..parallel_vae.errors import InputError
 from ._api import io
@@ -42,8 +43,9 @@ class ParallelVAESaveVideo(io.ComfyNode):
             display_name="Save Video (Stream)",
             category="image/video",
             description="Saves a Parallel Tiled VAE Decode (Stream) to ComfyUI's output folder while it decodes: "
-                        "mp4 (H.264), webm (VP9) or a lossless PNG sequence. Memory stays flat however long the "
-                        "video is. An interrupted save removes its partial file.",
+                        "mp4 (H.264), webm (VP9) or a lossless PNG sequence, with sound when audio is given. "
+                        "Memory stays flat however long the video is. An interrupted save removes its partial "
+                        "files.",
             inputs=[
                 STREAM.Input("frames", tooltip="Frames from Parallel Tiled VAE Decode (Stream)."),
                 io.String.Input("filename_prefix", default="parallel_vae/video",
@@ -57,6 +59,12 @@ class ParallelVAESaveVideo(io.ComfyNode):
                 io.Int.Input("crf", default=19, min=0, max=video.CRF_MAX,
                              tooltip="Quality for mp4 (0..51) and webm (0..63): lower is better and bigger. "
                                      "Ignored for png."),
+                io.Audio.Input("audio", optional=True,
+                               tooltip="Sound for the video: AAC in mp4, Opus in webm, a FLAC file beside a png "
+                                       "sequence. It starts with the first frame and is cut at the video's end "
+                                       "(frames / fps); shorter audio leaves the rest silent. Of a batch, item 0 "
+                                       "is used, as core's Create Video does. Mono, stereo or 5.1 (FLAC: up to 8 "
+                                       "channels); resampled to 48 kHz only where the codec needs it."),
             ],
             outputs=outputs,
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -88,12 +96,13 @@ class ParallelVAESaveVideo(io.ComfyNode):
         return meta
 
     @classmethod
-    def execute(cls, frames, filename_prefix, fps, format, crf) -> io.NodeOutput:
+    def execute(cls, frames, filename_prefix, fps, format, crf, audio=None) -> io.NodeOutput:
         source = check_stream(frames)
         video.check_options(format, fps, crf)
+        track = sound.check(audio, format)
         width, height = source.size
         folder, name, counter, subfolder, _ = output_folder(filename_prefix, width, height)
-        writer = video.VideoWriter(folder, f"{name}_{counter:05}_", format, fps, crf, cls._metadata())
+        writer = video.VideoWriter(folder, f"{name}_{counter:05}_", format, fps, crf, cls._metadata(), track)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         try:
             with source.open() as stream:
@@ -104,10 +113,15 @@ class ParallelVAESaveVideo(io.ComfyNode):
         except BaseException:
             writer.abort()
             raise
-        saved = [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]
+        pictures = [f for f in files if not f.endswith(".flac")]
+        saved = [{"filename": f, "subfolder": subfolder, "type": "output"} for f in pictures]
         ui = {"images": saved} if format == "png" else {"images": saved, "animated": (True,)}
+        flac = [os.path.join(folder, f) for f in files if f.endswith(".flac")]
+        if flac:  # the editor's audio player, as Save Audio shows it
+            ui["audio"] = [{"filename": os.path.basename(flac[0]), "subfolder": subfolder, "type": "output"}]
         if VideoInput is None:
             return io.NodeOutput(ui=ui)
-        paths = [os.path.join(folder, f) for f in files]
-        out = (PngSequenceVideo(paths, fps, (width, height)) if format == "png" else VideoFromFile(paths[0]))
+        paths = [os.path.join(folder, f) for f in pictures]
+        out = (PngSequenceVideo(paths, fps, (width, height), flac[0] if flac else None) if format == "png"
+               else VideoFromFile(paths[0]))
         return io.NodeOutput(out, ui=ui)

@@ -24,6 +24,22 @@ except ImportError:  # pragma: no cover - a ComfyUI without the VIDEO type: no V
     VideoInput = VideoFromComponents = VideoFromFile = VideoComponents = None
 
 
+def read_audio(path: str) -> dict:
+    """A sound file as ComfyUI's AUDIO: ``waveform`` ``[1, channels, samples]`` float32 in -1..1."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        planes = [f.to_ndarray() for f in container.decode(stream)]
+        rate, channels, fmt = stream.rate, stream.codec_context.channels, stream.codec_context.format
+    data = np.concatenate(planes, 1)
+    if not fmt.is_planar:  # packed: one row of interleaved samples
+        data = data.reshape(-1, channels).T
+    if data.dtype.kind == "i":
+        data = data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
+    return {"waveform": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None], "sample_rate": rate}
+
+
 def _delegated(name: str):
     def method(self, *args, **kwargs):
         return getattr(self.materialize(), name)(*args, **kwargs)
@@ -37,15 +53,16 @@ if VideoInput is not None:
     class PngSequenceVideo(VideoInput):
         """A saved PNG sequence as ComfyUI's VIDEO: frames are read back only when a node asks."""
 
-        def __init__(self, paths: list[str], fps: float, size: tuple[int, int]):
-            self.paths, self.fps, self.size = list(paths), float(fps), tuple(size)
+        def __init__(self, paths: list[str], fps: float, size: tuple[int, int], sound: str | None = None):
+            self.paths, self.fps, self.size, self.sound = list(paths), float(fps), tuple(size), sound
 
         def get_components(self):
             from PIL import Image
 
             frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in self.paths])
             images = torch.from_numpy(frames).float() / 255.0
-            return VideoComponents(images=images, frame_rate=Fraction(self.fps).limit_denominator(1001))
+            audio = read_audio(self.sound) if self.sound else None
+            return VideoComponents(images=images, audio=audio, frame_rate=Fraction(self.fps).limit_denominator(1001))
 
         def materialize(self):
             """Core's in-memory video of these frames (what every other method delegates to)."""

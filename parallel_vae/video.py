@@ -1,5 +1,8 @@
 """Write frame batches to a video file (PyAV) or a lossless PNG sequence as they arrive.
 
+With a Track (audio.py), the sound follows each batch up to its last frame's end: in the video file
+for mp4 and webm, in a FLAC file beside a PNG sequence.
+
 Frames are ComfyUI IMAGE batches ``[n, H, W, C]`` in 0..1. They become 8-bit exactly as ComfyUI's
 SaveImage does it (``clip(255 * x, 0, 255)`` truncated to uint8), so a PNG sequence holds the same
 bytes SaveImage would write for the same IMAGE.
@@ -13,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .audio import AudioOut, Track
 from .errors import InputError
 
 # format -> (container extension, codec, pixel format, largest crf)
@@ -47,13 +51,16 @@ class VideoWriter:
     """``write`` batches, then ``close`` (returns the file names) or ``abort`` (removes them)."""
 
     def __init__(self, folder: str, stem: str, format: str, fps: float, crf: int,
-                 metadata: Optional[dict[str, str]] = None):
+                 metadata: Optional[dict[str, str]] = None, audio: Optional[Track] = None):
         check_options(format, fps, crf)
         self.folder, self.stem, self.format = folder, stem, format
         self.fps, self.crf, self.metadata = fps, crf, dict(metadata or {})
+        self.track = audio
         self.files: list[str] = []
         self.frames = 0
         self._container = self._stream = self._codec = None
+        self._audio: Optional[AudioOut] = None
+        self._sound = None  # the FLAC file's container beside a PNG sequence
         self.size: Optional[tuple[int, int]] = None  # (width, height)
 
     def _open(self, width: int, height: int) -> None:
@@ -64,17 +71,15 @@ class VideoWriter:
         if self.format == "png":
             self._codec = av.CodecContext.create(codec, "w")
             self._codec.width, self._codec.height, self._codec.pix_fmt = width, height, pix_fmt
+            if self.track is not None:
+                self._sound = self._create(f"{self.stem}.flac")
+                self._audio = AudioOut(self._sound, self.track, self.format)
             return
         if width % 2 or height % 2:
             raise InputError("format", f"{self.format} needs an even width and height, not {width}x{height}; "
                                        f"use png")
-        name = f"{self.stem}.{ext}"
-        path = os.path.join(self.folder, name)
-        self.files.append(name)  # before opening: abort() removes even a half-written file
         options = {"movflags": "use_metadata_tags"} if self.format == "mp4" else {}  # keep custom tags in mp4
-        self._container = av.open(path, mode="w", options=options)
-        for key, value in self.metadata.items():
-            self._container.metadata[key] = value
+        self._container = self._create(f"{self.stem}.{ext}", options)
         stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         options = {"crf": str(self.crf)}
@@ -82,6 +87,17 @@ class VideoWriter:
             options.update({"b:v": "0", "row-mt": "1", "deadline": "good", "cpu-used": "4"})
         stream.options = options
         self._stream = stream
+        if self.track is not None:
+            self._audio = AudioOut(self._container, self.track, self.format)
+
+    def _create(self, name: str, options: Optional[dict] = None):
+        import av
+
+        self.files.append(name)  # before opening: abort() removes even a half-written file
+        container = av.open(os.path.join(self.folder, name), mode="w", options=options or {})
+        for key, value in self.metadata.items():
+            container.metadata[key] = value
+        return container
 
     def write(self, frames: torch.Tensor) -> None:
         import av
@@ -102,22 +118,30 @@ class VideoWriter:
             else:
                 self._container.mux(self._stream.encode(frame))
             self.frames += 1
+        if self._audio is not None:
+            self._audio.until(self.frames / self.fps)
 
     def close(self) -> list[str]:
         if self._container is not None:
             self._container.mux(self._stream.encode(None))
-            self._container.close()
-            self._container = None
+        if self._audio is not None:
+            self._audio.finish(self.frames / self.fps)
+            self._audio = None
+        for container in (self._container, self._sound):
+            if container is not None:
+                container.close()
+        self._container = self._sound = None
         return list(self.files)
 
     def abort(self) -> None:
         """Drop what was written (an interrupted or failed save leaves no partial file behind)."""
-        if self._container is not None:
-            try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
+        for container in (self._container, self._sound):
+            if container is not None:
+                try:
+                    container.close()
+                except Exception:
+                    pass
+        self._container = self._sound = self._audio = None
         for name in self.files:
             try:
                 os.remove(os.path.join(self.folder, name))

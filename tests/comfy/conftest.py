@@ -54,6 +54,27 @@ def decode(pack):
     return run
 
 
+@pytest.fixture
+def save(pack, comfy, tmp_path):
+    """Run Save Video (Stream) into ``tmp_path`` (ComfyUI's output folder for the test); returns
+    (the node's output, the saved frame or video files)."""
+    import folder_paths
+
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    node = comfy_env.node_clone(pack.nodes.ParallelVAESaveVideo, {"UNIQUE_ID": "8", "PROMPT": {"8": {}},
+                                                                "EXTRA_PNGINFO": None})
+
+    def run(stream, fmt="png", fps=16.0, crf=19, prefix="pvae/clip", audio=None):
+        extra = {} if audio is None else {"audio": audio}
+        with torch.inference_mode():
+            out = node.execute(stream, prefix, fps, fmt, crf, **extra)
+        return out, [tmp_path / e["subfolder"] / e["filename"] for e in out.ui["images"]]
+
+    yield run
+    folder_paths.set_output_directory(old)
+
+
 @pytest.fixture(scope="session")
 def core_tiled(comfy):
     def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from testkit import comfy_env, procs
+from testkit import procs, sound
 from testkit.compare import latent
 from testkit.latents import read_png
 
@@ -21,24 +21,6 @@ from testkit.latents import read_png
 def nodes(pack):
     yield pack.nodes
     pack.nodes.backends.shutdown()
-
-
-@pytest.fixture
-def save(nodes, comfy, tmp_path):
-    import folder_paths
-
-    old = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    node = comfy_env.node_clone(nodes.ParallelVAESaveVideo, {"UNIQUE_ID": "8", "PROMPT": {"8": {}},
-                                                           "EXTRA_PNGINFO": None})
-
-    def run(stream, fmt="png", fps=16.0, crf=19, prefix="pvae/clip"):
-        with torch.inference_mode():
-            out = node.execute(stream, prefix, fps, fmt, crf)
-        return out, [tmp_path / e["subfolder"] / e["filename"] for e in out.ui["images"]]
-
-    yield run
-    folder_paths.set_output_directory(old)
 
 
 @pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
@@ -132,11 +114,11 @@ def test_interrupt_mid_stream_stops_within_2s_removes_the_partial_files_and_next
     threading.Thread(target=press, daemon=True).start()
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            save(stream, fmt)
+            save(stream, fmt, audio=sound.tone(16000, 3.0))  # png: a FLAC file too
     finally:
         mm.interrupt_current_processing(False)  # a missed interrupt must not stop the next test
     assert time.monotonic() - pressed["at"] < 2.0
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the partial files are removed"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the partial files (and the sound's) are removed"
     assert not [t for t in threading.enumerate() if t.name == "pvae-stream"], "the decode thread has stopped"
     pool = nodes.backends.local_pool() if devices != "cpu" else None
     pids = pool.pids() if pool else None

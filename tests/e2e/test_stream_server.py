@@ -10,7 +10,7 @@ import time
 import av
 import numpy as np
 
-from testkit import random_vaes
+from testkit import random_vaes, sound
 from testkit.latents import read_png
 from testkit.procs import workers_of
 from testkit.prompts import decode_prompt, video_prompt
@@ -153,9 +153,13 @@ def core_save_video(server, video_from: list, prefix: str) -> dict:
 
 @pytest.mark.every_runtime
 def test_the_video_output_feeds_comfyuis_own_save_video_for_mp4_and_png(server, put_latent):
+    """With sound from core's Load Audio: our file has it, and core's Save Video keeps it."""
     put_latent("stream_core.latent", (1, 16, 2, 8, 8), 35)  # 5 frames of 64 x 64
+    sound.write_flac(server.base / "input" / "tone.flac", sound.tone(44100, 3.0))
     for fmt in ("mp4", "png"):
         prompt = video_prompt(WAN, "stream_core.latent", f"e2e/core_{fmt}/ours", format=fmt, **SMALL)
+        prompt["6"] = {"class_type": "LoadAudio", "inputs": {"audio": "tone.flac"}}
+        prompt["4"]["inputs"]["audio"] = ["6", 0]
         prompt["5"] = core_save_video(server, ["4", 0], f"e2e/core_{fmt}/core")
         run = server.run(prompt)
         assert run.ok, (fmt, run.error, server.log_tail())
@@ -167,6 +171,12 @@ def test_the_video_output_feeds_comfyuis_own_save_video_for_mp4_and_png(server, 
             frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
         assert len(frames) == 5 and frames[0].shape == (64, 64, 3), fmt
         assert stream.codec_context.name == "h264", fmt
+        ours = run.outputs("4").get("audio") or run.outputs("4")["images"]
+        ours_path = server.base / "output" / ours[0]["subfolder"] / ours[0]["filename"]
+        for where in (ours_path, path):  # ours: AAC in the mp4 or the FLAC; core's: AAC
+            samples, rate, codec = sound.read(where)
+            assert samples.shape[0] == 2 and abs(samples.shape[1] / rate - 5 / 16) <= 1 / 16, (fmt, where.name)
+            assert codec == ("flac" if where.suffix == ".flac" else "aac"), (fmt, where.name)
         ours = saved_files(server, run, "4")
         first = read_png(ours[0]) if fmt == "png" else None
         if first is not None:  # the frames went through: lossy h264 of our lossless first frame
