@@ -3,7 +3,8 @@
 # make demo   set up, run the example workflows on a headless ComfyUI: compare with VAEDecodeTiled, then
 #             stream a video into an mp4 with Save Video (Stream) and print the saved file
 #             (VAE=/path/to/vae.safetensors uses a real VAE instead of a random-weight one)
-# make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser
+# make run    set up, start ComfyUI with the pack on http://127.0.0.1:$(PORT) for the browser, every
+#             template's files in place (random-weight VAEs, latents, an image)
 # make bench  set up, run the benchmarks against ComfyUI's own nodes (figures in docs/BENCHMARKS.md)
 # make gpu-check  everything that needs a GPU, as one table (prints a line and exits 0 without one)
 # make soak   100 prompts through a real server on cpu:2, two VAEs, /free every 25 (figures)

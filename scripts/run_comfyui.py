@@ -1,8 +1,9 @@
 """make run: ComfyUI with the pack for the browser, on 127.0.0.1:PORT.
 
-Uses demo-output/comfy-base as ComfyUI's base directory, with the example workflow's VAE and
-latent in place, so the template "parallel_vae_decode" runs as soon as it is opened. Put your own
-VAEs in demo-output/comfy-base/models/vae/.
+Uses demo-output/comfy-base as ComfyUI's base directory, with every example workflow's files in
+place (random-weight VAEs, latents, an image), so each of the pack's templates runs as soon as it is
+opened; parallel_vae_wan_i2v needs your Wan 2.1 models. Put your own models in
+demo-output/comfy-base/models/.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8188)
     args = ap.parse_args()
     base = REPO / "demo-output" / "comfy-base"
-    demo_assets.prepare(base)
+    demo_assets.prepare_templates(base)
     import torch
 
     cmd = comfy_command(args.port, base, cpu=not torch.cuda.is_available())

@@ -1,4 +1,5 @@
-"""The files the example workflow names: a VAE and a latent, in a ComfyUI base directory."""
+"""The files the example workflows name (VAEs, latents, an image), in a ComfyUI base directory:
+``prepare_templates`` puts every runnable template's in place (what ``make run`` does)."""
 from __future__ import annotations
 
 import gc
@@ -86,3 +87,15 @@ def prepare_video(base: Path, seed: int = 0) -> DemoAssets:
     latents.save_latent(latents.random_latent(DEMO_VIDEO_SHAPE, seed), base / "input" / DEMO_VIDEO_LATENT)
     return DemoAssets(DEMO_VIDEO_VAE, DEMO_VIDEO_LATENT, "a Wan 2.1 VAE (causal video, small width) with random "
                       "weights, made by this demo", True, DEMO_VIDEO_SHAPE)
+
+
+# The templates that run on the files above; parallel_vae_wan_i2v needs the user's Wan 2.1 14B
+# model, its UMT5-XXL text encoder and CLIP vision (no random stand-in is small enough to build).
+RUNNABLE_TEMPLATES = ("parallel_vae_decode", "parallel_vae_img2img", "parallel_vae_video")
+NEEDS_USER_MODELS = ("parallel_vae_wan_i2v",)
+
+
+def prepare_templates(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> list[DemoAssets]:
+    """Every runnable template's files in ``base``: the decode and img2img examples' (prepare) and
+    the video example's (prepare_video)."""
+    return [prepare(base, vae_path, seed), prepare_video(base, seed)]

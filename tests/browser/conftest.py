@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import demo_assets, latents, random_vaes
+from testkit import demo_assets
 from testkit.comfy_env import REPO
 from testkit.server import ComfyServer, prepare_base
 
@@ -18,14 +18,6 @@ CHROMEDRIVER = Path(os.environ.get("PVAE_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--window-size=1400,1000"]
 
-# The file names example_workflows/ use: parallel_vae_video*.json (Wan 2.1, decoded by a test) and
-# parallel_vae_decode*.json (SD, only opened: newer frontends check that each model a workflow names exists).
-DEMO_VAE = demo_assets.DEMO_VIDEO_VAE
-DEMO_LATENT = demo_assets.DEMO_VIDEO_LATENT
-DEMO_LATENT_SHAPE = demo_assets.DEMO_VIDEO_SHAPE  # Wan 2.1: 17 frames of 256 x 256
-IMAGE_VAE = demo_assets.DEMO_VAE
-IMAGE_LATENT = demo_assets.DEMO_LATENT
-IMAGE_LATENT_SHAPE = (1, 4, 32, 48)  # SD: 256 x 384
 SHOTS = REPO / "test-artifacts" / "browser"
 
 
@@ -57,13 +49,11 @@ def write_user_settings(base: Path, renderer: str) -> None:
 
 @pytest.fixture(scope="session")
 def ui_server(tmp_path_factory, vae_dir):
-    """A server whose models/ and input/ hold the example workflows' files (settings: write_user_settings)."""
+    """A server whose models/ and input/ hold the example workflows' files as ``make run`` puts them
+    (settings: write_user_settings)."""
     _require_browser()
     base = prepare_base(tmp_path_factory.mktemp("comfy-ui-base"))
-    (base / "models" / "vae" / DEMO_VAE).symlink_to(random_vaes.ensure_vae_file("wan21", vae_dir))
-    latents.save_latent(latents.random_latent(DEMO_LATENT_SHAPE, seed=4), base / "input" / DEMO_LATENT)
-    (base / "models" / "vae" / IMAGE_VAE).symlink_to(random_vaes.ensure_vae_file("sd", vae_dir))
-    latents.save_latent(latents.random_latent(IMAGE_LATENT_SHAPE, seed=5), base / "input" / IMAGE_LATENT)
+    demo_assets.prepare_templates(base, seed=4)  # what make run puts in place
     write_user_settings(base, renderer="canvas")
     srv = ComfyServer(base).start()
     yield srv

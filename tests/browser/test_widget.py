@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from testkit import demo_assets
 from testkit.comfy_env import REPO
 
 pytestmark = pytest.mark.browser
@@ -227,3 +228,17 @@ def test_widget_shows_a_real_stream_decode(page, artifacts):
 
     assert remove_node_and_count_listeners(page, 3) == (LISTENERS_PER_NODE, 0)
     assert page.our_errors() == []
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("renderer", ["canvas"])
+@pytest.mark.parametrize("template", [t for t in demo_assets.RUNNABLE_TEMPLATES if t != "parallel_vae_video"])
+def test_each_template_opens_without_warnings_and_runs_on_what_make_run_puts_in_place(page, template):
+    """The editor opens the template (no missing node or model), turns it into its prompt itself and
+    runs it on the files make run prepares (parallel_vae_video: test_widget_shows_a_real_stream_decode)."""
+    assert page.load_workflow(WORKFLOWS / f"{template}.json") == []
+    page.js_async("await app.queuePrompt(0, 1);")
+    page.wait_for("return window.__pvaeTest.events.some((e) => arguments[0].includes(e.type));",
+                  300, f"{template} did not finish", list(FINISHED), interval=0.5)
+    errors = page.events("execution_error") + page.events("execution_interrupted")
+    assert not errors and page.events("execution_success"), (errors, page.server.log_tail())

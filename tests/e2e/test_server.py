@@ -102,19 +102,33 @@ def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
 
 
 @pytest.mark.every_runtime
-def test_the_encode_templates_run_or_need_only_the_users_model_files(server):
-    """The img2img-style template (encode -> decode) runs on the demo's files; the Wan
-    image-to-video template is valid against the live node definitions, short only of the model
-    files a user brings (and every link lands on a node input of the right type)."""
-    from testkit import demo_assets, random_vaes
+def test_every_template_runs_unchanged_on_what_make_run_puts_in_place(tmp_path):
+    """Each runnable template's API form, posted as it ships, on a server prepared the way make run
+    prepares its own (demo_assets.prepare_templates); the editor's own conversion of the UI forms
+    runs in the browser tests."""
+    from testkit import demo_assets
+    from testkit.server import ComfyServer
 
-    demo_assets.save_demo_image(server.base / "input" / demo_assets.DEMO_IMAGE, 64, 96)
-    img2img = json.loads((REPO / "example_workflows" / "parallel_vae_img2img_api.json").read_text())
-    img2img["1"]["inputs"]["vae_name"] = random_vaes.vae_filename("sd")
-    run = server.run(img2img)
-    assert run.ok, (run.error, server.log_tail())
-    assert saved_images(server, run, "5").shape == (1, 64, 96, 3)
-    assert "(exact, " in run.progress_texts("3")[-1] and "(exact, " in run.progress_texts("4")[-1]
+    demo_assets.prepare_templates(tmp_path / "base")
+    srv = ComfyServer(tmp_path / "base").start()
+    try:
+        listed = srv.get("/api/workflow_templates").json()["parallel_tiled_vae"]
+        assert {t for t in listed if not t.endswith("_api")} == set(demo_assets.RUNNABLE_TEMPLATES) | set(
+            demo_assets.NEEDS_USER_MODELS)
+        for name in demo_assets.RUNNABLE_TEMPLATES:
+            run = srv.run(json.loads((REPO / "example_workflows" / f"{name}_api.json").read_text()))
+            assert run.ok, (name, run.error, srv.log_tail())
+            saved = [o for o in run.history.get("outputs", {}).values() if o.get("images")]
+            assert saved, (name, "saved nothing")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.every_runtime
+def test_the_wan_i2v_template_needs_only_the_users_model_files(server):
+    """The Wan image-to-video template is valid against the live node definitions, short only of
+    the model files a user brings (and every link lands on a node input of the right type)."""
+    from testkit import demo_assets
 
     ui = server.get("/api/workflow_templates/parallel_tiled_vae/parallel_vae_wan_i2v.json").json()
     known = server.get("/object_info").json()
