@@ -72,7 +72,12 @@ def _same_device(a, b: torch.device) -> bool:
 
 
 def _weights(vae) -> dict:
-    return {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
+    """The VAE's state dict, plus its non-persistent buffers: ComfyUI detects some VAEs by one
+    (Cosmos: decoder.unpatcher3d.wavelets); without it a rebuild is no VAE at all. A load skips them."""
+    sd = dict(vae.get_sd())
+    for name, buf in vae.first_stage_model.named_buffers(remove_duplicate=False):  # shared ones too
+        sd.setdefault(name, buf)
+    return {k: v.detach().to("cpu") for k, v in sd.items()}
 
 
 def rebuild_on(vae, device: torch.device):

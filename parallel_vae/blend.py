@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import DecodeError
-from .plan import CAUSAL, Plan, Tile
+from .plan import CAUSAL, VIDEO, Plan, Tile
 
 
 @functools.lru_cache(maxsize=512)
@@ -67,7 +67,7 @@ class Segment:
 
 
 class _SegmentState:
-    __slots__ = ("tiles", "position", "next", "pending", "acc", "div", "origin", "size", "own")
+    __slots__ = ("tiles", "position", "next", "pending", "acc", "div", "origin", "size", "own", "lo")
 
     def __init__(self, tiles, origin, size):
         self.tiles = tiles
@@ -78,6 +78,7 @@ class _SegmentState:
         self.origin = origin
         self.size = size
         self.own: Optional[torch.Tensor] = None  # the segment's output when the blender has no canvas
+        self.lo = 0  # rolling: the first frame not yet released
 
 
 class Blender:
@@ -88,7 +89,10 @@ class Blender:
 
     With ``out=None`` there is no canvas for the whole output (streaming): each segment gets a
     tensor of its own, handed over by ``take(segment)`` once finished, so memory follows the
-    segments in flight instead of the length of the video.
+    segments in flight instead of the length of the video. A non-causal video item is not one
+    segment but a run of them ("rolling"): its tiles come in time order (ComfyUI's grid is
+    time-major), so once the next tile starts at frame s, every frame before s has had all its tiles
+    and leaves the accumulator, divided as ComfyUI divides it (the same elementwise arithmetic).
     """
 
     def __init__(self, plan: Plan, out: Optional[torch.Tensor],
@@ -101,8 +105,12 @@ class Blender:
         self.finish = finish
         self._segments: dict[tuple[int, int], _SegmentState] = {}
         self._finished: set[tuple[int, int]] = set()
-        self._taken: dict[tuple[int, int], torch.Tensor] = {}  # finished own-storage segments
+        self._taken: dict[Segment, torch.Tensor] = {}  # finished own-storage segments
         self.done: list[Segment] = []
+        self.rolling = out is None and plan.kind == VIDEO and plan.passes == 1
+        if self.rolling and any(b.out_start[0] < a.out_start[0] for item in range(plan.batch)
+                                for a, b in zip(plan.tiles_of(item), plan.tiles_of(item)[1:])):
+            raise ValueError("a rolling blend needs the tiles of each item in time order")
 
     def _segment(self, batch: int, step: int) -> _SegmentState:
         key = (batch, step)
@@ -145,7 +153,14 @@ class Blender:
             t = seg.tiles[seg.next]
             self._apply(seg, t, step, seg.pending.pop(t.index))
             seg.next += 1
-            if seg.next == len(seg.tiles):
+            if self.rolling and not t.whole:
+                upto = seg.tiles[seg.next].out_start[0] if seg.next < len(seg.tiles) else seg.size[0]
+                if upto > seg.lo:
+                    finished.append(self._release(seg, t.batch, upto))
+                if seg.next == len(seg.tiles):
+                    self._finished.add((t.batch, step))
+                    del self._segments[(t.batch, step)]
+            elif seg.next == len(seg.tiles):
                 finished.append(self._complete(seg, t.batch, step))
         if borrowed and tile_index in seg.pending:
             seg.pending[tile_index] = pixels.clone()
@@ -161,6 +176,9 @@ class Blender:
         fit = tuple(min(n, total - p) for p, n, total in zip(start, size, seg.size))
         if fit != size:  # an encoded tile overhanging the latent canvas: cut, mask and all, as ComfyUI
             pixels = _cut(pixels, fit)
+        if self.rolling and not tile.whole:
+            self._accumulate(seg, start, fit, size, tile, pixels)
+            return
         last_of_pass = (seg.next + 1 == len(seg.tiles)
                         or seg.tiles[seg.next + 1].pass_index != tile.pass_index)
         if tile.whole:
@@ -187,6 +205,39 @@ class Blender:
             else:
                 region.add_(result)
 
+    def _accumulate(self, seg: _SegmentState, start, fit, size, tile: Tile, pixels: torch.Tensor) -> None:
+        """A rolling item's tile into the accumulator, which holds frames [seg.lo, the tile's end)."""
+        end = start[0] + fit[0]
+        have = seg.lo if seg.acc is None else seg.lo + seg.acc.shape[2]
+        if end > have:  # frames this tile is the first to reach
+            more = (end - have,) + seg.size[1:]
+            acc = torch.zeros((1, self.plan.out_shape[1]) + more, device=self.device)
+            div = torch.zeros((1, 1) + more, device=self.device)
+            seg.acc = acc if seg.acc is None else torch.cat([seg.acc, acc], 2)
+            seg.div = div if seg.div is None else torch.cat([seg.div, div], 2)
+        mask = _cut(feather_mask(size, tile.feather), fit).to(self.device)
+        acc, div = seg.acc, seg.div
+        for d, (p, n) in enumerate(zip((start[0] - seg.lo,) + tuple(start[1:]), fit)):
+            acc = acc.narrow(d + 2, p, n)
+            div = div.narrow(d + 2, p, n)
+        acc.add_(pixels * mask)
+        div.add_(mask)
+
+    def _release(self, seg: _SegmentState, batch: int, upto: int) -> Segment:
+        """Frames [seg.lo, upto) of a rolling item, finished: divided, handed over, dropped."""
+        n = upto - seg.lo
+        region = seg.acc.narrow(2, 0, n) / seg.div.narrow(2, 0, n)
+        rest = seg.acc.shape[2] - n
+        seg.acc = seg.acc.narrow(2, n, rest).clone() if rest else None  # clones: let the released part go
+        seg.div = seg.div.narrow(2, n, rest).clone() if rest else None
+        segment = Segment(batch, 0, (seg.lo, upto))
+        seg.lo = upto
+        if self.finish is not None:
+            self.finish(segment, region)
+        self._taken[segment] = region
+        self.done.append(segment)
+        return segment
+
     def _out_region(self, batch: int, seg: _SegmentState) -> torch.Tensor:
         if self.out is None:
             if seg.own is None:
@@ -210,15 +261,14 @@ class Blender:
         if self.finish is not None:
             self.finish(segment, region)
         if self.out is None:
-            self._taken[(batch, step)] = region
+            self._taken[segment] = region
         self.done.append(segment)
         return segment
 
     def take(self, segment: Segment) -> torch.Tensor:
         """A finished segment's pixels ``[1, C, *size]`` when there is no canvas (handed over once)."""
-        return self._taken.pop((segment.batch, segment.step))
+        return self._taken.pop(segment)
 
     @property
     def complete(self) -> bool:
-        expected = self.plan.batch * self.plan.steps
-        return len(self.done) == expected
+        return len(self._finished) == self.plan.batch * self.plan.steps

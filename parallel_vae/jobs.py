@@ -20,8 +20,8 @@ import torch
 from . import protocol as msgs
 from . import shm
 from .errors import DecodeError
-from .plan import CAUSAL, Plan
-from .schedule import Group, TileQueue, frame_groups, largest_first
+from .plan import CAUSAL, VIDEO, Plan
+from .schedule import Group, TileQueue, frame_groups, in_plan_order, largest_first, time_windows
 from .units import Decoded, Work
 from .workers import Death, Handle, ModelSource, Workers, WorkerState
 
@@ -182,7 +182,13 @@ class TileJob(Job):
         # Frame order for causal video: one group of tiles per worker, decoded frame by frame there;
         # a worker that runs ahead of the others is held back (its slots are freed later).
         self.throttle = order == "frame" and plan.kind == CAUSAL
-        groups = frame_groups(plan, len(workers.handles)) if self.throttle else largest_first(plan)
+        # Frame order for non-causal video: tiles in time order, gated to a few windows ahead.
+        self.windows = time_windows(plan) if order == "frame" and plan.kind == VIDEO else {}
+        self.lead = max(1, len(workers.handles) - 1)  # windows past the earliest undelivered one
+        if self.throttle:
+            groups = frame_groups(plan, len(workers.handles))
+        else:
+            groups = in_plan_order(plan) if self.windows else largest_first(plan)
         self.groups = {g.index: g for g in groups}
         self.queue = TileQueue(groups)
         self.steps_done: collections.Counter = collections.Counter()  # tile -> steps delivered
@@ -203,8 +209,10 @@ class TileJob(Job):
                 continue  # prefetch only behind a tile of this job, never behind a causal group
             if not self.workers.ensure_arena(h, self.slot_bytes, SLOTS):
                 continue
-            group = self.queue.take(h.name)
+            group = self.queue.take(h.name, self._may_start)
             if group is None:
+                if self.windows and not h.tasks and self.queue.waiting:
+                    self.workers.stats.gated += 1  # idle, held back in time
                 continue
             self.introduce(h)
             if not h.tasks:
@@ -214,6 +222,15 @@ class TileJob(Job):
                              self.threads_for(h, len(self.groups))))
 
     # -- back-pressure (frame order) ---------------------------------------------------------------
+    def _may_start(self, group: Group) -> bool:
+        """Non-causal video in frame order: a tile whose temporal window is more than ``lead``
+        windows past the earliest window with a tile not yet delivered waits (its worker idles)."""
+        if not self.windows:
+            return True
+        earliest = min((self.windows[t.index] for t in self.plan.tiles if (t.index, 0) not in self.delivered),
+                       default=0)
+        return self.windows[group.index] <= earliest + self.lead
+
     def _progress_of(self, h: Handle) -> Optional[int]:
         """Frames delivered by the group a worker is decoding for this job (None: none)."""
         if not h.tasks or h.tasks[0][0] != self.id or h.state is not WorkerState.UP:

@@ -17,7 +17,9 @@ Streaming wants frames in order instead ("frame" order): every tile of a frame b
 the next, so a frame is finished as early as possible and the reorder buffer stays small. For
 causal video this keeps every tile's cache alive at once (in-process: one group per batch item),
 or splits the tiles into one group per worker, each decoded frame by frame there
-(``frame_groups``).
+(``frame_groups``). A non-causal video's tiles go out in plan order (time-major), and no worker
+starts a temporal window too far past the earliest one not yet delivered (``time_windows``): the
+frames in flight, not the video's length, bound what the parent holds.
 """
 from __future__ import annotations
 
@@ -68,6 +70,20 @@ def frame_groups(plan: Plan, workers: int) -> list[Group]:
     return groups
 
 
+def in_plan_order(plan: Plan) -> list[Group]:
+    """One group per tile in plan order: for a non-causal video, time-major (ComfyUI's grid), so
+    its frames finish from the first on."""
+    return [Group((t,)) for t in plan.tiles]
+
+
+def time_windows(plan: Plan) -> dict[int, int]:
+    """Each tile's temporal window, numbered in plan order across batch items (tiles that start at
+    the same latent frame of the same item share one)."""
+    starts = sorted({(t.batch, t.in_start[0]) for t in plan.tiles})
+    rank = {key: i for i, key in enumerate(starts)}
+    return {t.index: rank[(t.batch, t.in_start[0])] for t in plan.tiles}
+
+
 def largest_first(plan: Plan) -> list[Group]:
     """One group per tile, by decreasing latent volume, plan order among equals (the big ones
     must not come last)."""
@@ -84,9 +100,10 @@ class TileQueue:
         self.attempts: Counter[int] = Counter()
         self.excluded: defaultdict[int, set[str]] = defaultdict(set)
 
-    def take(self, worker: str) -> Optional[Group]:
+    def take(self, worker: str, may_start=lambda group: True) -> Optional[Group]:
+        """The first waiting group ``worker`` is not excluded from and ``may_start`` allows."""
         for i, group in enumerate(self.waiting):
-            if worker not in self.excluded[group.index]:
+            if worker not in self.excluded[group.index] and may_start(group):
                 del self.waiting[i]
                 return group
         return None

@@ -67,6 +67,7 @@ class PoolStats:
     restarts: int = 0
     requeued: int = 0
     held: int = 0  # result slots kept back from a worker running ahead (frame order)
+    gated: int = 0  # times an idle worker got no tile: the next is too far ahead in time (frame order)
     events: list = field(default_factory=list)  # (time, text) of faults, for logs and the route
 
 

@@ -7,6 +7,8 @@ PARALLEL_VAE_TEST_FAULT says which fault:
                                       an exact item whose bands were split)
   hang:<tile or *>:<worker>:<marker>  that worker hangs (alive and silent) on that tile, once: it
                                       creates the marker file, and hangs only while it is absent
+  wait:<tile>:<marker>                whichever worker gets that tile waits until the marker file
+                                      exists (the test creates it on an event: a slow device on cue)
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ def before_task(worker, work, tiles) -> None:
             open(marker, "w").close()
             while True:
                 time.sleep(1.0)
+    if fault.startswith("wait:"):
+        _, t, marker = fault.split(":", 2)
+        if int(t) in tiles:
+            while not os.path.exists(marker):
+                time.sleep(0.02)
     if fault.startswith("oom:") and work.split == 1:  # a split retry is let through
         _, t, who = fault.split(":", 2)
         if (t == "*" or int(t) in tiles) and who == worker.name:

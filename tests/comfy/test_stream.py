@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from testkit import procs, sound
-from testkit.compare import latent
+from testkit import faults, interrupt, procs, sound
+from testkit.compare import TOL, latent, max_diff
 from testkit.latents import read_png
 
 
@@ -179,3 +179,110 @@ def test_a_worker_with_less_work_is_held_within_a_few_frames_of_the_others(load_
     assert lead <= LOOKAHEAD_STEPS + SLOTS + 1, f"a worker ran {lead} frames ahead"
     assert nodes.backends.local_pool().stats.held > held, "the faster worker was held back"
     assert torch.equal(out, decode(z, wan, 64, 16, devices="cpu:2"))
+
+
+# --- non-causal video VAEs: frames leave as their temporal tiles finish --------------------------
+NON_CAUSAL = {  # family: (latent, tile_size, overlap): 2 items, 3 temporal windows each at 16/8 frames
+    "cosmos": ((2, 16, 4, 4, 4), 64, 16),
+    "ltxv_meta": ((2, 128, 4, 2, 2), 64, 16),
+}
+
+
+@pytest.mark.every_runtime
+@pytest.mark.parametrize("family", sorted(NON_CAUSAL))
+def test_a_non_causal_video_streams_frame_runs_equal_to_the_decode_node_with_workers_held_in_time(
+        pack, comfy, load_vae, decode, core_tiled, stream_of, to_images, decodes, family):
+    if family == "ltxv_meta" and "metadata" not in __import__("inspect").getsource(comfy.VAELoader.load_vae):
+        pytest.skip("this ComfyUI's VAELoader ignores file metadata (before 0.9.2): no small LTXV to build")
+    shape, tile, overlap = NON_CAUSAL[family]
+    vae, z = load_vae(family), latent(shape, 62)
+    ref = core_tiled(z, vae, tile, overlap, 16, 8)
+    for devices in ("cpu", "cpu:2"):
+        expected = decode(z, vae, tile, overlap, 16, 8, devices=devices)
+        streamed = to_images(stream_of(z, vae, tile, overlap, 16, 8, devices=devices, frames_per_batch=5))
+        assert torch.equal(streamed, expected), devices  # batch items and windows in frame order
+        assert max_diff(streamed, ref) <= TOL, devices
+    # on workers, tiles went out in time order and none more than one window past the earliest
+    # window still waiting for a tile (back-pressure: 2 workers, lead 1)
+    job = pack.nodes.job.DecodeJob.prepare({"samples": z}, vae, tile, overlap, 16, 8, "cpu:2", None, "tiled")
+    plan = job.plan_for(pack.nodes.backends.backend_for(job.devices)).plan
+    windows = pack.parallel_vae.schedule.time_windows(plan)
+    assert len(set(windows.values())) == 6
+    arrived = [t for t, *_ in decodes.last.units]
+    for i, t in enumerate(arrived):
+        earliest = min(windows[u.index] for u in plan.tiles if u.index not in arrived[:i])
+        assert windows[t] <= earliest + 1, (i, t, arrived)
+
+
+@pytest.mark.every_runtime
+def test_a_worker_would_run_ahead_in_time_waits_until_the_earliest_window_is_delivered(
+        nodes, pack, load_vae, decode, stream_of, to_images, decodes, monkeypatch, tmp_path):
+    """The worker with the first window is slow: it waits for a file the test writes once the other
+    worker was held back (or, were it never held, once it ran ahead). The other decodes at most the
+    next window meanwhile, instead of running on to the end."""
+    import comfy.utils
+
+    nodes.backends.shutdown()  # workers started from here on carry the fault hook
+    marker = tmp_path / "go"
+    faults.enable(monkeypatch, f"wait:0:{marker}")
+    vae, z = load_vae("cosmos"), latent((1, 16, 6, 4, 4), 63)  # 5 temporal windows of one tile
+    units = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
+    try:
+        stream = stream_of(z, vae, 64, 16, 16, 8, devices="cpu:2", frames_per_batch=4)
+        stats = nodes.backends.backend_for(stream.job.devices).pool.stats
+        gated = stats.gated
+
+        def release():
+            # 3 of 5 tiles in without tile 0: only a worker running ahead gets there (tile 1 may be
+            # prefetched behind tile 0 on the slow worker)
+            while stats.gated == gated and max(units, default=0) < 3:
+                time.sleep(0.02)
+            marker.touch()
+
+        threading.Thread(target=release, daemon=True).start()
+        out = to_images(stream)
+    finally:
+        marker.touch()
+        nodes.backends.shutdown()
+        monkeypatch.delenv(faults.FAULT_ENV)
+    assert stats.gated > gated, "the worker without tile 0 was held back"
+    job = pack.nodes.job.DecodeJob.prepare({"samples": z}, vae, 64, 16, 16, 8, "cpu:2", None, "tiled")
+    windows = pack.parallel_vae.schedule.time_windows(job.plan_for(pack.nodes.backends.backend_for(job.devices)).plan)
+    assert sorted(set(windows.values())) == [0, 1, 2, 3, 4]
+    arrived = [t for t, *_ in decodes.last.units]
+    for i, t in enumerate(arrived):
+        assert windows[t] <= min(windows[u] for u in windows if u not in arrived[:i]) + 1, arrived
+    assert torch.equal(out, decode(z, vae, 64, 16, 16, 8))
+
+
+def test_a_non_causal_stream_gives_the_same_files_with_a_worker_killed_and_none_when_interrupted(
+        nodes, load_vae, stream_of, save, tmp_path, monkeypatch):
+    import signal
+
+    import comfy.model_management as mm
+    import comfy.utils
+
+    vae, z = load_vae("cosmos"), latent((1, 16, 6, 4, 4), 64)  # 21 frames, 5 temporal windows
+    args = (z, vae, 64, 16, 16, 8)
+    _, want = save(stream_of(*args, devices="cpu", frames_per_batch=4), "png", prefix="ref/clip")
+    save(stream_of(latent((1, 16, 2, 4, 4), 65), vae, 64, 16, 16, 8, devices="cpu:2"), "png", prefix="warm/clip")
+    pool = nodes.backends.local_pool()
+    restarts, victim = pool.stats.restarts, pool.pids()["cpu[1]"]
+    killer = procs.when_busy(pool, "cpu[1]", lambda h: os.kill(victim, signal.SIGKILL))
+    _, got = save(stream_of(*args, devices="cpu:2", frames_per_batch=4), "png", prefix="kill/clip")
+    killer.join()
+    assert pool.stats.restarts == restarts + 1
+    assert [f.name for f in got] == [f.name for f in want]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, want)), "the same frames, byte for byte"
+
+    units = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
+    press = interrupt.Press(lambda: max(units, default=0) >= 2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            save(stream_of(*args, devices="cpu:2", frames_per_batch=1), "png", prefix="cut/clip",
+                 audio=sound.tone(16000, 3.0))
+    finally:
+        press.stop()
+    assert not [p for p in (tmp_path / "cut").rglob("*") if p.is_file()], "no frame and no sound file is left"
