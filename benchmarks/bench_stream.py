@@ -9,14 +9,17 @@ Each run gets a fresh headless ComfyUI server (main.py --cpu) with the random-we
              its RSS is ComfyUI's process plus both workers' peaks
   core       Load Latent -> VAEDecode -> SaveImage (ComfyUI's own nodes; the whole video is one IMAGE)
 
-for a short and a long video at the same resolution (17 and 161 frames by default). Printed per
+for a short and a long video at the same resolution (17 and 161 frames by default). ``--vae ltxv``
+runs the non-causal LTXV VAE instead (random weights, the small metadata-decided config; ComfyUI
+0.9.2+): 33 and 153 frames by default, cut into temporal tiles as VAE Decode (Tiled) cuts them. Printed per
 run: the decode+save node time, peak RSS (VmHWM), time from the decode
 starting to the first preview frame on the websocket (ours), and the largest 8-bit difference
 between our PNGs and SaveImage's. Then the ratios the stream issue asks for: peak RSS long/short
 (ours must stay within 10%), and ours vs core.
 
-The tile covers the whole frame, so our frames equal VAEDecode's (vae.decode) exactly; the point
-here is memory against video length, not tiling.
+The tile covers the whole frame, so for Wan our frames equal VAEDecode's (vae.decode) exactly; the
+point here is memory against video length, not tiling. LTXV's frames differ from VAEDecode's where
+its temporal tiles meet (they equal VAE Decode (Tiled)'s; the tests check that).
 
 Peak RSS on glibc depends on heap fragmentation as much as on the memory a decode needs: freed
 blocks of the VAE's large temporaries stay in the heap, more so the longer a process decodes, and
@@ -24,7 +27,8 @@ the same run varies by up to 25%. ``--mmap-threshold BYTES`` sets MALLOC_MMAP_TH
 servers, so every large block is returned to the system when freed: the peak then shows the
 memory the decode holds (slower: each large block is a fresh mapping).
 
-    .venv/bin/python benchmarks/bench_stream.py [--size 256] [--frames 5,41] [--batch 8] [--mmap-threshold N]
+    .venv/bin/python benchmarks/bench_stream.py [--vae wan21|ltxv] [--size 256] [--frames 5,41] [--batch 8]
+                                                [--mmap-threshold N]
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ from testkit import latents, random_vaes  # noqa: E402
 from testkit.procs import workers_of  # noqa: E402
 from testkit.server import ComfyServer, prepare_base  # noqa: E402
 
-WAN = random_vaes.vae_filename("wan21")
+# --vae: (family, latent channels, spatial factor, frames of a latent frame after the first,
+# default short,long latent frames)
+VAES = {"wan21": ("wan21", 16, 8, 4, "5,41"), "ltxv": ("ltxv_meta", 128, 32, 8, "5,20")}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -51,8 +57,8 @@ def peak_rss_mib(pid: int) -> float:
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
-def prompt_for(method: str, latent_name: str, size: int, batch: int) -> dict:
-    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": WAN}},
+def prompt_for(method: str, vae_name: str, latent_name: str, size: int, batch: int) -> dict:
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}},
               "2": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}}}
     if method.startswith("ours"):
         workers = method == "ours:cpu2"
@@ -77,21 +83,24 @@ def first_preview_s(run) -> float | None:
     return shown[0] - start if shown else None
 
 
-def one(method: str, latent_frames: int, size: int, batch: int, tmp: Path, env: dict) -> dict:
+def one(method: str, vae: str, latent_frames: int, size: int, batch: int, tmp: Path, env: dict) -> dict:
+    family, channels, spatial, _, _ = VAES[vae]
     base = prepare_base(tmp / f"{method}-{latent_frames}")
-    vae = random_vaes.ensure_vae_file("wan21", random_vaes.cache_dir())
-    (base / "models" / "vae" / WAN).symlink_to(vae)
+    vae_name = random_vaes.vae_filename(family)
+    (base / "models" / "vae" / vae_name).symlink_to(random_vaes.ensure_vae_file(family, random_vaes.cache_dir()))
     name = f"bench_{latent_frames}.latent"
-    latents.save_latent(latents.random_latent((1, 16, latent_frames, size // 8, size // 8), 2024), base / "input" / name)
+    shape = (1, channels, latent_frames, size // spatial, size // spatial)
+    latents.save_latent(latents.random_latent(shape, 2024), base / "input" / name)
     with ComfyServer(base, env=env) as server:
-        run = server.run(prompt_for(method, name, size, batch), timeout=3600)
+        run = server.run(prompt_for(method, vae_name, name, size, batch), timeout=3600)
         if not run.ok:
             raise SystemExit(f"{method} failed: {run.error}\n{server.log_tail()}")
         start = next(m["t"] for m in run.of_type("executing") if m["data"].get("node") == "3")
         end = next(m["t"] for m in run.of_type("executed") if m["data"]["node"] == "4")
         files = [base / "output" / f["subfolder"] / f["filename"] for f in run.outputs("4")["images"]]
-        rss = sum(peak_rss_mib(pid) for pid in [server.proc.pid, *workers_of(server.proc.pid)])
-        return {"method": method, "frames": len(files), "seconds": end - start, "rss": rss,
+        parent = peak_rss_mib(server.proc.pid)
+        rss = parent + sum(peak_rss_mib(pid) for pid in workers_of(server.proc.pid))
+        return {"method": method, "frames": len(files), "seconds": end - start, "rss": rss, "rss_comfyui": parent,
                 "first_preview": first_preview_s(run), "files": [str(f) for f in files]}
 
 
@@ -101,31 +110,48 @@ def max_diff(a: dict, b: dict) -> int:
     return max(int(np.abs(read_png(x) - read_png(y)).max()) for x, y in zip(a["files"], b["files"]))
 
 
+def only(args) -> int:
+    """--only METHOD: that method alone at both lengths (what a figure is made of)."""
+    short, long = (int(x) for x in (args.frames or VAES[args.vae][4]).split(","))
+    env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}
+    for frames in (short, long):
+        r = one(args.only, args.vae, frames, args.size, args.batch, args.tmp / args.only, env)
+        print(f"{args.only} {r['frames']} frames: {r['seconds']:.1f} s, peak RSS {r['rss']:.0f} MiB "
+              f"(ComfyUI's process {r['rss_comfyui']:.0f})", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256, help="frame width and height in pixels")
-    ap.add_argument("--frames", default="5,41", help="latent frame counts, short,long (5 -> 17, 41 -> 161 frames)")
+    ap.add_argument("--vae", choices=sorted(VAES), default="wan21")
+    ap.add_argument("--frames", help="latent frame counts, short,long (Wan: 5,41 -> 17, 161 frames; LTXV: 5,20 "
+                                     "-> 33, 153 frames)")
     ap.add_argument("--batch", type=int, default=8, help="frames_per_batch of the stream")
     ap.add_argument("--tmp", type=Path, default=REPO / ".cache" / "bench-stream")
     ap.add_argument("--mmap-threshold", type=int, help="MALLOC_MMAP_THRESHOLD_ for the servers (bytes)")
+    ap.add_argument("--only", choices=("ours", "ours:cpu2", "core"), help="one method at both lengths")
     args = ap.parse_args()
-    short, long = (int(x) for x in args.frames.split(","))
+    if args.only:
+        return only(args)
+    short, long = (int(x) for x in (args.frames or VAES[args.vae][4]).split(","))
     import shutil
 
     shutil.rmtree(args.tmp, ignore_errors=True)
     print(machine())
     malloc = f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "default glibc malloc"
-    print(f"Wan 2.1 VAE (random weights, small width), {args.size}x{args.size}, CPU, fresh server per run, "
-          f"{malloc}\n")
+    label = {"wan21": "Wan 2.1 VAE (random weights, small width)",
+             "ltxv": "LTXV VAE (non-causal; random weights, small metadata config)"}[args.vae]
+    print(f"{label}, {args.size}x{args.size}, CPU, fresh server per run, {malloc}\n")
     results = {}
     for frames in (short, long):
         for method in ("ours", "ours:cpu2", "core"):
             env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}
-            r = one(method, frames, args.size, args.batch, args.tmp, env)
+            r = one(method, args.vae, frames, args.size, args.batch, args.tmp, env)
             results[(method, frames)] = r
             preview = f"{r['first_preview']:.2f} s" if r["first_preview"] is not None else "none"
-            print(f"{method:9} {r['frames']:4d} frames: {r['seconds']:7.1f} s, peak RSS {r['rss']:7.0f} MiB, "
-                  f"first preview {preview}", flush=True)
+            print(f"{method:9} {r['frames']:4d} frames: {r['seconds']:7.1f} s, peak RSS {r['rss']:7.0f} MiB "
+                  f"(ComfyUI's process {r['rss_comfyui']:.0f}), first preview {preview}", flush=True)
         diff = max_diff(results[("ours", frames)], results[("core", frames)])
         tiled = max_diff(results[("ours:cpu2", frames)], results[("core", frames)])
         print(f"          max 8-bit difference vs core at {results[('ours', frames)]['frames']} frames: ours {diff}, "
@@ -137,7 +163,8 @@ def main() -> int:
           f"ours:cpu2 {w_l['rss'] / w_s['rss']:.3f}x (target <= 1.10), core {c_l['rss'] / c_s['rss']:.3f}x")
     print(f"peak RSS ours vs core at {o_l['frames']} frames: {o_l['rss'] / c_l['rss']:.3f}x")
     print(f"time ours vs core at {o_l['frames']} frames: {o_l['seconds'] / c_l['seconds']:.3f}x "
-          f"(first preview after {o_l['first_preview']:.2f} s of {o_l['seconds']:.1f} s)")
+          f"(first preview after {o_l['first_preview']:.2f} s of {o_l['seconds']:.1f} s; "
+          f"2 x total / frames = {2 * o_l['seconds'] / o_l['frames']:.2f} s)")
     summary = {f"{m}_{n}": {k: v for k, v in r.items() if k != "files"} for (m, n), r in results.items()}
     print(json.dumps(summary))
     return 0

@@ -16,6 +16,10 @@ DEMO_IMAGE = "parallel_vae_demo.png"  # example_workflows/parallel_vae_img2img*.
 DEMO_VIDEO_VAE = "parallel_vae_demo_wan21.safetensors"  # example_workflows/parallel_vae_video*.json
 DEMO_VIDEO_LATENT = "parallel_vae_demo_video.latent"
 DEMO_VIDEO_SHAPE = (1, 16, 5, 32, 32)  # 17 frames of 256 x 256 from the Wan 2.1 VAE
+DEMO_LTX2_VAE = "parallel_vae_demo_ltx2_video.safetensors"  # example_workflows/parallel_vae_ltx2_av*.json
+DEMO_LTX2_AUDIO = "parallel_vae_demo_ltx2_audio.safetensors"  # in models/checkpoints, as LTX-2's checkpoint
+DEMO_LTX2_LATENT = "parallel_vae_demo_ltx2.latent"
+DEMO_LTX2_SHAPE = (1, 128, 5, 8, 8)  # 33 frames of 256 x 256 from an LTXV-layout video VAE
 
 
 @dataclass
@@ -89,13 +93,46 @@ def prepare_video(base: Path, seed: int = 0) -> DemoAssets:
                       "weights, made by this demo", True, DEMO_VIDEO_SHAPE)
 
 
-# The templates that run on the files above; parallel_vae_wan_i2v needs the user's Wan 2.1 14B
-# model, its UMT5-XXL text encoder and CLIP vision (no random stand-in is small enough to build).
-RUNNABLE_TEMPLATES = ("parallel_vae_decode", "parallel_vae_img2img", "parallel_vae_video")
+def ltx2_supported() -> bool:
+    """Whether this ComfyUI has LTX-2's audio nodes and builds VAEs from file metadata (0.10+)."""
+    import importlib.util
+    import inspect
+
+    comfy_env.boot()
+    import comfy.sd
+
+    return (importlib.util.find_spec("comfy_extras.nodes_lt_audio") is not None
+            and "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters)
+
+
+def prepare_ltx2(base: Path, seed: int = 0) -> DemoAssets:
+    """The LTX-2 audio+video example's files: an LTXV-layout video VAE and LTX-2's audio VAE (random
+    weights, small configs from their metadata, as LTX-2's files carry them) and a video latent."""
+    base = prepare_base(Path(base))
+    cache = random_vaes.cache_dir()
+    _link(random_vaes.ensure_vae_file("ltxv_meta", cache), base / "models" / "vae" / DEMO_LTX2_VAE)
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    _link(random_vaes.ensure_vae_file("ltx2_audio", cache), base / "models" / "checkpoints" / DEMO_LTX2_AUDIO)
+    latents.save_latent(latents.random_latent(DEMO_LTX2_SHAPE, seed), base / "input" / DEMO_LTX2_LATENT)
+    return DemoAssets(DEMO_LTX2_VAE, DEMO_LTX2_LATENT, "LTXV-layout video and LTX-2 audio VAEs with random "
+                      "weights, made by this demo", False, DEMO_LTX2_SHAPE)
+
+
+# The templates that run on the files above (parallel_vae_ltx2_av where this ComfyUI has LTX-2's
+# audio nodes); parallel_vae_wan_i2v needs the user's Wan 2.1 14B model, its UMT5-XXL text encoder
+# and CLIP vision (no random stand-in is small enough to build).
+TEMPLATES = ("parallel_vae_decode", "parallel_vae_img2img", "parallel_vae_video", "parallel_vae_ltx2_av")
 NEEDS_USER_MODELS = ("parallel_vae_wan_i2v",)
 
 
+def runnable_templates() -> tuple[str, ...]:
+    return tuple(t for t in TEMPLATES if t != "parallel_vae_ltx2_av" or ltx2_supported())
+
+
 def prepare_templates(base: Path, vae_path: Optional[Path] = None, seed: int = 0) -> list[DemoAssets]:
-    """Every runnable template's files in ``base``: the decode and img2img examples' (prepare) and
-    the video example's (prepare_video)."""
-    return [prepare(base, vae_path, seed), prepare_video(base, seed)]
+    """Every runnable template's files in ``base``: the decode and img2img examples' (prepare), the
+    video example's (prepare_video) and, where this ComfyUI runs it, the LTX-2 example's."""
+    done = [prepare(base, vae_path, seed), prepare_video(base, seed)]
+    if ltx2_supported():
+        done.append(prepare_ltx2(base, seed))
+    return done

@@ -34,6 +34,7 @@ class Family:
     save_dtype: torch.dtype = torch.float32
     metadata: tuple = ()  # (key, value) pairs of the file's metadata that decide the architecture
     calibrate: bool = True  # False for VAEs the tests only load (each tensor is still filled)
+    prefixes: tuple = ()  # (module prefix, file prefix): key renames the file's format uses
 
 
 FAMILIES = {
@@ -96,6 +97,23 @@ FAMILIES = {
         "minimax_audio",
         {"pre_block.attn.zero_k_bias": (2048,)},
         "", (), torch.bfloat16, calibrate=False),
+    # LTX-2's audio VAE (mel autoencoder + HiFi-GAN vocoder), its architecture from the metadata's
+    # config as in LTX-2 checkpoints, shrunk (213 k parameters): keys as in the checkpoint (audio_vae.,
+    # vocoder.), which Load LTXV Audio VAE reads from the checkpoints folder (ComfyUI 0.10+)
+    "ltx2_audio": Family(
+        "ltx2_audio",
+        {"vocoder.resblocks.0.convs1.0.weight": (16, 16, 3)},
+        "", (), calibrate=False, prefixes=(("autoencoder.", "audio_vae."),),
+        metadata=(("config", json.dumps({
+            "audio_vae": {"model": {"params": {"ddconfig": {
+                "double_z": True, "mel_bins": 64, "z_channels": 8, "resolution": 256, "downsample_time": False,
+                "in_channels": 2, "out_ch": 2, "ch": 8, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
+                "attn_resolutions": [], "dropout": 0.0, "mid_block_add_attention": False, "norm_type": "pixel",
+                "causality_axis": "height"}, "sampling_rate": 16000}},
+                "preprocessing": {"stft": {"filter_length": 1024, "hop_length": 160}}},
+            "vocoder": {"upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
+                        "resblock_dilation_sizes": [[1, 3, 5]], "upsample_rates": [5, 4, 2, 2, 2],
+                        "upsample_kernel_sizes": [16, 16, 8, 4, 4], "stereo": True}})),)),
     "taehv": Family(
         "taehv",
         {"decoder.22.bias": (3,), "decoder.1.weight": (256, 16, 3, 3)},
@@ -149,6 +167,8 @@ def build_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
             sd[key] = next(v for name, v in buffers.items() if name.rsplit(".", 1)[-1] == leaf).clone()
     if fam.calibrate:
         _calibrate(fam, sd, seed)
+    for module_prefix, file_prefix in fam.prefixes:
+        sd = {file_prefix + k[len(module_prefix):] if k.startswith(module_prefix) else k: v for k, v in sd.items()}
     return {k: v.to(fam.save_dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 

@@ -232,10 +232,12 @@ def test_widget_shows_a_real_stream_decode(page, artifacts):
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("renderer", ["canvas"])
-@pytest.mark.parametrize("template", [t for t in demo_assets.RUNNABLE_TEMPLATES if t != "parallel_vae_video"])
+@pytest.mark.parametrize("template", [t for t in demo_assets.TEMPLATES if t != "parallel_vae_video"])
 def test_each_template_opens_without_warnings_and_runs_on_what_make_run_puts_in_place(page, template):
     """The editor opens the template (no missing node or model), turns it into its prompt itself and
     runs it on the files make run prepares (parallel_vae_video: test_widget_shows_a_real_stream_decode)."""
+    if template not in demo_assets.runnable_templates():
+        pytest.skip(f"{template} needs nodes this ComfyUI lacks")
     assert page.load_workflow(WORKFLOWS / f"{template}.json") == []
     page.js_async("await app.queuePrompt(0, 1);")
     page.wait_for("return window.__pvaeTest.events.some((e) => arguments[0].includes(e.type));",

@@ -85,6 +85,7 @@ def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     templates = server.get("/api/workflow_templates").json()
     assert sorted(templates["parallel_tiled_vae"]) == ["parallel_vae_decode", "parallel_vae_decode_api",
                                                        "parallel_vae_img2img", "parallel_vae_img2img_api",
+                                                       "parallel_vae_ltx2_av", "parallel_vae_ltx2_av_api",
                                                        "parallel_vae_video", "parallel_vae_video_api",
                                                        "parallel_vae_wan_i2v", "parallel_vae_wan_i2v_api"]
     known = server.get("/object_info").json()
@@ -106,20 +107,26 @@ def test_every_template_runs_unchanged_on_what_make_run_puts_in_place(tmp_path):
     """Each runnable template's API form, posted as it ships, on a server prepared the way make run
     prepares its own (demo_assets.prepare_templates); the editor's own conversion of the UI forms
     runs in the browser tests."""
-    from testkit import demo_assets
+    from testkit import demo_assets, sound
     from testkit.server import ComfyServer
 
     demo_assets.prepare_templates(tmp_path / "base")
     srv = ComfyServer(tmp_path / "base").start()
     try:
         listed = srv.get("/api/workflow_templates").json()["parallel_tiled_vae"]
-        assert {t for t in listed if not t.endswith("_api")} == set(demo_assets.RUNNABLE_TEMPLATES) | set(
+        assert {t for t in listed if not t.endswith("_api")} == set(demo_assets.TEMPLATES) | set(
             demo_assets.NEEDS_USER_MODELS)
-        for name in demo_assets.RUNNABLE_TEMPLATES:
+        runnable = demo_assets.runnable_templates()  # parallel_vae_ltx2_av: ComfyUI 0.10+ (LTX-2's nodes)
+        for name in runnable:
             run = srv.run(json.loads((REPO / "example_workflows" / f"{name}_api.json").read_text()))
             assert run.ok, (name, run.error, srv.log_tail())
             saved = [o for o in run.history.get("outputs", {}).values() if o.get("images")]
             assert saved, (name, "saved nothing")
+            if name == "parallel_vae_ltx2_av":  # LTX-2's sound, decoded by its audio VAE, in the mp4
+                entry = run.outputs("9")["images"][0]
+                samples, rate, codec = sound.read(srv.base / "output" / entry["subfolder"] / entry["filename"])
+                assert (codec, rate, samples.shape[0]) == ("aac", 16000, 2)
+                assert abs(samples.shape[1] / rate - 33 / 25) <= 1 / 25
     finally:
         srv.stop()
 
