@@ -60,15 +60,15 @@ class RowOps:
             raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
         # clones: a view would keep this band's whole tensor alive in the neighbour's hands
         above, below = yield RowsRequest(me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
-        if above is None and below is None:
+        parts = [p for p in (above, x, below) if p is not None]
+        if len(parts) == 1:
             return conv(x)
-        # the image's edge as explicit zero rows (what the conv's padding would read), so the conv
-        # runs without row padding and gives exactly this band's rows: no slice, no copy of them
-        edge = x[:, :, :spread]
-        joined = torch.cat([torch.zeros_like(edge) if above is None else above, x,
-                            torch.zeros_like(edge) if below is None else below], -2)
-        del x, above, below
-        return _rows_only(conv, joined.contiguous(memory_format=self.fmt))
+        joined = torch.cat(parts, -2).contiguous(memory_format=self.fmt)
+        del parts, x
+        y = conv(joined)
+        del joined
+        top = 0 if above is None else above.shape[-2]
+        return self.dense(y[:, :, top:top + rows])
 
     def _norm(self, me: Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
         mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
@@ -89,25 +89,9 @@ class RowOps:
         return h.add_(x)
 
 
-def _rows_only(conv, x: torch.Tensor) -> torch.Tensor:
-    """``conv`` on ``x`` with its column padding but none on the rows (its input rows already hold
-    the rows it reads beyond the output)."""
-    pad = conv.padding
-    if isinstance(pad, str):  # "same": the columns' spread
-        k, d = conv.kernel_size, conv.dilation
-        pad = (d[-1] if isinstance(d, (tuple, list)) else d) * ((k[-1] if isinstance(k, (tuple, list)) else k) - 1) // 2
-    elif isinstance(pad, (tuple, list)):
-        pad = pad[-1]
-    weight = conv.weight.to(x.device, x.dtype)  # as ComfyUI's cast ops hand it to the conv
-    bias = None if conv.bias is None else conv.bias.to(x.device, x.dtype)
-    return F.conv2d(x, weight, bias, conv.stride, (0, pad), conv.dilation, conv.groups)
-
-
 def same_rows(conv) -> bool:
     """Output row i is centred on input row i: stride 1, padding equal to the spread."""
     stride = conv.stride[-2] if isinstance(conv.stride, (tuple, list)) else conv.stride
-    if getattr(conv, "padding_mode", "zeros") != "zeros":  # bands pad the image's edge with zero rows
-        return False
     pad = conv.padding
     if isinstance(pad, str):
         return pad == "same"
