@@ -12,6 +12,7 @@ PARALLEL_VAE_TEST_FAULT says which fault:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,19 @@ def enable(monkeypatch, fault: str) -> None:
     """Make workers started from now on (by this process) fail as ``fault`` says."""
     monkeypatch.setenv(HOOKS_ENV, str(Path(__file__).resolve()))
     monkeypatch.setenv(FAULT_ENV, fault)
+
+
+@contextlib.contextmanager
+def injected(monkeypatch, fault: str, backends):
+    """Fresh workers that fail as ``fault`` says for the block; then the workers go and the next
+    ones start clean (``backends``: the pack's nodes.backends)."""
+    backends.shutdown()
+    enable(monkeypatch, fault)
+    try:
+        yield
+    finally:
+        backends.shutdown()
+        monkeypatch.delenv(FAULT_ENV)
 
 
 def _fault() -> str:

@@ -349,13 +349,8 @@ def test_out_of_memory_on_a_worker_splits_the_bands_and_gives_the_same_latent(lo
     vae = load_vae("sd")
     px = pixels((1, 512, 64, 3), 25)  # 64 latent rows: 4 bands of 16 at tile_size 96, then 8 of 8
     clean = encode(px, vae, 96, devices="cpu:2", mode="exact")
-    backends.shutdown()
-    faults.enable(monkeypatch, "oom:2:cpu[1]")
-    try:
+    with faults.injected(monkeypatch, "oom:2:cpu[1]", backends):
         again = encode(px, vae, 96, devices="cpu:2", mode="exact")
         events = [text for _, text in backends.local_pool().stats.events]
-    finally:
-        backends.shutdown()
-        monkeypatch.delenv(faults.FAULT_ENV)
     assert any("out of memory; bands split 2 ways" in text for text in events), events
     assert torch.equal(again, clean)

@@ -81,14 +81,9 @@ def test_an_out_of_memory_band_on_a_worker_is_split_and_retried_with_the_same_ou
     # 4 bands of 16 rows, split into 8 of 8 (bit-identity holds for bands of MIN_BAND_ROWS and more)
     vae, z = load_vae("sd"), latent((1, 4, 64, 8), 7)
     clean = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")
-    backends.shutdown()
-    faults.enable(monkeypatch, "oom:2:cpu[1]")  # the group holding band 2 fails until split
-    try:
+    with faults.injected(monkeypatch, "oom:2:cpu[1]", backends):  # band 2's group fails until split
         again = decode(z, vae, 96, 16, devices="cpu:2", mode="exact")
         events = [text for _, text in backends.local_pool().stats.events]
-    finally:
-        backends.shutdown()
-        monkeypatch.delenv(faults.FAULT_ENV)
     assert any("out of memory; bands split 2 ways" in text for text in events), events
     assert torch.equal(again, clean)
 

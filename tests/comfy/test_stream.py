@@ -222,30 +222,27 @@ def test_a_worker_would_run_ahead_in_time_waits_until_the_earliest_window_is_del
     next window meanwhile, instead of running on to the end."""
     import comfy.utils
 
-    nodes.backends.shutdown()  # workers started from here on carry the fault hook
     marker = tmp_path / "go"
-    faults.enable(monkeypatch, f"wait:0:{marker}")
     vae, z = load_vae("cosmos"), latent((1, 16, 6, 4, 4), 63)  # 5 temporal windows of one tile
     units = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: units.append(value))
-    try:
-        stream = stream_of(z, vae, 64, 16, 16, 8, devices="cpu:2", frames_per_batch=4)
-        stats = nodes.backends.backend_for(stream.job.devices).pool.stats
-        gated = stats.gated
+    with faults.injected(monkeypatch, f"wait:0:{marker}", nodes.backends):
+        try:
+            stream = stream_of(z, vae, 64, 16, 16, 8, devices="cpu:2", frames_per_batch=4)
+            stats = nodes.backends.backend_for(stream.job.devices).pool.stats
+            gated = stats.gated
 
-        def release():
-            # 3 of 5 tiles in without tile 0: only a worker running ahead gets there (tile 1 may be
-            # prefetched behind tile 0 on the slow worker)
-            while stats.gated == gated and max(units, default=0) < 3:
-                time.sleep(0.02)
-            marker.touch()
+            def release():
+                # 3 of 5 tiles in without tile 0: only a worker running ahead gets there (tile 1 may
+                # be prefetched behind tile 0 on the slow worker)
+                while stats.gated == gated and max(units, default=0) < 3:
+                    time.sleep(0.02)
+                marker.touch()
 
-        threading.Thread(target=release, daemon=True).start()
-        out = to_images(stream)
-    finally:
-        marker.touch()
-        nodes.backends.shutdown()
-        monkeypatch.delenv(faults.FAULT_ENV)
+            threading.Thread(target=release, daemon=True).start()
+            out = to_images(stream)
+        finally:
+            marker.touch()  # a worker still waiting goes on (and is then stopped)
     assert stats.gated > gated, "the worker without tile 0 was held back"
     job = pack.nodes.job.DecodeJob.prepare({"samples": z}, vae, 64, 16, 16, 8, "cpu:2", None, "tiled")
     windows = pack.parallel_vae.schedule.time_windows(job.plan_for(pack.nodes.backends.backend_for(job.devices)).plan)
