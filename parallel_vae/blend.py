@@ -187,13 +187,7 @@ class Blender:
             if seg.acc is None:
                 seg.acc = torch.zeros((1, self.plan.out_shape[1]) + seg.size, device=self.device)
                 seg.div = torch.zeros((1, 1) + seg.size, device=self.device)
-            mask = _cut(feather_mask(size, tile.feather), fit).to(self.device)
-            acc, div = seg.acc, seg.div
-            for d, (p, n) in enumerate(zip(start, fit)):
-                acc = acc.narrow(d + 2, p, n)
-                div = div.narrow(d + 2, p, n)
-            acc.add_(pixels * mask)
-            div.add_(mask)
+            self._add_masked(seg, start, fit, size, tile, pixels)
             if not last_of_pass:
                 return
             result = seg.acc / seg.div
@@ -215,9 +209,13 @@ class Blender:
             div = torch.zeros((1, 1) + more, device=self.device)
             seg.acc = acc if seg.acc is None else torch.cat([seg.acc, acc], 2)
             seg.div = div if seg.div is None else torch.cat([seg.div, div], 2)
+        self._add_masked(seg, (start[0] - seg.lo,) + tuple(start[1:]), fit, size, tile, pixels)
+
+    def _add_masked(self, seg: _SegmentState, start, fit, size, tile: Tile, pixels: torch.Tensor) -> None:
+        """``out += pixels*mask``, ``div += mask`` at ``start`` of the segment's accumulator."""
         mask = _cut(feather_mask(size, tile.feather), fit).to(self.device)
         acc, div = seg.acc, seg.div
-        for d, (p, n) in enumerate(zip((start[0] - seg.lo,) + tuple(start[1:]), fit)):
+        for d, (p, n) in enumerate(zip(start, fit)):
             acc = acc.narrow(d + 2, p, n)
             div = div.narrow(d + 2, p, n)
         acc.add_(pixels * mask)
