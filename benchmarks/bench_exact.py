@@ -149,7 +149,7 @@ def prefix_share() -> None:
         with torch.inference_mode():
             t = time.perf_counter()
             if family == "sd":
-                ex.prefix(z)
+                ex.mid_whole(z)
             else:
                 for _ in ex.chunks(z):
                     pass

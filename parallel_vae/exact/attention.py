@@ -50,6 +50,20 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_byt
     return out.reshape(shape)
 
 
+# ComfyUI's attention functions that take fewer queries than keys (each reshapes q, k and v by its
+# own shape); its split attention does not (its buffer is shaped like k), so split_attention runs
+# in its place with the same arithmetic
+_TAKES_BAND_QUERIES = ("pytorch_attention", "xformers_attention")
+
+
+def band_attention(block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``block``'s attention of a band's queries ``q`` over the whole item's keys and values."""
+    fn = getattr(block, "optimized_attention", None)
+    if getattr(fn, "__name__", "") in _TAKES_BAND_QUERIES:
+        return fn(q, k, v)
+    return split_attention(q, k, v, SLICE_BYTES)
+
+
 def attention_block(block, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` for ComfyUI's ``AttnBlock``, with split attention bounded in memory."""
     fn = getattr(block, "optimized_attention", None)
@@ -60,4 +74,4 @@ def attention_block(block, x: torch.Tensor) -> torch.Tensor:
     return x + block.proj_out(h)
 
 
-__all__ = ["attention_block", "split_attention"]
+__all__ = ["attention_block", "band_attention", "split_attention"]

@@ -5,7 +5,9 @@ sd_encode.py):
   (``stats.combine``);
 - before every conv that reads beyond its output row it yields its edge rows of the conv's input
   and waits for its neighbours' (``"rows"``); the conv runs on [above; own; below] and keeps its
-  own output rows.
+  own output rows;
+- at the mid block's global attention it yields its keys and values and gets every band's back
+  (``GatherRequest``); it attends with its own queries only.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from . import stats
+from .attention import band_attention
 from .geometry import conv_spread
-from .lockstep import RowsRequest, StatsRequest
+from .lockstep import GatherRequest, RowsRequest, StatsRequest
 
 
 class Sync:
@@ -87,6 +90,20 @@ class RowOps:
         box, h = [F.silu(h, inplace=True)], None
         h = yield from self._conv(me, block.conv2, box, "conv2")
         return h.add_(x)
+
+    def _attention(self, me: Sync, attn, x: torch.Tensor):
+        """``attn(x)`` (ComfyUI's AttnBlock) for this band's queries against every band's keys and
+        values, gathered in row order: the only whole-item tensor a band holds."""
+        h = yield from self._norm(me, attn.norm, x, "attn.norm")
+        q, k, v = attn.q(h), attn.k(h), attn.v(h)
+        del h
+        if not me.alone:
+            channels = k.shape[1]
+            kv = yield GatherRequest(me.next(), "attn", torch.cat([k, v], 1))
+            k, v = kv[:, :channels], kv[:, channels:]
+        out = self.dense(band_attention(attn, q, k, v))
+        del q, k, v
+        return x + attn.proj_out(out)
 
 
 def same_rows(conv) -> bool:

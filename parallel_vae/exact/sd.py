@@ -1,16 +1,18 @@
 """Exact banded decode for ComfyUI's 2-D ``Decoder`` (SD1.x/2.x, SDXL, SD3, Flux and other
 16-channel variants), walked module by module without importing ComfyUI.
 
-The prefix (``post_quant_conv``, ``conv_in``, the mid block with its global attention) runs on the
-whole latent. A band then walks the up path on its own rows only, and exchanges with its
-neighbours whatever crosses its edges:
+A band owns latent rows ``[a, e)`` and walks the whole decoder on them (``post_quant_conv``,
+``conv_in``, the mid block, the up path), exchanging with its neighbours whatever crosses its
+edges (row_ops.py):
 - at every GroupNorm it yields the moments of its rows and waits for the global statistics
   (``stats.combine``);
 - before every conv that reads beyond its output row it yields its edge rows of the conv's input
   and waits for its neighbours' (``"rows"``); the conv runs on [above; own; below] and keeps its
-  own output rows.
-Nothing is computed twice (no halo), and every conv sees the very inputs the untiled decode gives
-it, so the output does not depend on the band count.
+  own output rows;
+- at the mid block's global attention it yields its keys and values and attends with its own
+  queries over every band's.
+Every row is computed once, on one lane (no halo, no prefix repeated per lane), and every conv
+sees the very inputs the untiled decode gives it, so the output does not depend on the band count.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class SdExact(RowOps):
 
     @staticmethod
     def up_path(decoder) -> list:
-        """The up path's layers in execution order (what a band runs)."""
+        """The up path's layers in execution order (what a band runs after the mid block)."""
         return [*_resblocks(decoder), decoder.norm_out, decoder.conv_out]
 
     @staticmethod
@@ -77,17 +79,28 @@ class SdExact(RowOps):
         up = getattr(dec.up[-1], "upsample", None)
         if up is not None and (not getattr(up, "with_conv", True) or getattr(up, "scale_factor", 2.0) not in (2, 2.0)):
             return "its upsampling is not a nearest x2 followed by a conv"
-        for layer in SdExact.up_path(dec):
+        attn = getattr(getattr(dec, "mid", None), "attn_1", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("norm", "q", "k", "v", "proj_out")):
+            return "its mid block has no ComfyUI AttnBlock"
+        pqc = getattr(model, "post_quant_conv", None)
+        if pqc is not None and tuple(getattr(pqc, "kernel_size", (1, 1))) not in ((1, 1), (1,)):
+            return "its post_quant_conv reads beyond its own rows"
+        for layer in [dec.conv_in, dec.mid.block_1, dec.mid.block_2, *SdExact.up_path(dec)]:
             for m in layer.modules():
                 if hasattr(m, "kernel_size") and not same_rows(m):
                     return "its up path has a conv that is strided or not row-aligned"
         return None
 
-    # -- prefix ----------------------------------------------------------------------------------
+    # -- the whole item (the input every band reads its rows of) ---------------------------------
     def prefix(self, z: torch.Tensor) -> torch.Tensor:
-        """conv_in and the mid block on the whole latent ``[1, C, H, W]``."""
+        """Nothing runs on the whole latent: ``z`` on the device, in the model's dtype."""
+        return z.to(self.device, self.dtype)
+
+    def mid_whole(self, z: torch.Tensor) -> torch.Tensor:
+        """The mid block's output on the whole latent ``[1, C, H, W]`` in one piece, ComfyUI's
+        arithmetic (what the bands' first part equals; for measuring and probing the up path)."""
         dec = self.decoder
-        z = z.to(self.device, self.dtype)
+        z = self.prefix(z)
         pqc = getattr(self.model, "post_quant_conv", None)
         if pqc is not None:
             z = pqc(z)
@@ -97,12 +110,31 @@ class SdExact(RowOps):
         return dec.mid.block_2(h, None)
 
     # -- one band --------------------------------------------------------------------------------
-    def band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
-        """Own rows ``[a, e)``: yields a Request at each sync point and is sent back (mean, rstd) for
-        a StatsRequest, (rows above or None, rows below or None) for a RowsRequest; returns the band's pixels
-        ``[1, C, px*(e-a), W*px]`` on the device."""
-        me = Sync(a, e, mid.shape[-2])
-        x = self.dense(mid[:, :, a:e])
+    def band(self, z: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
+        """Own rows ``[a, e)`` of the latent ``z`` ``[1, C, H, W]`` (on the device): yields a Request
+        at each sync point and is sent back (mean, rstd) for a StatsRequest, (rows above or None,
+        rows below or None) for a RowsRequest, the whole item's rows for a GatherRequest; returns
+        the band's pixels ``[1, C, px*(e-a), W*px]`` on the device."""
+        me = Sync(a, e, z.shape[-2])
+        dec = self.decoder
+        x = self.dense(z[:, :, a:e])
+        pqc = getattr(self.model, "post_quant_conv", None)
+        if pqc is not None:
+            x = pqc(x)  # 1x1: its own rows only
+        box, x = [x], None
+        h = yield from self._conv(me, dec.conv_in, box, "conv_in")
+        box, h = [h], None
+        h = yield from self._resblock(me, dec.mid.block_1, box)
+        h = yield from self._attention(me, dec.mid.attn_1, h)
+        box, h = [h], None
+        h = yield from self._resblock(me, dec.mid.block_2, box)
+        return (yield from self._up(me, h))
+
+    def up_band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
+        """The up path alone on rows ``[a, e)`` of a whole mid-block output (``mid_whole``)."""
+        return (yield from self._up(Sync(a, e, mid.shape[-2]), self.dense(mid[:, :, a:e])))
+
+    def _up(self, me: Sync, x: torch.Tensor) -> Generator[Request, object, torch.Tensor]:
         for layer in _resblocks(self.decoder):
             if not hasattr(layer, "norm1"):  # an Upsample: nearest x2, then its conv
                 box, x = [F.interpolate(x, scale_factor=2.0, mode="nearest")], None

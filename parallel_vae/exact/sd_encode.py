@@ -17,8 +17,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
-from .attention import SLICE_BYTES, split_attention
-from .lockstep import GatherRequest, Request, RowsRequest
+from .lockstep import Request, RowsRequest
 from .row_ops import RowOps, Sync, same_rows
 
 _ENGINES = ("AutoencodingEngineLegacy", "AutoencodingEngine")  # ComfyUI's image VAE model classes
@@ -134,19 +133,6 @@ class SdEncodeExact(RowOps):
         joined = F.pad(torch.cat([x, below], -2), (0, 1, 0, 0)).contiguous(memory_format=self.fmt)
         del x
         return self.dense(down.conv(joined))
-
-    def _attention(self, me: Sync, attn, x: torch.Tensor):
-        """``attn(x)`` (ComfyUI's AttnBlock) for this band's queries against every band's keys."""
-        h = yield from self._norm(me, attn.norm, x, "attn.norm")
-        q, k, v = attn.q(h), attn.k(h), attn.v(h)
-        del h
-        if not me.alone:
-            channels = k.shape[1]
-            kv = yield GatherRequest(me.next(), "attn", torch.cat([k, v], 1))
-            k, v = kv[:, :channels], kv[:, channels:]
-        out = self.dense(split_attention(q, k, v, SLICE_BYTES))
-        del q, k, v
-        return x + attn.proj_out(out)
 
 
 def _stride2(conv) -> bool:

@@ -83,18 +83,20 @@ def test_exact_on_an_unsupported_vae_is_an_error_naming_the_supported_families(p
 
 
 # --- the method itself, on ComfyUI's decoder modules ------------------------------------------
-def run_bands(pack, ex, mid, spans, combine=True, answers=None, edges=True):
-    """Drive SD bands; ``combine=False`` normalises each band with its own statistics (what
+def run_bands(pack, ex, mid, spans, combine=True, answers=None, edges=True, up_only=False):
+    """Drive SD bands (of the latent, or of a whole mid-block output with ``up_only``); ``combine=False`` normalises each band with its own statistics (what
     independent tiles do); ``answers`` replays recorded statistics instead of combining (one band);
     ``edges=False`` withholds the neighbours' edge rows (each conv zero-pads at band edges)."""
     lockstep = pack.parallel_vae.exact.lockstep
     stats = pack.parallel_vae.exact.stats
-    gens = [ex.band(mid, a, e) for a, e in spans]
+    gens = [(ex.up_band if up_only else ex.band)(mid, a, e) for a, e in spans]
     requests = [g.send(None) for g in gens]
     out, k, record = [None] * len(gens), 0, []
     while any(r is not None for r in requests):
         if isinstance(requests[0], lockstep.RowsRequest):
             replies = lockstep.answers(requests) if edges else [(None, None)] * len(gens)
+        elif isinstance(requests[0], lockstep.GatherRequest):
+            replies = lockstep.answers(requests)
         elif answers is not None:
             replies = [answers[k]] * len(gens)
             k += 1
@@ -117,10 +119,9 @@ def test_without_the_statistics_combine_or_the_edge_rows_the_bands_differ(pack, 
     ex = pack.parallel_vae.exact.SdExact(vae.first_stage_model, torch.float32, "cpu")
     spans = pack.parallel_vae.exact.geometry.split_rows(40, 3)
     with torch.inference_mode():
-        mid = ex.prefix(z)
-        exact, _ = run_bands(pack, ex, mid, spans)
-        alone, _ = run_bands(pack, ex, mid, spans, combine=False)
-        padded, _ = run_bands(pack, ex, mid, spans, edges=False)
+        exact, _ = run_bands(pack, ex, z, spans)
+        alone, _ = run_bands(pack, ex, z, spans, combine=False)
+        padded, _ = run_bands(pack, ex, z, spans, edges=False)
         ref = vae.first_stage_model.decode(z)
     assert max_diff(exact, ref) <= TOL
     assert max_diff(alone, exact) > 1e-2, "per-band statistics should visibly change the image"
@@ -142,11 +143,11 @@ def test_sd_receptive_field_from_the_geometry_is_what_an_impulse_probe_reaches(p
     halo = exact.geometry.halo_rows(exact.geometry.receptive_rows(ex.up_path(ex.decoder)))
     row = 20
     with torch.inference_mode():
-        mid = ex.prefix(latent((1, 4, 40, 6), 9))
-        base, answers = run_bands(pack, ex, mid, [(0, 40)])
+        mid = ex.mid_whole(latent((1, 4, 40, 6), 9))
+        base, answers = run_bands(pack, ex, mid, [(0, 40)], up_only=True)
         poked = mid.clone()
         poked[:, :, row] += mid.std()
-        moved, _ = run_bands(pack, ex, poked, [(0, 40)], answers=answers)
+        moved, _ = run_bands(pack, ex, poked, [(0, 40)], answers=answers, up_only=True)
     rows = changed_rows(moved, base)
     reach_px = max(row * 8 - rows.min().item(), rows.max().item() - (row * 8 + 7))
     reach_rows = reach_px / 8
