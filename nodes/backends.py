@@ -44,7 +44,25 @@ def backend_for(devices: list[Device]) -> Backend:
         return _ray_lanes(devices[0])
     if device_lists.uses_workers(devices):
         return _local_workers(devices)
-    return InProcess(devices[0], free=lambda torch_device: int(mm.get_free_memory(torch.device(torch_device))))
+    return _in_process(devices[0])
+
+
+def _in_process(device: Device) -> InProcess:
+    return InProcess(device, free=lambda torch_device: int(mm.get_free_memory(torch.device(torch_device))))
+
+
+def in_process_for(devices: list[Device]) -> InProcess:
+    """ComfyUI's own process, for a job the gate keeps off these devices' workers: on the CPU for
+    CPU workers, else on ComfyUI's device where it is one of those named (the first named if not)."""
+    if all(d.kind == "cpu" for d in devices) or device_lists.uses_ray(devices):
+        own = mm.get_torch_device()
+        if device_lists.uses_ray(devices) and own.type == "cuda":
+            return _in_process(Device("cuda", own.index or 0))
+        return _in_process(Device("cpu", 0))
+    cudas = [d for d in devices if d.kind == "cuda"]
+    own = mm.get_torch_device()
+    mine = next((d for d in cudas if own.type == "cuda" and d.index == (own.index or 0)), cudas[0])
+    return _in_process(Device("cuda", mine.index))
 
 
 def _cuda_ordinals() -> list[str]:

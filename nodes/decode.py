@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..parallel_vae import blend, engine, families
 from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX
 from ._api import io, latent_node
-from .job import MODES, DecodeJob, queue_checks
+from .job import MODES, SHARDING, SHARDING_TOOLTIP, DecodeJob, queue_checks
 from .progress import NodeProgress
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2, TAEHV) ignore it: they are never cut in time, because "
@@ -58,6 +58,7 @@ def decode_inputs() -> list:
         io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
         # optional, so API prompts written before it existed still run (as auto)
         io.Combo.Input("mode", options=list(MODES), default="auto", optional=True, tooltip=TOOLTIPS["mode"]),
+        io.Combo.Input("sharding", options=list(SHARDING), default="auto", optional=True, tooltip=SHARDING_TOOLTIP),
     ]
 
 
@@ -74,14 +75,14 @@ class ParallelVAEDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
-                        devices=None, mode=None):
-        return queue_checks(tile_size, overlap, temporal_size, temporal_overlap, devices, mode)
+                        devices=None, mode=None, sharding=None):
+        return queue_checks(tile_size, overlap, temporal_size, temporal_overlap, devices, mode, sharding)
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                mode="auto") -> io.NodeOutput:
+                mode="auto", sharding=None) -> io.NodeOutput:
         job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                cls.hidden.unique_id if cls.hidden is not None else None, mode)
+                                cls.hidden.unique_id if cls.hidden is not None else None, mode, sharding)
         run = job.start(NodeProgress.poll)
         storage, out = blend.allocate_output(run.plan)
         engine.decode(run.plan, job.latent, run.units, out, finish=job.finisher(run.progress),

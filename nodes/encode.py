@@ -7,7 +7,7 @@ from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN
 from . import compat
 from ._api import io, latent_node
 from .encode_job import EncodeJob
-from .job import MODES, queue_checks
+from .job import MODES, SHARDING, SHARDING_TOOLTIP, queue_checks
 from .progress import NodeProgress
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2) ignore it: they are never cut in time (restarting their "
@@ -49,6 +49,7 @@ def encode_inputs() -> list:
                      tooltip=TOOLTIPS["temporal_overlap"]),
         io.String.Input("devices", default="auto", tooltip=TOOLTIPS["devices"]),
         io.Combo.Input("mode", options=list(MODES), default="auto", optional=True, tooltip=TOOLTIPS["mode"]),
+        io.Combo.Input("sharding", options=list(SHARDING), default="auto", optional=True, tooltip=SHARDING_TOOLTIP),
     ]
 
 
@@ -74,14 +75,14 @@ class ParallelVAEEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
-                        devices=None, mode=None):
-        return queue_checks(tile_size, overlap, temporal_size, temporal_overlap, devices, mode)
+                        devices=None, mode=None, sharding=None):
+        return queue_checks(tile_size, overlap, temporal_size, temporal_overlap, devices, mode, sharding)
 
     @classmethod
     def execute(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                mode="auto") -> io.NodeOutput:
+                mode="auto", sharding=None) -> io.NodeOutput:
         job = EncodeJob.prepare(pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                cls.hidden.unique_id if cls.hidden is not None else None, mode)
+                                cls.hidden.unique_id if cls.hidden is not None else None, mode, sharding)
         return io.NodeOutput({"samples": encode(job)})
 
 

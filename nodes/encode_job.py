@@ -13,7 +13,7 @@ from ..parallel_vae.inputs import check_values
 from ..parallel_vae.plan import Plan
 from ..parallel_vae.spec import VaeSpec
 from . import compat, vae_info
-from .job import Job, check_mode, exact_wanted
+from .job import Job, check_mode, check_sharding, exact_wanted
 from .model import vae_model
 
 
@@ -51,14 +51,15 @@ class EncodeJob(Job):
 
     @classmethod
     def prepare(cls, pixels, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
-                mode="auto") -> "EncodeJob":
+                mode="auto", sharding=None) -> "EncodeJob":
         mode = check_mode(mode)
         spec = vae_info.describe(vae, "encode")
         named = device_lists.parse(devices)
         plan_encode.settings(spec.scales, tile_size, overlap, temporal_size, temporal_overlap)
         x = prepare_pixels(vae, spec, pixels)
+        pinned = check_sharding(sharding)
         return cls(vae, spec, x, named, tile_size, overlap, temporal_size, temporal_overlap,
-                   exact_wanted(mode, spec, vae, "encode"), node_id)
+                   exact_wanted(mode, spec, vae, "encode"), node_id, pinned)
 
     def cost(self) -> sizing.Cost:
         return vae_info.encode_cost(self.vae, self.spec)

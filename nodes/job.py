@@ -5,12 +5,13 @@ backend is reached when the stream opens)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from ..parallel_vae import exact, families, sizing
+from ..parallel_vae import exact, families, gate, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.devices import Device
 from ..parallel_vae.errors import InputError
@@ -26,6 +27,23 @@ from .progress import NodeProgress
 log = logging.getLogger("parallel_vae")
 
 MODES = ("auto", "exact", "tiled")
+SHARDING = ("auto", "every device")
+SHARDING_TOOLTIP = ("auto: an exact job too small to gain from every device runs on fewer, or inside ComfyUI's "
+                    "process (the progress text says what was chosen and why), judged from the devices' measured "
+                    "speeds and lock-step round trips. every device: always shard over every device named.")
+
+
+SHARDING_ENV = "PARALLEL_VAE_SHARDING"  # the value for prompts that leave the input out (API prompts)
+
+
+def check_sharding(sharding) -> bool:
+    """Whether the user pinned every named device (sharding "every device"; left out: the
+    environment's PARALLEL_VAE_SHARDING, else auto)."""
+    if sharding is None:
+        sharding = os.environ.get(SHARDING_ENV) or "auto"
+    if sharding not in SHARDING:
+        raise InputError("sharding", f"{sharding!r} is not one of {', '.join(SHARDING)}")
+    return sharding == "every device"
 
 
 def check_mode(mode) -> str:
@@ -37,7 +55,7 @@ def check_mode(mode) -> str:
 
 
 def queue_checks(tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None, devices=None,
-                 mode=None):
+                 mode=None, sharding=None):
     """The decode and encode nodes' queue-time checks of their widget values, so a bad value fails
     before hours of sampling: True, or the message naming the input. Linked inputs arrive as None
     here and are checked again when the node runs."""
@@ -47,6 +65,7 @@ def queue_checks(tile_size=None, overlap=None, temporal_size=None, temporal_over
         if devices is not None:
             device_lists.parse(devices)
         check_mode(mode)
+        check_sharding(sharding)
     except InputError as e:
         return str(e)
     return True
@@ -111,6 +130,7 @@ class Job:
     temporal_overlap: int
     exact: bool  # the mode asked for or picked (auto: exact where the VAE has an executor)
     node_id: object
+    pinned: bool = False  # sharding "every device": every lane named, however small the job
 
     direction = "decode"
 
@@ -155,13 +175,39 @@ class Job:
             sized = f"{what}: {shares.describe(plan)}"
         return Planned(plan, tile_size, sized)
 
+    def gated(self, backend: backends.Backend, model: str) -> tuple[backends.Backend, str]:
+        """The lanes an exact job uses (gate.py): fewer than named, or ComfyUI's own process, where
+        the job is too small to gain from them; and why."""
+        if not self.exact or len(backend.lanes) < 2:
+            return backend, ""
+        local = backends.in_process_for(self.devices)
+        shape, direction = self.tensor.shape, self.direction
+        r = 1 if direction == "decode" else self.spec.scales[-2].factor
+        rows, cols = -(-shape[-2] // r), -(-shape[-1] // r)  # latent rows and columns of one item
+        batch = shape[0]
+        model_ = self.vae.first_stage_model
+        rounds = families.exact_rounds(self.spec.family, model_, direction)
+        halo = families.exact_halo(self.spec.family, model_, direction)
+
+        def work(k: int) -> float:  # latent positions computed on k lanes (halo rows twice at each edge)
+            return batch * cols * min(rows * k, rows + 2 * halo * (k - 1))
+
+        px = self.spec.scales[-1].factor if direction == "decode" else 1
+        size = f"{shape[-1] * px}x{shape[-2] * px}"
+        choice = gate.choose(backend.lanes, backend.costs(model, local.device.name), rounds * batch, work, size,
+                             self.pinned)
+        if choice.in_process:
+            return local, choice.why
+        return backend.only(choice.lanes), choice.why
+
     def start(self, poll: Callable[[], None], order: str = "tile") -> Started:
-        """Reach the backend, plan, and start decoding (an in-process lane loads the model now, in
-        the caller's thread); workers wait with ``poll``."""
-        backend = backends.backend_for(self.devices)
+        """Reach the backend, choose its lanes, plan, and start decoding (an in-process lane loads
+        the model now, in the caller's thread); workers wait with ``poll``."""
+        model = vae_model(self.vae, self.spec)
+        backend, chose = self.gated(backends.backend_for(self.devices), model.source.fingerprint)
         planned = self.plan_for(backend)
-        plan, sized = planned.plan, planned.why
-        units = backend.results(plan, self.tensor, vae_model(self.vae, self.spec), order, poll)
+        plan, sized = planned.plan, "; ".join(w for w in (chose, planned.why) if w)
+        units = backend.results(plan, self.tensor, model, order, poll)
         what = f"{len(plan.tiles)} bands" if plan.exact else f"{len(plan.tiles)} tiles"
         note = f"{plan.mode}, {what}, {backend.note}" + (f"; {sized}" if sized else "")
         log.info("parallel_vae: %s %s, %s %s, %s mode, %s x %d steps on %s", self.direction, self.spec.label,
@@ -176,7 +222,7 @@ class DecodeJob(Job):
 
     @classmethod
     def prepare(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices, node_id,
-                mode="auto") -> "DecodeJob":
+                mode="auto", sharding=None) -> "DecodeJob":
         mode = check_mode(mode)
         spec = vae_info.describe(vae)
         if not isinstance(samples, dict) or "samples" not in samples:
@@ -184,8 +230,9 @@ class DecodeJob(Job):
         latent = check_latent(first_part(samples["samples"]), spec)
         named = device_lists.parse(devices)
         validate_settings(tile_size, overlap, temporal_size, temporal_overlap)
+        pinned = check_sharding(sharding)
         return cls(vae, spec, latent, named, tile_size, overlap, temporal_size, temporal_overlap,
-                   exact_wanted(mode, spec, vae), node_id)
+                   exact_wanted(mode, spec, vae), node_id, pinned)
 
     @property
     def latent(self) -> torch.Tensor:
@@ -220,4 +267,4 @@ class DecodeJob(Job):
 
 
 
-__all__ = ["DecodeJob", "Job", "exact_wanted", "queue_checks", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]
+__all__ = ["SHARDING", "check_sharding", "DecodeJob", "Job", "exact_wanted", "queue_checks", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]

@@ -77,12 +77,12 @@ class DecodeStream:
 class ParallelVAEDecodeStream(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        # mode stays last (optional): frames_per_batch goes before it
-        inputs = decode_inputs()[:-1] + [
+        # the optional ones (mode, sharding) stay last: frames_per_batch goes before them
+        inputs = decode_inputs()[:-2] + [
             io.Int.Input("frames_per_batch", default=8, min=1, max=FRAMES_PER_BATCH_MAX,
                          tooltip="Frames handed on together. Memory holds about three batches (plus the tiles being "
                                  "decoded), whatever the length of the video."),
-            decode_inputs()[-1],
+            *decode_inputs()[-2:],
         ]
         outputs = [STREAM.Output(display_name="FRAMES", tooltip="The decoded frames as a stream, for Save Video "
                                                                 "(Stream) or Stream to Images.")]
@@ -91,18 +91,19 @@ class ParallelVAEDecodeStream(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size=None, overlap=None, temporal_size=None, temporal_overlap=None,
-                        devices=None, frames_per_batch=None, mode=None):
+                        devices=None, frames_per_batch=None, mode=None, sharding=None):
         if frames_per_batch is not None and not 1 <= frames_per_batch <= FRAMES_PER_BATCH_MAX:
             return f"frames_per_batch: {frames_per_batch} is outside 1..{FRAMES_PER_BATCH_MAX}"
-        return ParallelVAEDecode.validate_inputs(tile_size, overlap, temporal_size, temporal_overlap, devices, mode)
+        return ParallelVAEDecode.validate_inputs(tile_size, overlap, temporal_size, temporal_overlap, devices, mode,
+                                                 sharding)
 
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                frames_per_batch, mode="auto") -> io.NodeOutput:
+                frames_per_batch, mode="auto", sharding=None) -> io.NodeOutput:
         if not isinstance(frames_per_batch, int) or not 1 <= frames_per_batch <= FRAMES_PER_BATCH_MAX:
             raise InputError("frames_per_batch", f"{frames_per_batch!r} is outside 1..{FRAMES_PER_BATCH_MAX}")
         job = DecodeJob.prepare(samples, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
-                                cls.hidden.unique_id if cls.hidden is not None else None, mode)
+                                cls.hidden.unique_id if cls.hidden is not None else None, mode, sharding)
         return io.NodeOutput(DecodeStream(job, frames_per_batch))
 
 

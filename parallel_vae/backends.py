@@ -7,6 +7,8 @@ Every backend answers the same calls, so nothing above them asks which one it ho
   speeds()       each lane's measured speed in exact bands, relative to the others
   exact_terms()  each lane's terms for exact rows (exact/shares.py), or none where one lane
                  decodes every band in turn
+  costs(model)   what the lanes measured for a model (gate.py chooses how many to use)
+  only(lanes)    the same backend on some of its lanes
   results(...)   every unit of a plan once, as units.Decoded, decoded with a ``Model``
   release()      give back what the lanes hold (ComfyUI's "free"); the next decode starts again
   report()       what the /parallel_vae/workers route shows
@@ -18,20 +20,32 @@ to build the VAE here, what ComfyUI counts as free) come in as plain callables f
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
+import time
+
 from . import schedule, sizing, units
 from .devices import Device
 from .errors import DecodeError
 from .exact.shares import Terms
+from .gate import Costs
 from .plan import Plan
 from .pool import WorkerPool
+from .rates import Speeds
 from .units import Decoded, Work
 from .workers import ModelSource
+
+# exact decodes in ComfyUI's process, by device and model (kept across prompts: the gate compares
+# them with the workers' rates)
+LOCAL_SPEEDS = Speeds()
+# before a round trip is measured: a local pipe to the parent and back, and a Ray message
+ROUND_PRIOR_S = {"local": 0.005, "ray": 0.03}
+START_S = {"local": 0.05, "ray": 0.3}  # a job's fixed cost on workers: the latent out, the last result back
 
 
 @dataclass
@@ -77,6 +91,14 @@ class Backend:
                 poll: Callable[[], None] = lambda: None) -> Iterator[Decoded]:
         raise NotImplementedError
 
+    def costs(self, model: str, local_device: str) -> Costs:
+        """What is known of these lanes' speeds on ``model``, and of in-process decodes on
+        ``local_device`` (one lane: nothing to choose)."""
+        return Costs({}, LOCAL_SPEEDS.of(model).get(local_device), ROUND_PRIOR_S["local"], 0.0)
+
+    def only(self, lanes: Sequence[str]) -> "Backend":
+        return self if list(lanes) == list(self.lanes) else Subset(self, lanes)
+
     def release(self) -> int:
         """Give back what the lanes hold; how many workers were running."""
         return 0
@@ -106,11 +128,18 @@ class InProcess(Backend):
         the units follow as the caller iterates."""
         local = model.local(self.device.torch_device, plan)
         executor = local.executor(plan.direction) if plan.exact else None
-        return self._units(plan, latent, local, executor, order, poll)
+        return self._units(plan, latent, local, executor, order, poll, model.source.fingerprint)
 
     def _units(self, plan: Plan, latent: torch.Tensor, local: Local, executor, order: str,
-               poll: Callable[[], None]) -> Iterator[Decoded]:
+               poll: Callable[[], None], model: str = "") -> Iterator[Decoded]:
         work, pid, name = Work.of(plan), os.getpid(), self.device.name
+        started = time.monotonic()
+        yield from self._decoded(plan, latent, local, executor, order, poll, work, pid, name)
+        if plan.exact and model:  # the gate's in-process rate: positions per second, all included
+            positions = sum(math.prod(t.in_size[-2:]) for t in plan.tiles)
+            LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model)
+
+    def _decoded(self, plan, latent, local, executor, order, poll, work, pid, name) -> Iterator[Decoded]:
         for group in schedule.in_process_groups(plan, order):
             decoded = units.run(work, latent, group, local.decoder, executor, order=order, poll=poll,
                                    empty_cache=local.empty_cache)
@@ -136,6 +165,15 @@ class WorkerLanes(Backend):
     def results(self, plan: Plan, latent: torch.Tensor, model: Model, order: str = "tile",
                 poll: Callable[[], None] = lambda: None) -> Iterator[Decoded]:
         return self.pool.run(plan, latent, model.source, poll, order=order)
+
+    transport = "local"
+
+    def costs(self, model: str, local_device: str) -> Costs:
+        speeds = self.pool.speeds
+        cpu = sum(name.startswith("cpu") for name in self.lanes)
+        return Costs(speeds.of(model), LOCAL_SPEEDS.of(model).get(local_device),
+                     speeds.round_s if speeds.round_s is not None else ROUND_PRIOR_S[self.transport],
+                     START_S[self.transport], cpu_lanes=cpu)
 
     def release(self) -> int:
         return self.pool.release()
@@ -166,6 +204,8 @@ class LocalWorkers(WorkerLanes):
 class RayLanes(WorkerLanes):
     """Ray actors on the cluster's machines (ray_workers.py), one per lane."""
 
+    transport = "ray"
+
     def __init__(self, pool: WorkerPool):
         super().__init__(pool)
         self.note = f"{len(self.lanes)} Ray lane{'s' if len(self.lanes) > 1 else ''}"
@@ -181,4 +221,32 @@ class RayLanes(WorkerLanes):
         return {name: sizing.capped(name, measured.get(name, tightest)) for name in self.lanes}
 
 
-__all__ = ["Backend", "InProcess", "Local", "LocalWorkers", "Model", "RayLanes", "WorkerLanes"]
+class Subset(Backend):
+    """Some of a backend's lanes (gate.py chose them): exact rows go to these alone; the others
+    stay idle for this job."""
+
+    def __init__(self, whole: Backend, lanes: Sequence[str]):
+        self.whole = whole
+        self.lanes = list(lanes)
+        self.note = f"{len(self.lanes)} of {whole.note}"
+
+    def free_bytes(self) -> dict[str, int]:
+        frees = self.whole.free_bytes()
+        return {name: frees[name] for name in self.lanes}
+
+    def speeds(self) -> dict[str, float]:
+        every = self.whole.speeds()
+        return {name: every[name] for name in self.lanes}
+
+    def results(self, plan: Plan, latent: torch.Tensor, model: Model, order: str = "tile",
+                poll: Callable[[], None] = lambda: None) -> Iterator[Decoded]:
+        return self.whole.results(plan, latent, model, order, poll)
+
+    def costs(self, model: str, local_device: str) -> Costs:
+        return self.whole.costs(model, local_device)
+
+    def report(self) -> dict:
+        return self.whole.report()
+
+
+__all__ = ["Backend", "Subset", "InProcess", "Local", "LocalWorkers", "Model", "RayLanes", "WorkerLanes"]

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .exact import SdExact, Unsupported, WanExact
+from .exact.geometry import conv_spread
 from .exact.sd_encode import SdEncodeExact
 from .exact.wan_encode import WanEncodeExact
 from .models import GenericDecoder, check
@@ -129,5 +130,20 @@ def exact_lockstep(key: str, direction: str = "decode") -> bool:
     return _executor_class(FAMILIES[key], direction).sync == "groupnorm"
 
 
-__all__ = ["EXACT_SUPPORTED", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
+def exact_rounds(key: str, model, direction: str = "decode") -> int:
+    """Lock-step rounds of one batch item (0 where bands run alone): one at each GroupNorm, each
+    conv that reads beyond its rows, and each global attention."""
+    if not exact_lockstep(key, direction):
+        return 0
+    part = model.decoder if direction == "decode" else model.encoder
+    rounds = 0
+    for m in part.modules():
+        if hasattr(m, "num_groups") or all(hasattr(m, a) for a in ("q", "k", "v", "proj_out")):
+            rounds += 1
+        elif hasattr(m, "kernel_size") and getattr(m, "weight", None) is not None and conv_spread(m) > 0:
+            rounds += 1
+    return rounds
+
+
+__all__ = ["EXACT_SUPPORTED", "exact_rounds", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
            "exact_encode_channels", "exact_encode_finishes", "exact_refusal", "exact_supported", "make_decoder", "of"]

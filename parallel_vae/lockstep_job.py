@@ -34,6 +34,7 @@ from .exact import stats
 from .exact.geometry import bands_of, split_rows
 from .exact.lockstep import neighbours, rows_from_wire, rows_to_wire
 from .jobs import SLOTS, Job, next_job_id, slot_bytes
+from .rates import Speeds
 from .plan import Plan
 from .units import Decoded, Work
 from .workers import Death, Handle, ModelSource, Workers, WorkerState
@@ -42,29 +43,6 @@ log = logging.getLogger("parallel_vae")
 
 LOCKSTEP_TIMEOUT_S = float(os.environ.get("PARALLEL_VAE_LOCKSTEP_TIMEOUT", "600"))
 MAX_ATTEMPTS = 6  # per item: lost workers and out-of-memory retries together
-
-
-class Speeds:
-    """Each lane's measured speed in exact bands: latent positions per busy second (less waits
-    on lock-step partners), averaged over the jobs so far."""
-
-    def __init__(self):
-        self.rates: dict[str, float] = {}
-
-    def rated(self, name: str, positions: int, busy_s: float) -> None:
-        if busy_s > 0 and positions > 0:
-            rate = positions / busy_s
-            old = self.rates.get(name)
-            self.rates[name] = rate if old is None else 0.5 * (old + rate)
-
-    def relative(self, names: Sequence[str]) -> dict[str, float]:
-        """Speeds of ``names`` relative to their mean (1.0 each until measured; one not measured
-        counts as the mean of those that were)."""
-        known = [self.rates[n] for n in names if n in self.rates]
-        if not known:
-            return dict.fromkeys(names, 1.0)
-        mean = sum(known) / len(known)
-        return {n: self.rates.get(n, mean) / mean for n in names}
 
 
 @dataclass(frozen=True)
@@ -151,6 +129,7 @@ class LockstepJob(Job):
         if missing:
             raise DecodeError(f"exact mode: bands {missing} of item {self.item} never arrived")
         self.item += 1
+        self.speeds.job_done()
         self.split, self.attempts = 1, 0
         self.groups = {}
 
@@ -174,7 +153,8 @@ class LockstepJob(Job):
         if isinstance(record, msgs.Done):
             h.task_over(record.job_id, record.key)
             if current:
-                self.speeds.rated(h.name, self._positions(record.key), record.busy_s)
+                self.speeds.rated(h.name, self._positions(record.key), record.busy_s, self.source.fingerprint)
+                self.speeds.synced(record.waited_s, record.rounds)
                 self.pending.discard(record.key)
                 if not self.pending:
                     self.item_done()

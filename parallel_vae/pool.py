@@ -25,7 +25,8 @@ import torch
 
 from .errors import DecodeError
 from .jobs import WAIT_S, TileJob
-from .lockstep_job import LockstepJob, Speeds
+from .lockstep_job import LockstepJob
+from .rates import Speeds
 from .plan import CAUSAL, Plan
 from .units import Decoded
 from .workers import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Transport, Workers, WorkerSpec, WorkerState

@@ -253,6 +253,8 @@ class Done(Record):
     job_id: int
     key: int
     busy_s: float = 0.0  # the task's time less its waits on lock-step partners (a device's speed)
+    waited_s: float = 0.0  # its waits on lock-step partners, round trips included
+    rounds: int = 0  # lock-step sync points it went through
 
 
 @record("failed")

@@ -167,6 +167,7 @@ class Worker:
         self.backlog: list[msgs.Record] = []  # tasks, loads, jobs read while decoding
         self.shared: dict[tuple[int, int], msgs.Record] = {}  # (job, sync point k) -> one of msgs.SHARED
         self.waited = 0.0  # seconds the running task spent waiting on its lock-step partners
+        self.rounds = 0  # its lock-step sync points
         self.hooks = _load_hooks()
         self.heap = Heap()
         self.busy = False  # worked since the heap was last given back
@@ -320,6 +321,7 @@ class Worker:
             if job_id in self.cancelled:
                 raise Cancelled
         self.waited += time.monotonic() - since
+        self.rounds += 1
         return lockstep.answers_from(requests, self.shared.pop((job_id, k)))
 
     def run_task(self, job_id: int, key: int, tiles, threads: int = 0) -> None:
@@ -344,7 +346,7 @@ class Worker:
             return
         self.shared = {k: v for k, v in self.shared.items() if k[0] == job_id}  # drop a cancelled job's
         decoded = None
-        started, self.waited = time.monotonic(), 0.0
+        started, self.waited, self.rounds = time.monotonic(), 0.0, 0
         try:
             self._check_cancel(job_id)  # a queued task of a cancelled job never starts
             built = self.cache[job.fingerprint]
@@ -361,7 +363,7 @@ class Worker:
                 target.copy_(pixels)
                 del pixels, target
                 self.send(msgs.Result(job_id, tile_index, step, slot, shape))
-            self.send(msgs.Done(job_id, key, time.monotonic() - started - self.waited))
+            self.send(msgs.Done(job_id, key, time.monotonic() - started - self.waited, self.waited, self.rounds))
         except Cancelled:
             self.send(msgs.Failed(job_id, key, msgs.Failure.CANCELLED, "cancelled"))
         except torch.OutOfMemoryError as e:

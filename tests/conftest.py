@@ -28,6 +28,12 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     from testkit import comfy_env
 
+    # the suite checks workers on latents small enough that the gate (parallel_vae/gate.py) would
+    # decode them in ComfyUI's process once speeds are measured: prompts without a sharding input
+    # shard over every device named here (in-process and on the test servers); the gate's own
+    # tests pass sharding="auto"
+    os.environ.setdefault("PARALLEL_VAE_SHARDING", "every device")
+
     root = config.getoption("--comfyui")
     if root:
         os.environ[comfy_env.RUNTIME_ENV] = str(Path(root).resolve())

@@ -44,8 +44,10 @@ def decode(pack):
     node = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "9"})
 
     def run(latent, vae, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8, devices="auto",
-            mode="tiled"):
+            mode="tiled", sharding=None):
         extra = {} if mode is None else {"mode": mode}
+        if sharding is not None:
+            extra["sharding"] = sharding
         with torch.inference_mode():
             out = node.execute({"samples": latent}, vae, tile_size, overlap, temporal_size, temporal_overlap, devices,
                                **extra)

@@ -150,3 +150,38 @@ def test_each_worker_gets_rows_by_its_measured_speed_and_its_memory_with_the_sam
     capped = decode(z, vae, 0, 16, devices="cpu:2", mode="exact")
     assert "auto: rows by device speed and memory: cpu[0] 96 px rows, cpu[1] 224 px rows" in texts[-1], texts[-1]
     assert torch.equal(capped, first)
+
+
+def test_the_gate_decodes_a_tiny_latent_in_process_and_a_large_one_on_both_workers(
+        pack, load_vae, decode, core_decode, backends, decodes, monkeypatch):
+    """sharding=auto: from the measured rates and round trip (parallel_vae/gate.py). The first
+    decode measures them; then they are set, so the choice does not depend on this machine's load."""
+    texts = []
+    monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
+    vae = load_vae("sd")
+    large, tiny = latent((1, 4, 40, 12), 12), latent((1, 4, 8, 8), 13)
+    decode(large, vae, 512, 16, devices="cpu:2", mode="exact", sharding="auto")
+    assert len(decodes.last.pids()) == 2 and os.getpid() not in decodes.last.pids(), "unmeasured: every lane"
+    speeds = backends.local_pool().speeds
+    (model,) = speeds.by_model
+    assert sorted(speeds.of(model)) == ["cpu[0]", "cpu[1]"] and speeds.round_s > 0, "measured on the first job"
+
+    # 100 latent positions per second per worker, 160 in-process, 1 ms a round, 50 ms to start:
+    # the tiny latent (64 positions: 0.40 s in-process) would take 0.32 s + its rounds + 0.05 s on
+    # both workers, not 10% less; the large one (480: 3.0 s) takes 2.4 s + 0.1 s
+    local_speeds = pack.parallel_vae.backends.LOCAL_SPEEDS
+    monkeypatch.setitem(speeds.by_model, model, {"cpu[0]": 100.0, "cpu[1]": 100.0})
+    monkeypatch.setattr(speeds, "round_s", 0.001)
+    monkeypatch.setitem(local_speeds.by_model, model, {"cpu": 160.0})
+    small = decode(tiny, vae, 512, 16, devices="cpu:2", mode="exact", sharding="auto")
+    assert decodes.last.pids() == {os.getpid()}, "the tiny latent decodes in ComfyUI's process"
+    assert "in-process: 64x64 is too small to gain from 2 lanes" in texts[-1], texts[-1]
+    assert max_diff(small, core_decode(tiny, vae)) <= TOL
+    assert local_speeds.of(model)["cpu"] != 160.0, "the in-process decode measured its rate"
+
+    monkeypatch.setitem(local_speeds.by_model, model, {"cpu": 160.0})
+    big = decode(large, vae, 512, 16, devices="cpu:2", mode="exact", sharding="auto")
+    assert len(decodes.last.pids()) == 2 and os.getpid() not in decodes.last.pids()
+    assert max_diff(big, core_decode(large, vae)) <= TOL
+    pinned = decode(tiny, vae, 512, 16, devices="cpu:2", mode="exact", sharding="every device")
+    assert os.getpid() not in decodes.last.pids() and max_diff(pinned, small) <= TOL
