@@ -12,7 +12,7 @@ and PSNR against VAEDecode, then the ratios the exact-mode issue asks for:
   exact cpu:2 vs VAEDecode         target <= 1.15x the time
   exact in-process peak RSS        target <= 0.75x VAEDecode's at 1024x1024
 
-    .venv/bin/python benchmarks/bench_exact.py [--case sd512|sd1024|wan|all]
+    .venv/bin/python benchmarks/bench_exact.py [--case sd512|sd1024|wan|wan1f|all] [--skip-tiled]
     .venv/bin/python benchmarks/bench_exact.py --prefix-share   # the global part's share of a decode
 
 Exact mode runs the global part (conv_in and the mid block with its attention) on every worker
@@ -40,6 +40,8 @@ CASES = {
     "sd512": ("sd", (1, 4, 64, 64), (1, 4, 8, 8), "SD VAE (full size), 512x512 image"),
     "sd1024": ("sd", (1, 4, 128, 128), (1, 4, 8, 8), "SD VAE (full size), 1024x1024 image"),
     "wan": ("wan21_full", (1, 16, 5, 32, 32), (1, 16, 1, 4, 4), "Wan 2.1 VAE (real width), 17 frames 256x256"),
+    # one frame: Qwen-Image's VAE is Wan 2.1's
+    "wan1f": ("wan21_full", (1, 16, 1, 96, 96), (1, 16, 1, 4, 4), "Wan 2.1 VAE (real width), one frame 768x768"),
 }
 # label: (node, devices, mode, tile_size, overlap)
 METHODS = {

@@ -128,7 +128,7 @@ class InProcess(Backend):
         the units follow as the caller iterates."""
         local = model.local(self.device.torch_device, plan)
         executor = local.executor(plan.direction) if plan.exact else None
-        return self._units(plan, latent, local, executor, order, poll, model.source.fingerprint)
+        return self._units(plan, latent, local, executor, order, poll, getattr(model.source, "fingerprint", ""))
 
     def _units(self, plan: Plan, latent: torch.Tensor, local: Local, executor, order: str,
                poll: Callable[[], None], model: str = "") -> Iterator[Decoded]:

@@ -19,6 +19,7 @@ class Speeds:
         self.rates: dict[str, float] = {}
         self.by_model: dict[str, dict[str, float]] = {}
         self.round_s: Optional[float] = None
+        self.last_round_s: Optional[float] = None  # the latest job's alone
         self._job_round: Optional[float] = None
 
     def rated(self, name: str, positions: int, busy_s: float, model: Optional[str] = None) -> None:
@@ -40,6 +41,7 @@ class Speeds:
     def job_done(self) -> None:
         if self._job_round is not None:
             self.round_s = _mean(self.round_s, self._job_round)
+            self.last_round_s = self._job_round
         self._job_round = None
 
     def of(self, model: str) -> dict[str, float]:
