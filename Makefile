@@ -9,12 +9,13 @@
 # make gpu-check  everything that needs a GPU, as one table (prints a line and exits 0 without one)
 # make soak   100 prompts through a real server on cpu:2, two VAEs, /free every 25 (figures)
 # make bench-ray  Ray lanes on a simulated two-node cluster against local workers (figures)
+# make bench-scaling  exact mode's work ratio at 2/4/8 bands, the lock-step round trip, a projection
 SHELL := /bin/bash
 VPY := .venv/bin/python
 PORT ?= 8188
 VAE ?=
 
-.PHONY: setup test test-unit test-comfy test-e2e demo run bench gpu-check soak bench-ray clean
+.PHONY: setup test test-unit test-comfy test-e2e demo run bench gpu-check soak bench-ray bench-scaling clean
 
 setup:
 	@bash scripts/setup.sh
@@ -54,6 +55,9 @@ soak: setup
 
 bench-ray: setup
 	$(VPY) benchmarks/bench_ray.py
+
+bench-scaling: setup
+	$(VPY) benchmarks/bench_scaling.py
 
 clean:
 	rm -rf .cache test-artifacts demo-output .pytest_cache .hypothesis

@@ -94,7 +94,7 @@ def wan_bands(ex, z, spans) -> dict:
     return {"busy": busy, "prefix_s": prefix_s}
 
 
-def work_ratio(sd_size: int, wan: tuple[int, int, int]) -> list[str]:
+def work_ratio(sd_size: int, wan: tuple[int, int, int], only: str = "") -> list[str]:
     import torch
     from testkit import latents, random_vaes
 
@@ -108,6 +108,8 @@ def work_ratio(sd_size: int, wan: tuple[int, int, int]) -> list[str]:
     cases = (("sd", "image", (1, 4, sd_size // 8, sd_size // 8), f"SD {sd_size}x{sd_size}"),
              ("wan21_full", "wan21", (1, 16, (frames - 1) // 4 + 1, h // 8, w // 8), f"Wan 2.1 {frames}x{h}x{w}"))
     for vae_family, family, shape, label in cases:
+        if only and not label.lower().startswith(only):
+            continue
         _, vae = random_vaes.load_in_process(vae_family)
         model = vae.first_stage_model
         ex = families.exact_executor(family, model, vae.vae_dtype, "cpu")
@@ -173,13 +175,14 @@ def main() -> None:
     ap.add_argument("--sd-size", type=int, default=1024)
     ap.add_argument("--wan", default="9x480x832", help="frames x height x width")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["sd", "wan"], default="", help="one model's work ratios")
     args = ap.parse_args()
     both = not (args.work or args.rounds)
     os.environ.setdefault("PARALLEL_VAE_CPU_THREADS", "1")
     print(f"machine: {machine()}\n")
     sd_ratios = {}
     if args.work or both:
-        lines = work_ratio(args.sd_size, tuple(int(v) for v in args.wan.split("x")))
+        lines = work_ratio(args.sd_size, tuple(int(v) for v in args.wan.split("x")), args.only)
         print("\n".join(lines))
         sd_ratios = {int(cells[4]): float(cells[6]) for cells in (ln.split("|") for ln in lines[2:])
                      if cells[1].strip().startswith("SD")}

@@ -17,7 +17,7 @@ from ..parallel_vae.devices import Device
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.exact import shares
 from ..parallel_vae.inputs import check_latent
-from ..parallel_vae.plan import TILE_AUTO, Plan, validate_settings
+from ..parallel_vae.plan import TILE_AUTO, TILE_MIN, Plan, validate_settings
 from ..parallel_vae.spec import VaeSpec
 from ..parallel_vae.units import Decoded
 from . import backends, compat, vae_info
@@ -162,7 +162,15 @@ class Job:
             tile_size, sized = choice.tile_size, choice.why
             overlap = min(overlap, tile_size // 4)  # what VAE Decode (Tiled) makes of a larger one
         if not self.exact:
-            return Planned(self.tiled_plan(tile_size, overlap), tile_size, sized)
+            plan = self.tiled_plan(tile_size, overlap)
+            lanes = len(backend.lanes)
+            if auto and len(plan.tiles) < lanes:  # memory allows fewer tiles than lanes: use them all
+                while len(plan.tiles) < lanes and tile_size > TILE_MIN:
+                    tile_size = max(TILE_MIN, tile_size // 2 // 32 * 32)
+                    overlap = min(overlap, tile_size // 4)
+                    plan = self.tiled_plan(tile_size, overlap)
+                sized += f"; {tile_size} px for a tile on each of the {lanes} lanes"
+            return Planned(plan, tile_size, sized)
         row_px = self.row_px()
         max_rows = None
         if auto:

@@ -178,7 +178,7 @@ def test_widget_shows_a_real_stream_decode(page, artifacts):
     assert [(n["id"], n["type"], n["registered"]) for n in nodes] == [
         (1, "VAELoader", True), (2, "LoadLatent", True), (3, "ParallelVAEDecodeStream", True),
         (4, "ParallelVAESaveVideo", True)], nodes
-    assert nodes[2]["values"] == [128, 32, 64, 8, "auto", 8, "auto"] and nodes[2]["preview"], nodes[2]
+    assert nodes[2]["values"] == [128, 32, 64, 8, "auto", 8, "auto", "auto"] and nodes[2]["preview"], nodes[2]
     assert nodes[3]["values"] == ["parallel_vae/video", 16, "mp4", 19], nodes[3]
     optional = {("ParallelVAESaveVideo", "audio")}  # a silent video: nothing connected to audio
     assert all(link is not None for n in nodes for name, link in zip(n["sockets"], n["links"])

@@ -52,3 +52,20 @@ def test_auto_tile_in_exact_mode_equals_untiled_vae_decode_and_says_why(pack, lo
 def test_tile_size_below_the_minimum_other_than_zero_is_an_error(pack, bad):
     assert "tile_size" in pack.nodes.ParallelVAEDecode.validate_inputs(bad, 16, 64, 8, "cpu", "tiled")
     assert pack.nodes.ParallelVAEDecode.validate_inputs(0, 64, 64, 8, "cpu", "tiled") is True
+
+
+def test_auto_tile_gives_every_lane_a_tile_and_equals_vae_decode_tiled_at_that_size(pack, load_vae, decode,
+                                                                                 core_tiled, decodes, monkeypatch):
+    """Free memory allows one tile per grid (3 in all) for a small image; on 4 workers the size
+    halves until each has a tile (issue 22: never fewer tiles than lanes)."""
+    texts = []
+    monkeypatch.setattr(pack.nodes.progress, "send_text", lambda text, node_id: texts.append(text))
+    vae, z = load_vae("sd"), latent((1, 4, 12, 12), 53)  # 96x96 px
+    try:
+        ours = decode(z, vae, 0, 64, devices="cpu:4")
+        units = len(decodes.last.units)
+        size = int(texts[-1].split(" px for a tile on each of the 4 lanes")[0].rsplit("; ", 1)[-1])
+    finally:
+        pack.nodes.backends.shutdown()
+    assert units >= 4, units
+    assert max_diff(ours, core_tiled(z, vae, size, min(64, size // 4))) <= TOL, size
