@@ -18,6 +18,7 @@ from ..parallel_vae.errors import InputError
 from ..parallel_vae.exact import shares
 from ..parallel_vae.inputs import check_latent
 from ..parallel_vae.plan import TILE_AUTO, TILE_MIN, Plan, validate_settings
+from ..parallel_vae.rates import model_key
 from ..parallel_vae.spec import VaeSpec
 from ..parallel_vae.units import Decoded
 from . import backends, compat, vae_info
@@ -190,14 +191,15 @@ class Job:
             return backend, ""
         local = backends.in_process_for(self.devices)
         shape, direction = self.tensor.shape, self.direction
-        r = 1 if direction == "decode" else self.spec.scales[-2].factor
-        rows, cols = -(-shape[-2] // r), -(-shape[-1] // r)  # latent rows and columns of one item
-        batch = shape[0]
+        # the plan's input positions (latent decoding, pixels encoding), as the lanes' rates count them
+        rows, cols, batch = shape[-2], shape[-1], shape[0]
         model_ = self.vae.first_stage_model
         rounds = families.exact_rounds(self.spec.family, model_, direction)
         halo = families.exact_halo(self.spec.family, model_, direction)
+        if direction == "encode":
+            halo *= self.spec.scales[-2].factor
 
-        def work(k: int) -> float:  # latent positions computed on k lanes (halo rows twice at each edge)
+        def work(k: int) -> float:  # positions computed on k lanes (halo rows twice at each inner edge)
             return batch * cols * min(rows * k, rows + 2 * halo * (k - 1))
 
         px = self.spec.scales[-1].factor if direction == "decode" else 1
@@ -212,7 +214,8 @@ class Job:
         """Reach the backend, choose its lanes, plan, and start decoding (an in-process lane loads
         the model now, in the caller's thread); workers wait with ``poll``."""
         model = vae_model(self.vae, self.spec)
-        backend, chose = self.gated(backends.backend_for(self.devices), model.source.fingerprint)
+        backend, chose = self.gated(backends.backend_for(self.devices),
+                                    model_key(model.source.fingerprint, self.direction))
         planned = self.plan_for(backend)
         plan, sized = planned.plan, "; ".join(w for w in (chose, planned.why) if w)
         units = backend.results(plan, self.tensor, model, order, poll)

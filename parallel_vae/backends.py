@@ -36,7 +36,7 @@ from .exact.shares import Terms
 from .gate import Costs
 from .plan import Plan
 from .pool import WorkerPool
-from .rates import Speeds
+from .rates import Speeds, model_key
 from .units import Decoded, Work
 from .workers import ModelSource
 
@@ -137,7 +137,7 @@ class InProcess(Backend):
         yield from self._decoded(plan, latent, local, executor, order, poll, work, pid, name)
         if plan.exact and model:  # the gate's in-process rate: positions per second, all included
             positions = sum(math.prod(t.in_size[-2:]) for t in plan.tiles)
-            LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model)
+            LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model_key(model, plan.direction))
 
     def _decoded(self, plan, latent, local, executor, order, poll, work, pid, name) -> Iterator[Decoded]:
         for group in schedule.in_process_groups(plan, order):

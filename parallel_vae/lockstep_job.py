@@ -34,7 +34,7 @@ from .exact import stats
 from .exact.geometry import bands_of, split_rows
 from .exact.lockstep import neighbours, rows_from_wire, rows_to_wire
 from .jobs import SLOTS, Job, next_job_id, slot_bytes
-from .rates import Speeds
+from .rates import Speeds, model_key
 from .plan import Plan
 from .units import Decoded, Work
 from .workers import Death, Handle, ModelSource, Workers, WorkerState
@@ -153,7 +153,8 @@ class LockstepJob(Job):
         if isinstance(record, msgs.Done):
             h.task_over(record.job_id, record.key)
             if current:
-                self.speeds.rated(h.name, self._positions(record.key), record.busy_s, self.source.fingerprint)
+                self.speeds.rated(h.name, self._positions(record.key), record.busy_s,
+                                  model_key(self.source.fingerprint, self.plan.direction))
                 self.speeds.synced(record.waited_s, record.rounds)
                 self.pending.discard(record.key)
                 if not self.pending:

@@ -6,6 +6,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 
+def model_key(fingerprint: str, direction: str) -> str:
+    """What rates are kept by: a model's decode and encode count different positions (latent, pixels)."""
+    return f"{fingerprint}:{direction}"
+
+
 def _mean(old: Optional[float], new: float) -> float:
     return new if old is None else 0.5 * (old + new)
 
@@ -57,4 +62,4 @@ class Speeds:
         return {n: self.rates.get(n, mean) / mean for n in names}
 
 
-__all__ = ["Speeds"]
+__all__ = ["Speeds", "model_key"]
