@@ -99,7 +99,7 @@ def test_example_workflows_are_listed_as_templates_and_use_real_nodes(server):
     api = json.loads((REPO / "example_workflows" / "parallel_vae_decode_api.json").read_text())
     ui_node = next(n for n in served["nodes"] if n["type"] == "ParallelVAEDecode")
     api_inputs = api["3"]["inputs"]
-    assert ui_node["widgets_values"] == [api_inputs[k] for k in INPUTS[2:] + ["mode"]]
+    assert ui_node["widgets_values"] == [api_inputs[k] for k in INPUTS[2:] + ["mode", "sharding"]]
 
 
 @pytest.mark.every_runtime
