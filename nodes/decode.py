@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..parallel_vae import blend, engine, families
 from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN, TILE_AUTO, TILE_MAX
 from ._api import io, latent_node
-from .job import MODES, SHARDING, SHARDING_TOOLTIP, DecodeJob, queue_checks
+from .job import MODES, DecodeJob, queue_checks
+from .sharding import SHARDING, SHARDING_TOOLTIP
 from .progress import NodeProgress
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2, TAEHV) ignore it: they are never cut in time, because "

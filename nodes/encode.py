@@ -7,7 +7,8 @@ from ..parallel_vae.plan import TEMPORAL_MAX, TEMPORAL_MIN, TEMPORAL_OVERLAP_MIN
 from . import compat
 from ._api import io, latent_node
 from .encode_job import EncodeJob
-from .job import MODES, SHARDING, SHARDING_TOOLTIP, queue_checks
+from .job import MODES, queue_checks
+from .sharding import SHARDING, SHARDING_TOOLTIP
 from .progress import NodeProgress
 
 CAUSAL_NOTE = ("Causal video VAEs (Wan 2.1, Wan 2.2) ignore it: they are never cut in time (restarting their "

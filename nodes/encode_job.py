@@ -13,7 +13,8 @@ from ..parallel_vae.inputs import check_values
 from ..parallel_vae.plan import Plan
 from ..parallel_vae.spec import VaeSpec
 from . import compat, vae_info
-from .job import Job, check_mode, check_sharding, exact_wanted
+from .job import Job, check_mode, exact_wanted
+from .sharding import check_sharding
 from .model import vae_model
 
 

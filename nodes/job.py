@@ -5,13 +5,12 @@ backend is reached when the stream opens)."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from ..parallel_vae import exact, families, gate, sizing
+from ..parallel_vae import exact, families, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.devices import Device
 from ..parallel_vae.errors import InputError
@@ -24,27 +23,11 @@ from ..parallel_vae.units import Decoded
 from . import backends, compat, vae_info
 from .model import vae_model
 from .progress import NodeProgress
+from .sharding import check_sharding, lanes_for
 
 log = logging.getLogger("parallel_vae")
 
 MODES = ("auto", "exact", "tiled")
-SHARDING = ("auto", "every device")
-SHARDING_TOOLTIP = ("auto: an exact job too small to gain from every device runs on fewer, or inside ComfyUI's "
-                    "process (the progress text says what was chosen and why), judged from the devices' measured "
-                    "speeds and lock-step round trips. every device: always shard over every device named.")
-
-
-SHARDING_ENV = "PARALLEL_VAE_SHARDING"  # the value for prompts that leave the input out (API prompts)
-
-
-def check_sharding(sharding) -> bool:
-    """Whether the user pinned every named device (sharding "every device"; left out: the
-    environment's PARALLEL_VAE_SHARDING, else auto)."""
-    if sharding is None:
-        sharding = os.environ.get(SHARDING_ENV) or "auto"
-    if sharding not in SHARDING:
-        raise InputError("sharding", f"{sharding!r} is not one of {', '.join(SHARDING)}")
-    return sharding == "every device"
 
 
 def check_mode(mode) -> str:
@@ -184,38 +167,12 @@ class Job:
             sized = f"{what}: {shares.describe(plan)}"
         return Planned(plan, tile_size, sized)
 
-    def gated(self, backend: backends.Backend, model: str) -> tuple[backends.Backend, str]:
-        """The lanes an exact job uses (gate.py): fewer than named, or ComfyUI's own process, where
-        the job is too small to gain from them; and why."""
-        if not self.exact or len(backend.lanes) < 2:
-            return backend, ""
-        local = backends.in_process_for(self.devices)
-        shape, direction = self.tensor.shape, self.direction
-        # the plan's input positions (latent decoding, pixels encoding), as the lanes' rates count them
-        rows, cols, batch = shape[-2], shape[-1], shape[0]
-        model_ = self.vae.first_stage_model
-        rounds = families.exact_rounds(self.spec.family, model_, direction)
-        halo = families.exact_halo(self.spec.family, model_, direction)
-        if direction == "encode":
-            halo *= self.spec.scales[-2].factor
-
-        def work(k: int) -> float:  # positions computed on k lanes (halo rows twice at each inner edge)
-            return batch * cols * min(rows * k, rows + 2 * halo * (k - 1))
-
-        px = self.spec.scales[-1].factor if direction == "decode" else 1
-        size = f"{shape[-1] * px}x{shape[-2] * px}"
-        choice = gate.choose(backend.lanes, backend.costs(model, local.device.name), rounds * batch, work, size,
-                             self.pinned)
-        if choice.in_process:
-            return local, choice.why
-        return backend.only(choice.lanes), choice.why
-
     def start(self, poll: Callable[[], None], order: str = "tile") -> Started:
         """Reach the backend, choose its lanes, plan, and start decoding (an in-process lane loads
         the model now, in the caller's thread); workers wait with ``poll``."""
         model = vae_model(self.vae, self.spec)
-        backend, chose = self.gated(backends.backend_for(self.devices),
-                                    model_key(model.source.fingerprint, self.direction))
+        backend, chose = lanes_for(self, backends.backend_for(self.devices),
+                                   model_key(model.source.fingerprint, self.direction))
         planned = self.plan_for(backend)
         plan, sized = planned.plan, "; ".join(w for w in (chose, planned.why) if w)
         units = backend.results(plan, self.tensor, model, order, poll)
@@ -278,4 +235,4 @@ class DecodeJob(Job):
 
 
 
-__all__ = ["SHARDING", "check_sharding", "DecodeJob", "Job", "exact_wanted", "queue_checks", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]
+__all__ = ["DecodeJob", "Job", "exact_wanted", "queue_checks", "MODES", "Planned", "Started", "check_mode", "first_part", "to_frames"]

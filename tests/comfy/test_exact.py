@@ -80,6 +80,9 @@ def test_exact_on_an_unsupported_vae_is_an_error_naming_the_supported_families(p
     with pytest.raises(errors.InputError, match="^mode: 'fast' is not one of auto, exact, tiled"):
         decode(latent((1, 4, 8, 8), 1), load_vae("sd"), 64, 16, devices="cpu", mode="fast")
     assert "mode" in pack.nodes.ParallelVAEDecode.validate_inputs(64, 16, 64, 8, "cpu", "fast")
+    with pytest.raises(errors.InputError, match="^sharding: 'most' is not one of auto, every device"):
+        decode(latent((1, 4, 8, 8), 1), load_vae("sd"), 64, 16, devices="cpu:2", mode="exact", sharding="most")
+    assert pack.nodes.ParallelVAEDecode.validate_inputs(64, 16, 64, 8, "cpu", "auto", "most").startswith("sharding:")
 
 
 # --- the method itself, on ComfyUI's decoder modules ------------------------------------------
