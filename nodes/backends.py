@@ -54,13 +54,11 @@ def _in_process(device: Device) -> InProcess:
 def in_process_for(devices: list[Device]) -> InProcess:
     """ComfyUI's own process, for a job the gate keeps off these devices' workers: on the CPU for
     CPU workers, else on ComfyUI's device where it is one of those named (the first named if not)."""
-    if all(d.kind == "cpu" for d in devices) or device_lists.uses_ray(devices):
-        own = mm.get_torch_device()
-        if device_lists.uses_ray(devices) and own.type == "cuda":
-            return _in_process(Device("cuda", own.index or 0))
-        return _in_process(Device("cpu", 0))
-    cudas = [d for d in devices if d.kind == "cuda"]
     own = mm.get_torch_device()
+    if all(d.kind == "cpu" for d in devices) or device_lists.uses_ray(devices):
+        on_gpu = device_lists.uses_ray(devices) and own.type == "cuda"
+        return _in_process(Device("cuda", own.index or 0) if on_gpu else Device("cpu", 0))
+    cudas = [d for d in devices if d.kind == "cuda"]
     mine = next((d for d in cudas if own.type == "cuda" and d.index == (own.index or 0)), cudas[0])
     return _in_process(Device("cuda", mine.index))
 

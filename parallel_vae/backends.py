@@ -22,12 +22,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
-
-import time
 
 from . import schedule, sizing, units
 from .devices import Device
@@ -134,12 +133,6 @@ class InProcess(Backend):
                poll: Callable[[], None], model: str = "") -> Iterator[Decoded]:
         work, pid, name = Work.of(plan), os.getpid(), self.device.name
         started = time.monotonic()
-        yield from self._decoded(plan, latent, local, executor, order, poll, work, pid, name)
-        if plan.exact and model:  # the gate's in-process rate: positions per second, all included
-            positions = sum(math.prod(t.in_size[-2:]) for t in plan.tiles)
-            LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model_key(model, plan.direction))
-
-    def _decoded(self, plan, latent, local, executor, order, poll, work, pid, name) -> Iterator[Decoded]:
         for group in schedule.in_process_groups(plan, order):
             decoded = units.run(work, latent, group, local.decoder, executor, order=order, poll=poll,
                                    empty_cache=local.empty_cache)
@@ -150,6 +143,9 @@ class InProcess(Backend):
                     break
                 tile, step, pixels = unit
                 yield Decoded(name, plan.tiles[tile], step, pixels, pid)
+        if plan.exact and model:  # the gate's in-process rate: positions per second, all included
+            positions = sum(math.prod(t.in_size[-2:]) for t in plan.tiles)
+            LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model_key(model, plan.direction))
 
 
 class WorkerLanes(Backend):

@@ -18,6 +18,11 @@ SLICE_BYTES = 64 << 20  # one slice of scores; the softmax holds a second
 MIN_SLICE_ROWS = 256
 
 
+def is_attn_block(module) -> bool:
+    """ComfyUI's ``AttnBlock`` (norm, 1x1 q/k/v, proj_out), by its parts."""
+    return all(hasattr(module, n) for n in ("norm", "q", "k", "v", "proj_out"))
+
+
 def _is_split_attention(fn) -> bool:
     return getattr(fn, "__name__", "") == "normal_attention"
 
@@ -67,11 +72,11 @@ def band_attention(block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 def attention_block(block, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` for ComfyUI's ``AttnBlock``, with split attention bounded in memory."""
     fn = getattr(block, "optimized_attention", None)
-    if not _is_split_attention(fn) or not all(hasattr(block, n) for n in ("norm", "q", "k", "v", "proj_out")):
+    if not _is_split_attention(fn) or not is_attn_block(block):
         return block(x)
     h = block.norm(x)
     h = split_attention(block.q(h), block.k(h), block.v(h), SLICE_BYTES)
     return x + block.proj_out(h)
 
 
-__all__ = ["attention_block", "band_attention", "split_attention"]
+__all__ = ["attention_block", "band_attention", "is_attn_block", "split_attention"]

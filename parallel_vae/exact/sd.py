@@ -21,7 +21,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_block
+from .attention import attention_block, is_attn_block
 from .lockstep import Request
 from .row_ops import RowOps, Sync, same_rows
 
@@ -80,7 +80,7 @@ class SdExact(RowOps):
         if up is not None and (not getattr(up, "with_conv", True) or getattr(up, "scale_factor", 2.0) not in (2, 2.0)):
             return "its upsampling is not a nearest x2 followed by a conv"
         attn = getattr(getattr(dec, "mid", None), "attn_1", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("norm", "q", "k", "v", "proj_out")):
+        if attn is None or not is_attn_block(attn):
             return "its mid block has no ComfyUI AttnBlock"
         pqc = getattr(model, "post_quant_conv", None)
         if pqc is not None and tuple(getattr(pqc, "kernel_size", (1, 1))) not in ((1, 1), (1,)):
