@@ -13,11 +13,9 @@ and PSNR against VAEDecode, then the ratios the exact-mode issue asks for:
   exact in-process peak RSS        target <= 0.75x VAEDecode's at 1024x1024
 
     .venv/bin/python benchmarks/bench_exact.py [--case sd512|sd1024|wan|wan1f|all] [--skip-tiled]
-    .venv/bin/python benchmarks/bench_exact.py --prefix-share   # the global part's share of a decode
 
-Exact mode runs the global part (conv_in and the mid block with its attention) on every worker
-rather than once in ComfyUI's process and shipping its output: ``--prefix-share`` measures what
-that redundancy costs, as the prefix's time against the whole untiled decode.
+(Exact bands compute every row once, the global part included; the ``--prefix-share`` option that
+measured the share of a prefix every lane once repeated went with it: docs/BENCHMARKS.md, 2026-11-30.)
 """
 from __future__ import annotations
 
@@ -135,45 +133,14 @@ def parent(cases: list[str], methods: list[str]) -> None:
               f"exact in-process peak RSS is {ex1['peak_rss_mb'] / base['peak_rss_mb']:.2f}x VAEDecode's")
 
 
-def prefix_share() -> None:
-    import torch
-    from testkit import latents, random_vaes
-
-    print(f"machine: {machine()}")
-    for family, shape in (("sd", (1, 4, 64, 64)), ("sd", (1, 4, 128, 128)), ("wan21_full", (1, 16, 5, 32, 32))):
-        _, vae = random_vaes.load_in_process(family)
-        sys.path.insert(0, str(REPO))
-        from parallel_vae import families
-
-        model = vae.first_stage_model
-        ex = families.exact_executor("image" if family == "sd" else "wan21", model, vae.vae_dtype, "cpu")
-        z = latents.random_latent(shape, seed=1)
-        with torch.inference_mode():
-            t = time.perf_counter()
-            if family == "sd":
-                ex.mid_whole(z)
-            else:
-                for _ in ex.chunks(z):
-                    pass
-            prefix = time.perf_counter() - t
-            t = time.perf_counter()
-            model.decode(z)
-            whole = time.perf_counter() - t
-        print(f"{family} {list(shape)}: prefix {prefix:.2f} s, untiled decode {whole:.2f} s, "
-              f"share {100 * prefix / whole:.1f}%")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=[*CASES, "all"], default="all")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "METHOD", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--prefix-share", action="store_true", help="time the global part against a whole decode")
     ap.add_argument("--skip-tiled", action="store_true",
                     help="leave out VAEDecodeTiled and our tiled mode (slow at 1024x1024 on a CPU)")
     args = ap.parse_args()
-    if args.prefix_share:
-        prefix_share()
-    elif args.child:
+    if args.child:
         child(*args.child[:2], Path(args.child[2]))
     else:
         methods = [m for m in METHODS if not (args.skip_tiled and METHODS[m][2] in (None, "tiled")

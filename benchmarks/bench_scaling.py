@@ -4,10 +4,11 @@ Work ratio (``--work``): at one torch thread, one untiled decode (ComfyUI's own
 ``first_stage_model.decode``) and then the exact bands at N = 2, 4, 8, run one after another in this
 process (so the machine's cores do not limit N). The ratio is the sum over bands of their compute
 time over the untiled decode's time: 1.0 means every row is computed once at no extra cost.
-- SD (full size) 1024x1024: bands in lock-step; the answers at each sync point (statistics
-  combined, edge rows, the attention's keys and values) are the parent's work and timed apart.
-- Wan 2.1 (real width) 9 frames 480x832: bands read a halo and every lane runs the prefix (conv1
-  and the middle blocks) for its bands: N lanes compute N prefixes plus each band's rows and halo.
+Both cases run their bands in lock-step; the answers at each sync point (statistics combined,
+edge rows, the attention's keys and values) are the parent's work and timed apart.
+- SD (full size) 1024x1024.
+- Wan 2.1 (real width) 9 frames 480x832: each band runs ComfyUI's Wan modules in a thread of its
+  own (exact/threads.py); a band's compute is the time from its resumption to its next stop.
 
 Lock-step cost (``--rounds``): on ``cpu:2`` through the pack in a real ComfyUI process, a narrow SD
 latent (little compute) decoded exact on both workers several times: rounds per item, bytes moved
@@ -47,9 +48,9 @@ def _request_bytes(r) -> int:
     return r.part.nbytes
 
 
-def sd_bands(ex, z, spans) -> dict:
-    """Drive SD bands in lock-step in this thread, timing each band's compute and the answers."""
-    from parallel_vae.exact import lockstep
+def lockstep_bands(ex, z, spans) -> dict:
+    """Drive bands in lock-step from this thread, timing each band's compute and the answers."""
+    from parallel_vae.exact import lockstep, threads
 
     gens = [ex.band(z, a, e) for a, e in spans]
     busy = [0.0] * len(gens)
@@ -67,31 +68,19 @@ def sd_bands(ex, z, spans) -> dict:
     for i in range(len(gens)):
         step(i, None)
     while any(r is not None for r in requests):
-        rounds += 1
-        sent += sum(_request_bytes(r) for r in requests)
-        t = time.perf_counter()
-        replies = lockstep.answers(requests)
-        answer_s += time.perf_counter() - t
+        if isinstance(requests[0], threads.Output):  # a decoder call's frames: nothing to answer
+            replies = [None] * len(gens)
+        else:
+            rounds += 1
+            sent += sum(_request_bytes(r) for r in requests)
+            t = time.perf_counter()
+            replies = lockstep.answers(requests)
+            answer_s += time.perf_counter() - t
+        requests = [None] * len(gens)
         for i in range(len(gens)):
             step(i, replies[i])
         replies = None
     return {"busy": busy, "answer_s": answer_s, "rounds": rounds, "bytes_per_round": sent / max(1, rounds)}
-
-
-def wan_bands(ex, z, spans) -> dict:
-    """Wan bands one after another: the prefix once (what each lane repeats), each band's up path."""
-    t = time.perf_counter()
-    calls = list(ex.chunks(z))
-    prefix_s = time.perf_counter() - t
-    busy = []
-    height = z.shape[-2]
-    for a, e in spans:
-        t = time.perf_counter()
-        band = ex.band(a, e, height)
-        for mid, n, first in calls:
-            band.feed(mid, n, first)
-        busy.append(time.perf_counter() - t)
-    return {"busy": busy, "prefix_s": prefix_s}
 
 
 def work_ratio(sd_size: int, wan: tuple[int, int, int], only: str = "") -> list[str]:
@@ -121,14 +110,9 @@ def work_ratio(sd_size: int, wan: tuple[int, int, int], only: str = "") -> list[
             print(f"  {label}: untiled {untiled:.1f} s", file=sys.stderr, flush=True)
             for n in BANDS:
                 spans = split_rows(shape[-2], n)
-                if family == "image":
-                    got = sd_bands(ex, ex.prefix(z), spans)
-                    total = sum(got["busy"])
-                    extra = f"{got['answer_s']:.2f} | {got['rounds']} | {got['bytes_per_round'] / 2**10:.0f} KiB"
-                else:
-                    got = wan_bands(ex, z, spans)
-                    total = n * got["prefix_s"] + sum(got["busy"])  # every lane runs the prefix
-                    extra = f"- | 0 | - (prefix {got['prefix_s']:.1f} s per lane)"
+                got = lockstep_bands(ex, ex.prefix(z), spans)
+                total = sum(got["busy"])
+                extra = f"{got['answer_s']:.2f} | {got['rounds']} | {got['bytes_per_round'] / 2**10:.0f} KiB"
                 lines.append(f"| {label} | {list(shape)} | {untiled:.1f} | {n} | {total:.1f} | "
                              f"{total / untiled:.3f} | {extra} |")
                 print(f"  {label} N={n}: ratio {total / untiled:.3f}", file=sys.stderr, flush=True)

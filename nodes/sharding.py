@@ -36,14 +36,15 @@ def lanes_for(job, backend: Backend, model: str) -> tuple[Backend, str]:
     shape, direction = job.tensor.shape, job.direction
     # the plan's input positions (latent decoding, pixels encoding), as the lanes' rates count them
     rows, cols, batch = shape[-2], shape[-1], shape[0]
+    frames = shape[2] if len(shape) == 5 else 1
     model_ = job.vae.first_stage_model
-    rounds = families.exact_rounds(job.spec.family, model_, direction)
+    rounds = families.exact_rounds(job.spec.family, model_, direction, frames)
     halo = families.exact_halo(job.spec.family, model_, direction)
     if direction == "encode":
         halo *= job.spec.scales[-2].factor
 
     def work(k: int) -> float:  # positions computed on k lanes (halo rows twice at each inner edge)
-        return batch * cols * min(rows * k, rows + 2 * halo * (k - 1))
+        return batch * frames * cols * min(rows * k, rows + 2 * halo * (k - 1))
 
     px = job.spec.scales[-1].factor if direction == "decode" else 1
     size = f"{shape[-1] * px}x{shape[-2] * px}"

@@ -134,7 +134,7 @@ class InProcess(Backend):
         work, pid, name = Work.of(plan), os.getpid(), self.device.name
         started = time.monotonic()
         for group in schedule.in_process_groups(plan, order):
-            decoded = units.run(work, latent, group, local.decoder, executor, order=order, poll=poll,
+            decoded = units.run(work, latent, group, local.decoder, executor, poll=poll,
                                    empty_cache=local.empty_cache)
             while True:
                 with local.context():
@@ -144,7 +144,7 @@ class InProcess(Backend):
                 tile, step, pixels = unit
                 yield Decoded(name, plan.tiles[tile], step, pixels, pid)
         if plan.exact and model:  # the gate's in-process rate: positions per second, all included
-            positions = sum(math.prod(t.in_size[-2:]) for t in plan.tiles)
+            positions = sum(math.prod(t.in_size) for t in plan.tiles)
             LOCAL_SPEEDS.rated(name, positions, time.monotonic() - started, model_key(model, plan.direction))
 
 

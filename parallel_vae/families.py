@@ -128,22 +128,23 @@ def exact_encode_channels(key: str, model, latent_channels: int) -> int:
 
 def exact_lockstep(key: str, direction: str = "decode") -> bool:
     """Whether the family's bands exchange statistics and edge rows (and so run in lock-step)."""
-    return _executor_class(FAMILIES[key], direction).sync == "groupnorm"
+    return _executor_class(FAMILIES[key], direction).sync != "none"
 
 
-def exact_rounds(key: str, model, direction: str = "decode") -> int:
+def exact_rounds(key: str, model, direction: str = "decode", frames: int = 1) -> int:
     """Lock-step rounds of one batch item (0 where bands run alone): one at each GroupNorm, each
-    conv that reads beyond its rows, and each global attention."""
+    conv that reads beyond its rows, and each global attention; a causal decoder's at each of its
+    ``frames`` latent frames (about one decoder call each)."""
     if not exact_lockstep(key, direction):
         return 0
     part = model.decoder if direction == "decode" else model.encoder
     rounds = 0
     for m in part.modules():
-        if hasattr(m, "num_groups") or is_attn_block(m):
+        if hasattr(m, "num_groups") or is_attn_block(m) or type(m).__name__ == "AttentionBlock":
             rounds += 1
         elif hasattr(m, "kernel_size") and getattr(m, "weight", None) is not None and conv_spread(m) > 0:
             rounds += 1
-    return rounds
+    return rounds * (frames if FAMILIES[key].causal else 1)
 
 
 __all__ = ["EXACT_SUPPORTED", "exact_rounds", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",

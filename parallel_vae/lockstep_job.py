@@ -8,7 +8,8 @@ GroupNorm each worker sends the row moments of its bands (GroupStats); once ever
 reported, the parent combines them in row order (float64) and sends every worker the same
 statistics (SharedStats). Before every conv that reads across band edges each worker sends the
 outer edge rows of its group (GroupRows) and gets its neighbours' back (SharedRows). Each band's
-rows come back as an ordinary Result: no blending.
+rows come back as an ordinary Result (Wan's: one per latent frame, as each decoder call ends):
+no blending.
 
 A lock-step cannot lose a member: when a worker dies, falls silent for LOCKSTEP_TIMEOUT_S, or runs
 out of memory, the attempt is cancelled everywhere and the item decoded again (with a fresh job id,
@@ -66,7 +67,7 @@ class LockstepJob(Job):
         self.groups: dict[int, Part] = {}  # by key (its first band)
         self.pending: set[int] = set()  # groups of the running attempt not done yet
         self.reported: dict[int, dict[int, msgs.Record]] = {}  # sync point k -> key -> GroupStats/GroupRows
-        self.delivered: set[int] = set()
+        self.delivered: set[tuple[int, int]] = set()  # (band, step)
         self.last_heard = time.monotonic()
 
     def finished(self) -> bool:
@@ -125,7 +126,8 @@ class LockstepJob(Job):
         self.introduced = set()
 
     def item_done(self) -> None:
-        missing = [band.index for band in bands_of(self.plan, self.item) if band.index not in self.delivered]
+        missing = [band.index for band in bands_of(self.plan, self.item)
+                   if any((band.index, step) not in self.delivered for step in range(self.plan.steps))]
         if missing:
             raise DecodeError(f"exact mode: bands {missing} of item {self.item} never arrived")
         self.item += 1
@@ -143,10 +145,10 @@ class LockstepJob(Job):
                 self._share(record.k)
             return None
         if isinstance(record, msgs.Result):
-            if not current or record.tile in self.delivered:
+            if not current or (record.tile, record.step) in self.delivered:
                 h.send(msgs.Free(record.slot))
                 return None
-            self.delivered.add(record.tile)
+            self.delivered.add((record.tile, record.step))
             self.last_heard = time.monotonic()
             pixels = shm.view(h.arena.buf, torch.float32, record.shape, record.slot * h.slot_bytes)
             return Decoded(h.name, self.plan.tiles[record.tile], record.step, pixels, h.pid, borrowed=True)
@@ -177,9 +179,9 @@ class LockstepJob(Job):
         return None
 
     def _positions(self, key: int) -> int:
-        """Latent positions (rows x width) of one group's bands."""
+        """Latent positions (frames x rows x width) of one group's bands."""
         tiles = [self.plan.tiles[i] for i in self.groups[key].bands]
-        return sum(math.prod(t.in_size[-2:]) for t in tiles)
+        return sum(math.prod(t.in_size) for t in tiles)
 
     def _share(self, k: int) -> None:
         got = self.reported[k]

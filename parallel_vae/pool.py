@@ -27,7 +27,7 @@ from .errors import DecodeError
 from .jobs import WAIT_S, TileJob
 from .lockstep_job import LockstepJob
 from .rates import Speeds
-from .plan import CAUSAL, Plan
+from .plan import Plan
 from .units import Decoded
 from .workers import START_TIMEOUT_S, Handle, ModelSource, PoolStats, Transport, Workers, WorkerSpec, WorkerState
 
@@ -123,12 +123,12 @@ class WorkerPool:
         The caller blends each result before advancing the iterator (the pixels are a view of a
         slot that is freed then). ``poll`` runs at least every WAIT_S seconds; an exception from
         it (ComfyUI's interrupt) cancels the job in the workers and propagates. ``order="frame"``
-        decodes causal video frame by frame (schedule.frame_groups), for streams. Exact plans of
-        GroupNorm VAEs run in lock-step (lockstep_job.py); exact Wan bands need nothing from each
-        other and are scheduled like causal tiles.
+        decodes causal video frame by frame (schedule.frame_groups), for streams. Exact plans run
+        in lock-step (lockstep_job.py): their bands exchange rows and statistics (Wan's give each
+        decoder call's frames as they go).
         """
         with self._lock:
-            if plan.exact and plan.kind != CAUSAL:
+            if plan.exact:
                 job = LockstepJob(self.workers, plan, latent, source, poll, self.speeds)
             else:
                 job = TileJob(self.workers, plan, latent, source, poll, order)

@@ -82,21 +82,21 @@ def box_of(latent: torch.Tensor, batch: int, start, size) -> torch.Tensor:
 
 
 def run(work: Work, latent: torch.Tensor, tiles: Sequence[int], decoder, executor=None,
-        answer: Optional[Callable] = None, order: str = "frame", poll: Optional[Callable[[], None]] = None,
+        answer: Optional[Callable] = None, poll: Optional[Callable[[], None]] = None,
         empty_cache: Callable[[], None] = lambda: None) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(tile, step, output) of the group ``tiles``, as ``decoder.output`` gives it: pixels, or a
     latent where ``work.encode`` (``latent`` is then the VAE's input pixels).
 
     Exact groups are bands of one batch item, run by ``executor``: ``answer`` carries their sync
-    points to the bands of other workers (None: these bands are the whole item), ``order`` says
-    whether Wan bands go band by band ("tile") or frame by frame, ``poll`` runs between sync points.
+    points to the bands of other workers (None: these bands are the whole item), ``poll`` runs
+    between sync points.
     """
     if work.exact:
         from .exact import bands
 
         if executor is None:
             raise DecodeError("this lane has no exact executor for the VAE")
-        for t, step, pixels in bands.run(executor, work, latent, tiles, answer, order, poll, empty_cache):
+        for t, step, pixels in bands.run(executor, work, latent, tiles, answer, poll, empty_cache):
             yield t, step, decoder.output(pixels)
         return
     if work.encode or not work.causal:

@@ -26,8 +26,7 @@ def plan(in_shape, scales, out_channels: int, tile_size: int, halo: int, lockste
     each lane decodes rows in proportion to its speed within its memory (shares.split), and the
     plan says which bands are whose. Otherwise (no terms: one lane decodes every band in turn) the
     bands are even, one per lane where the rows allow, and sized by ``tile_size`` (a band's own
-    rows hold at most tile_size^2 output pixels); Wan's bands are independent units, pulled by
-    whichever lane is free."""
+    rows hold at most tile_size^2 output pixels)."""
     height, width = in_shape[-2], in_shape[-1]
     if lockstep and terms:
         shared = split(height, terms)

@@ -63,7 +63,12 @@ _TAKES_BAND_QUERIES = ("pytorch_attention", "xformers_attention")
 
 def band_attention(block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``block``'s attention of a band's queries ``q`` over the whole item's keys and values."""
-    fn = getattr(block, "optimized_attention", None)
+    return attend_band(getattr(block, "optimized_attention", None), q, k, v)
+
+
+def attend_band(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's attention function ``fn`` for a band's queries ``q`` over the whole item's keys
+    and values, or the split attention's arithmetic in bounded slices where ``fn`` is that one."""
     if getattr(fn, "__name__", "") in _TAKES_BAND_QUERIES:
         return fn(q, k, v)
     return split_attention(q, k, v, SLICE_BYTES)
@@ -79,4 +84,4 @@ def attention_block(block, x: torch.Tensor) -> torch.Tensor:
     return x + block.proj_out(h)
 
 
-__all__ = ["attention_block", "band_attention", "is_attn_block", "split_attention"]
+__all__ = ["attend_band", "attention_block", "band_attention", "is_attn_block", "split_attention"]

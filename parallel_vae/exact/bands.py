@@ -1,11 +1,12 @@
 """Exact bands of one batch item, decoded in the calling thread (in ComfyUI's process, or in a
 worker for the bands the parent gave it).
 
-GroupNorm families run their bands in lock-step (every band's state is alive at each GroupNorm):
-``answer`` answers each sync point, here from these bands alone (they are the whole item) or in a
-worker through the parent, which holds every worker's bands. Wan runs band by band
-(``order="tile"``: one band's causal cache alive at a time, the prefix's outputs kept) or frame by
-frame (``order="frame"``, for streams and worker groups: every band's cache alive).
+Decoders whose bands exchange rows (SD's 2-D decoder, Wan) run their bands in lock-step (every
+band's state is alive at each exchange point): ``answer`` answers each sync point, here from these
+bands alone (they are the whole item) or in a worker through the parent, which holds every
+worker's bands. Wan's bands give their frames after each decoder call (each band's causal cache of
+its own rows alive, together the size of one whole-frame cache). Wan's exact encoder reads a halo
+and runs band by band (one causal cache alive at a time).
 
 Out of memory on a band: every band is split in two and the item decoded again, skipping what was
 already delivered; the output does not depend on the band count, so this changes nothing but the
@@ -27,7 +28,7 @@ Unit = tuple  # (band's tile index, step, pixels on the device)
 
 
 def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[Callable] = None,
-        order: str = "frame", poll: Optional[Callable[[], None]] = None,
+        poll: Optional[Callable[[], None]] = None,
         empty_cache: Callable[[], None] = lambda: None) -> Iterator[Unit]:
     """(band, step, pixels) of the bands ``tiles`` (of one batch item) of ``work`` (units.Work)."""
     batch = work.boxes[tiles[0]][0]
@@ -36,16 +37,16 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     z = latent.narrow(0, batch, 1)
     r = getattr(ex, "in_rows", 1)  # encoding: the boxes are pixel rows, the bands latent rows
     bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
-    if answer is not None and ex.sync == "groupnorm":
-        return attempt(ex, z, bands, work.split, order, poll, answer)
-    return item_results(ex, z, bands, order, poll, empty_cache)
+    if answer is not None and exchanges(ex):
+        return attempt(ex, z, bands, work.split, poll, answer)
+    return item_results(ex, z, bands, poll, empty_cache)
 
 
 def sub_bands(band: Band, split: int) -> list[tuple[int, int]]:
     return [(band.a + p, band.a + q) for p, q in split_rows(band.e - band.a, split)]
 
 
-def item_results(ex, z: torch.Tensor, bands: Sequence[Band], order: str = "tile", poll=None,
+def item_results(ex, z: torch.Tensor, bands: Sequence[Band], poll=None,
                  empty_cache: Callable[[], None] = lambda: None) -> Iterator[Unit]:
     """Each (band, step) of ``bands`` once; out of memory splits every band in two and decodes
     the item again, skipping what was delivered."""
@@ -53,7 +54,7 @@ def item_results(ex, z: torch.Tensor, bands: Sequence[Band], order: str = "tile"
     split = 1
     while True:
         try:
-            for index, step, pixels in attempt(ex, z, bands, split, order, poll):
+            for index, step, pixels in attempt(ex, z, bands, split, poll):
                 if (index, step) not in delivered:
                     delivered.add((index, step))
                     yield index, step, pixels
@@ -67,16 +68,19 @@ def item_results(ex, z: torch.Tensor, bands: Sequence[Band], order: str = "tile"
             empty_cache()
 
 
-def attempt(ex, z, bands: Sequence[Band], split: int = 1, order: str = "tile", poll=None,
+def attempt(ex, z, bands: Sequence[Band], split: int = 1, poll=None,
             answer: Optional[Callable] = None) -> Iterator[Unit]:
     """(band, step, pixels) of ``bands`` of one batch item ``z``, each band cut into ``split``
     sub-bands (concatenated again); ``answer`` answers the bands' sync points (GroupNorm
     statistics, conv edge rows); by default these bands are the whole item."""
-    if ex.sync == "groupnorm":
+    if exchanges(ex):
         return _lockstep_item(ex, z, bands, split, poll, answer or lockstep.answers)
-    if getattr(ex, "encodes", False):
-        return _wan_encode_item(ex, z, bands, split, poll)
-    return _wan_item(ex, z, bands, split, order, poll)
+    return _wan_encode_item(ex, z, bands, split, poll)
+
+
+def exchanges(ex) -> bool:
+    """Whether ``ex``'s bands exchange rows or statistics (and so run in lock-step)."""
+    return ex.sync != "none"
 
 
 def _wan_encode_item(ex, z, bands: Sequence[Band], split: int, poll) -> Iterator[Unit]:
@@ -102,39 +106,27 @@ def _lockstep_item(ex, z, bands: Sequence[Band], split: int, poll, answer) -> It
     pieces = [(band.index, sub_bands(band, split)) for band in bands]
     gens = [ex.band(mid, p, q) for _, subs in pieces for p, q in subs]
     del mid  # each band holds its own rows of it
-    done = iter(lockstep.run(gens, between=poll, answer=answer))
-    for index, subs in pieces:
-        parts = [next(done) for _ in subs]
-        yield index, 0, parts[0] if len(parts) == 1 else torch.cat(parts, -2)
-
-
-def _wan_item(ex, z, bands: Sequence[Band], split: int, order: str, poll) -> Iterator[Unit]:
-    height = z.shape[-2]
-
-    def make(band):
-        return [ex.band(p, q, height) for p, q in sub_bands(band, split)]
-
-    def feed(subs, mid, n, first):
-        per = [b.feed(mid, n, first) for b in subs]
-        return [per[0][j] if len(per) == 1 else torch.cat([p[j] for p in per], -2) for j in range(n)]
-
-    if order == "frame" or len(bands) == 1:
-        states = [(band.index, make(band)) for band in bands]
-        step = 0
-        for mid, n, first in ex.chunks(z):
-            for index, subs in states:
-                for j, pixels in enumerate(feed(subs, mid, n, first)):
-                    yield index, step + j, pixels
-            step += n
-            if poll is not None:
-                poll()
+    driven = lockstep.drive(gens, between=poll, answer=answer)
+    step = 0
+    while True:  # bands that give frames on the way (Wan): each decoder call's, band by band
+        try:
+            outputs = next(driven)
+        except StopIteration as end:
+            results = end.value
+            break
+        given = iter(outputs)
+        for index, subs in pieces:
+            parts = [next(given) for _ in subs]  # each sub-band's frames of this call
+            for j in range(len(parts[0])):
+                yield index, step + j, _joined([p[j] for p in parts])
+        step += len(outputs[0])
+        del outputs, given, parts
+    if step:
         return
-    calls = list(ex.chunks(z))  # the prefix once; every band reads it
-    for band in bands:
-        subs, step = make(band), 0
-        for mid, n, first in calls:
-            for j, pixels in enumerate(feed(subs, mid, n, first)):
-                yield band.index, step + j, pixels
-            step += n
-            if poll is not None:
-                poll()
+    done = iter(results)
+    for index, subs in pieces:
+        yield index, 0, _joined([next(done) for _ in subs])
+
+
+def _joined(parts: list) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -2)

@@ -1,8 +1,7 @@
 """Exact mode geometry: row bands, their halo, and the plan that carries them.
 
-A band owns latent rows ``[a, e)`` of one batch item. Where bands cannot exchange rows as they go
-(Wan's causal caches), a band reads the mid-block output rows ``[a - halo, e + halo)`` (clipped at
-the image). The halo covers the up path's receptive field, worked out from the layers themselves
+A band owns latent rows ``[a, e)`` of one batch item. Where bands do not exchange rows as they go
+(Wan's exact encoder), a band reads the rows ``[a - halo, e + halo)`` (clipped at the image). The halo covers the up path's receptive field, worked out from the layers themselves
 (``receptive_rows``), never tuned: a smaller halo only looks right for some weights.
 """
 from __future__ import annotations

@@ -4,7 +4,9 @@ Every band is a generator (sd.SdExact.band) that yields a request at each sync p
 ``StatsRequest`` (the moments of its rows), answered with the global (mean, rstd), or a
 ``RowsRequest`` (its edge rows), answered with (the band above's bottom rows, the band below's top
 rows), or a ``GatherRequest`` (its rows of a tensor every band reads whole), answered with the
-whole. ``run`` drives bands in one thread; ``answers`` answers bands that are a whole batch item.
+whole. A band may also yield a ``threads.Output`` (what it gives on the way: a decoder call's
+frames), which ``drive`` collects from every band. ``run`` drives bands in one thread;
+``answers`` answers bands that are a whole batch item.
 In a worker whose bands are part of an item, ``report`` makes the record for the parent (which
 holds every worker's part) and ``answers_from`` turns the parent's reply into each band's answer.
 """
@@ -18,6 +20,7 @@ import torch
 from .. import protocol as msgs
 from ..errors import DecodeError
 from . import stats
+from .threads import Output
 
 
 @dataclass(frozen=True)
@@ -123,21 +126,47 @@ def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None
     """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each sync
     point (interrupt checks); ``answer`` turns the bands' requests into one answer per band (in a
     worker: a round trip to the parent, which also has the other workers' bands)."""
+    steps = drive(bands, between, answer)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        raise DecodeError("exact mode: bands gave output before their end")
+
+
+def drive(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
+          answer: Callable[[Sequence[Request]], list] = answers) -> Generator[list, None, list]:
+    """``run``, for bands that also give output on the way (``threads.Output``, e.g. the frames of
+    one decoder call): yields every band's output, in band order, each time they all gave one;
+    returns what each band returned. Closing it (an error, an interrupt) closes every band."""
     requests: list = [None] * len(bands)
     results: list = [None] * len(bands)
-    for i, g in enumerate(bands):
-        requests[i] = _advance(g, None, results, i)
-    while any(r is not None for r in requests):
-        if any(r is None for r in requests):
-            raise DecodeError("exact mode: a band finished before the others")
-        replies = answer(requests)
-        requests = [None] * len(bands)  # drop the edge rows before the bands go on
+    try:
         for i, g in enumerate(bands):
-            requests[i] = _advance(g, replies[i], results, i)
-            replies[i] = None
-        if between is not None:
-            between()
-    return results
+            requests[i] = _advance(g, None, results, i)
+        while any(r is not None for r in requests):
+            if any(r is None for r in requests):
+                raise DecodeError("exact mode: a band finished before the others")
+            if isinstance(requests[0], Output):
+                if not all(isinstance(r, Output) for r in requests):
+                    raise DecodeError("exact mode: bands fell out of step at an output")
+                replies = [None] * len(bands)
+                out, requests = [r.value for r in requests], [None] * len(bands)
+                yield out
+                del out
+            else:
+                replies = answer(requests)
+                requests = [None] * len(bands)  # drop the edge rows before the bands go on
+            for i, g in enumerate(bands):
+                requests[i] = _advance(g, replies[i], results, i)
+                replies[i] = None
+            if between is not None:
+                between()
+        return results
+    finally:
+        for g in bands:
+            g.close()
 
 
 def _advance(gen: Generator, value, results: list, i: int):

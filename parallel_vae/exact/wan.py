@@ -1,21 +1,26 @@
-"""Exact banded decode for Wan 2.1 (also the Qwen-Image VAE) and Wan 2.2, walking ComfyUI's own
+"""Exact banded decode for Wan 2.1 (also the Qwen-Image VAE) and Wan 2.2, calling ComfyUI's own
 modules without importing ComfyUI.
 
-At each decoder call (a latent frame, or a pair where the decoder takes pairs) the prefix
-(``conv1`` and the ``middle`` blocks with the global attention) runs on the whole frame with its
-own causal cache. Each band then runs ComfyUI's ``upsamples`` and ``head`` on its rows plus halo
-with a causal cache of its own, and keeps its own rows (cropped once, at the end). Wan's norms
-work per pixel, so bands never exchange anything.
+A band owns latent rows ``[a, e)`` and runs the whole decoder on them, decoder call by decoder
+call (a latent frame, or a pair where the decoder takes pairs), with a causal cache of its own
+rows: ``conv2``, ``conv1``, the ``middle`` blocks, the ``upsamples`` and the ``head``. It runs in a
+thread of its own (threads.py) so that ComfyUI's modules keep their call structure and caches,
+which differ between ComfyUI versions; hooks on the modules (wan_rows.py) exchange what crosses a
+band's edge: conv edge rows (with their cached frames) and the middle attention's keys and
+values. Wan's norms work per pixel, so nothing else does. Every row is computed once, on one lane,
+and every conv sees the inputs the untiled decode gives it: the output does not depend on the
+band count. After each decoder call a band hands its frames to the driver (``threads.Output``).
 """
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from typing import Generator
 
 import torch
 
 from ..models.wan import count_modules, unpatchify
-from .geometry import halo_rows, receptive_rows, upsample_factor
+from . import threads, wan_rows
+from .geometry import receptive_rows, upsample_factor
 
 
 def _named(module, name: str) -> bool:
@@ -23,8 +28,9 @@ def _named(module, name: str) -> bool:
 
 
 class WanExact:
-    sync = "none"
+    sync = "rows"  # bands exchange conv edge rows and attention keys (no statistics: per-pixel norms)
     causal = True
+    halo = 0  # a band reads no rows beyond its own: its neighbours send the edges each conv needs
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model
@@ -36,21 +42,19 @@ class WanExact:
         self.pairs = hasattr(dec, "run_up")  # ComfyUI 0.18+: Wan 2.1's decoder takes latent frames in pairs
         self.cache_t = getattr(sys.modules.get(type(dec).__module__), "CACHE_T", 2)
         self.slots = count_modules(dec, "CausalConv3d")
-        self.prefix_slots = count_modules(dec.conv1, "CausalConv3d") + count_modules(dec.middle, "CausalConv3d")
         factor = 1
         for m in dec.upsamples.modules():  # DupUp3D shortcuts are not nn.Upsample, so not counted
             factor *= upsample_factor(m) or 1
         self.px_per_row = factor * patch_size
-        self.halo = self.halo_of(model)
 
     @staticmethod
     def rf_rows(decoder) -> float:
+        """The up path's receptive field in latent rows (what a band without the exchange would need)."""
         return receptive_rows([decoder.upsamples, decoder.head], skip=("DupUp3D",))
 
-    @classmethod
-    def halo_of(cls, model) -> int:
-        """Rows a band reads beyond its own on each side: the up path's receptive field."""
-        return halo_rows(cls.rf_rows(model.decoder))
+    @staticmethod
+    def halo_of(model) -> int:
+        return WanExact.halo
 
     @staticmethod
     def refusal(model) -> str | None:
@@ -60,29 +64,64 @@ class WanExact:
             return "its decoder is not ComfyUI's Wan decoder"
         if any(_named(m, "AttentionBlock") for m in dec.upsamples.modules()):
             return "its up path has attention layers"
-        return None
+        return wan_rows.refusal(dec)
 
-    # -- prefix: per decoder call, on the whole frame --------------------------------------------
-    def chunks(self, z: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, bool]]:
-        """(mid-block output, latent frames in it, first call?) for each decoder call, in order."""
-        dec = self.decoder
-        x = self.model.conv2(z.to(self.device, self.dtype))
-        cache: list = [None] * self.slots
-        frames, i = x.shape[2], 0
+    def prefix(self, z: torch.Tensor) -> torch.Tensor:
+        """Nothing runs on the whole latent: ``z`` on the device, in the model's dtype."""
+        return z.to(self.device, self.dtype)
+
+    def calls(self, frames: int) -> list[tuple[int, int]]:
+        """(first latent frame, frames) of each decoder call, as ComfyUI's decode makes them."""
+        out, i = [], 0
         while i < frames:
             n = min(2, frames - i) if self.pairs and i > 0 else 1
+            out.append((i, n))
+            i += n
+        return out
+
+    # -- one band ----------------------------------------------------------------------------------
+    def band(self, z: torch.Tensor, a: int, e: int) -> Generator:
+        """Own rows ``[a, e)`` of the latent ``z`` ``[1, C, T, H, W]`` (on the device): yields a
+        Request at each exchange point (lockstep.py) and a ``threads.Output`` with the band's
+        pixels ``[1, C, frames, px*(e-a), W*px]`` of each latent frame after each decoder call."""
+        channel = threads.Channel(a, e, z.shape[-2])
+        own = z[:, :, :, a:e].clone(memory_format=torch.contiguous_format)
+
+        def body():
+            with wan_rows.exchanging(self.decoder):
+                self._decode(own, channel)
+
+        return (yield from threads.run(channel, body, self.device))
+
+    def _decode(self, z: torch.Tensor, channel: threads.Channel) -> None:
+        dec = self.decoder
+        x = self.model.conv2(z)
+        cache: list = [None] * self.slots
+        for i, n in self.calls(x.shape[2]):
             idx = [0]
-            h = self._cached(dec.conv1, x[:, :, i:i + n], cache, idx)
+            h = cached_conv(dec.conv1, x[:, :, i:i + n], cache, idx, self.cache_t)
             for layer in dec.middle:
                 h = layer(h, cache, idx) if _named(layer, "ResidualBlock") else layer(h)
-            yield h, n, i == 0
-            i += n
+            channel.emit(self._up(h, cache, idx, n, i == 0))
 
-    def _cached(self, conv, x, cache: list, idx: list):
-        return cached_conv(conv, x, cache, idx, self.cache_t)
-
-    def band(self, a: int, e: int, height: int) -> "WanBand":
-        return WanBand(self, a, e, height)
+    def _up(self, x: torch.Tensor, cache: list, idx: list, frames: int, first: bool) -> list[torch.Tensor]:
+        """The up path and head of one decoder call: the pixels of each of its latent frames."""
+        dec = self.decoder
+        if self.pairs:
+            chunks: list = []
+            dec.run_up(0, [x], cache, idx, chunks)
+            x = torch.cat(chunks, 2)
+        else:
+            extra = (first,) if self.first_chunk else ()
+            for layer in dec.upsamples:
+                x = layer(x, cache, idx, *extra)
+            for layer in dec.head:
+                x = cached_conv(layer, x, cache, idx, self.cache_t) if _named(layer, "CausalConv3d") else layer(x)
+        if self.patch_size > 1:
+            x = unpatchify(x, self.patch_size)
+        if first:  # the first latent frame decodes to one frame, each later one to the rest evenly
+            return [x[:, :, :1]] + (list(x[:, :, 1:].chunk(frames - 1, 2)) if frames > 1 else [])
+        return list(x.chunk(frames, 2))
 
 
 def cached_conv(conv, x, cache: list, idx: list, cache_t: int, top_up: bool = True):
@@ -96,36 +135,3 @@ def cached_conv(conv, x, cache: list, idx: list, cache_t: int, top_up: bool = Tr
     cache[i] = cache_x
     idx[0] += 1
     return x
-
-
-class WanBand:
-    """One band's state across decoder calls: its rows, its causal cache."""
-
-    def __init__(self, ex: WanExact, a: int, e: int, height: int):
-        self.ex = ex
-        self.a, self.e = a, e
-        self.g0, self.g1 = max(0, a - ex.halo), min(height, e + ex.halo)
-        self.cache: list = [None] * ex.slots
-
-    def feed(self, mid: torch.Tensor, frames: int, first: bool) -> list[torch.Tensor]:
-        """The band's own pixel rows for each latent frame of one decoder call."""
-        ex, dec = self.ex, self.ex.decoder
-        x = mid[:, :, :, self.g0:self.g1]
-        idx = [ex.prefix_slots]
-        if ex.pairs:
-            chunks: list = []
-            dec.run_up(0, [x], self.cache, idx, chunks)
-            x = torch.cat(chunks, 2)
-        else:
-            extra = (first,) if ex.first_chunk else ()
-            for layer in dec.upsamples:
-                x = layer(x, self.cache, idx, *extra)
-            for layer in dec.head:
-                x = ex._cached(layer, x, self.cache, idx) if _named(layer, "CausalConv3d") else layer(x)
-        if ex.patch_size > 1:
-            x = unpatchify(x, ex.patch_size)
-        f = ex.px_per_row
-        x = x[:, :, :, (self.a - self.g0) * f:(self.e - self.g0) * f]
-        if first:  # the first latent frame decodes to one frame, each later one to the rest evenly
-            return [x[:, :, :1]] + (list(x[:, :, 1:].chunk(frames - 1, 2)) if frames > 1 else [])
-        return list(x.chunk(frames, 2))

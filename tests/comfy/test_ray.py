@@ -90,8 +90,9 @@ def test_encode_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack,
         assert max_diff(ours, comfy.VAEEncode().encode(wan, video)[0]["samples"]) <= TOL
 
 
-def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae, decode, core_tiled, core_decode,
-                                                                        stream_of, to_images, cluster, ray_pool):
+def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(pack, load_vae, decode, core_tiled,
+                                                                        core_decode, stream_of, to_images, cluster,
+                                                                        ray_pool):
     vae = load_vae("wan21")
     v = latent((1, 16, 3, 10, 14), 62)
     tiled = decode(v, vae, 64, 16, 8, 4, devices=RAY)  # causal: time is never cut
@@ -99,10 +100,16 @@ def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(load_vae
     assert torch.equal(tiled, decode(v, vae, 64, 16, 8, 4, devices="cpu:2"))
     assert torch.equal(to_images(stream_of(v, vae, 64, 16, 8, 4, devices=RAY)), tiled)
 
-    e = latent((1, 16, 3, 19, 4), 63)  # two bands in lock-step, GroupNorm combined in ComfyUI's process
+    # two bands of 16 rows (tile_size 64 caps a band there) in lock-step, their edge rows passed through
+    # ComfyUI's process; lanes measured alike, so both pools cut the same bands (Wan's bands of other
+    # heights agree to about 2e-6, not bit for bit: tests/comfy/test_exact_workers.py, even_speeds)
+    e = latent((1, 16, 2, 32, 4), 63)
+    for pool in filter(None, (ray_pool(), pack.nodes.backends.local_pool())):
+        pool.speeds.rates.update({name: 1.0 for name in pool.speeds.rates})
     exact = decode(e, vae, 64, 16, devices=RAY, mode="exact")
     assert max_diff(exact, core_decode(e, vae)) <= TOL
     assert torch.equal(exact, decode(e, vae, 64, 16, devices="cpu:2", mode="exact"))
+    ray_pool().speeds.rates.update({name: 1.0 for name in ray_pool().speeds.rates})
     assert torch.equal(to_images(stream_of(e, vae, 64, 16, devices=RAY, mode="exact")), exact)
     assert set(ray_pool().transport.result_nodes) == ray_cluster.worker_node_ids(cluster)
 
