@@ -77,7 +77,7 @@ def run(channel: Channel, body: Callable[[], object], device: torch.device) -> G
     def target():
         _local.channel = channel
         try:
-            if device.type == "cuda":
+            if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)  # the current device is per thread
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 result = body()

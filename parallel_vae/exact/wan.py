@@ -96,8 +96,10 @@ class WanExact:
     def _decode(self, z: torch.Tensor, channel: threads.Channel) -> None:
         dec = self.decoder
         x = self.model.conv2(z)
-        cache: list = [None] * self.slots
-        for i, n in self.calls(x.shape[2]):
+        calls = self.calls(x.shape[2])
+        # one call: no causal cache, as ComfyUI's pairs decoder does (it would hold every conv's input)
+        cache: list | None = None if self.pairs and len(calls) == 1 else [None] * self.slots
+        for i, n in calls:
             idx = [0]
             h = cached_conv(dec.conv1, x[:, :, i:i + n], cache, idx, self.cache_t)
             for layer in dec.middle:
@@ -124,9 +126,12 @@ class WanExact:
         return list(x.chunk(frames, 2))
 
 
-def cached_conv(conv, x, cache: list, idx: list, cache_t: int, top_up: bool = True):
+def cached_conv(conv, x, cache: list | None, idx: list, cache_t: int, top_up: bool = True):
     """A causal conv with the cache handling of ComfyUI's Wan modules: the last ``cache_t`` frames,
-    topped up (where the module does) with the previous call's last frame when a call brings one."""
+    topped up (where the module does) with the previous call's last frame when a call brings one
+    (no cache: the conv alone)."""
+    if cache is None:
+        return conv(x)
     i = idx[0]
     cache_x = x[:, :, -cache_t:].clone()
     if top_up and cache_x.shape[2] < 2 and cache[i] is not None:
