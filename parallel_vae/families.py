@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .exact import SdExact, Unsupported, WanExact
-from .exact.attention import is_attn_block
+from .exact.attention import is_attention
 from .exact.geometry import conv_spread
 from .exact.sd_encode import SdEncodeExact
 from .exact.wan_encode import WanEncodeExact
@@ -140,7 +140,7 @@ def exact_rounds(key: str, model, direction: str = "decode", frames: int = 1) ->
     part = model.decoder if direction == "decode" else model.encoder
     rounds = 0
     for m in part.modules():
-        if hasattr(m, "num_groups") or is_attn_block(m) or type(m).__name__ == "AttentionBlock":
+        if hasattr(m, "num_groups") or is_attention(m):
             rounds += 1
         elif hasattr(m, "kernel_size") and getattr(m, "weight", None) is not None and conv_spread(m) > 0:
             rounds += 1

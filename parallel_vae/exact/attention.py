@@ -23,6 +23,12 @@ def is_attn_block(module) -> bool:
     return all(hasattr(module, n) for n in ("norm", "q", "k", "v", "proj_out"))
 
 
+def is_attention(module) -> bool:
+    """A global attention layer bands gather keys and values for: ComfyUI's ``AttnBlock``, or
+    Wan's ``AttentionBlock`` (per frame)."""
+    return is_attn_block(module) or type(module).__name__ == "AttentionBlock"
+
+
 def _is_split_attention(fn) -> bool:
     return getattr(fn, "__name__", "") == "normal_attention"
 
@@ -84,4 +90,4 @@ def attention_block(block, x: torch.Tensor) -> torch.Tensor:
     return x + block.proj_out(h)
 
 
-__all__ = ["attend_band", "attention_block", "band_attention", "is_attn_block", "split_attention"]
+__all__ = ["attend_band", "attention_block", "band_attention", "is_attention", "is_attn_block", "split_attention"]

@@ -42,6 +42,11 @@ def conv_spread(module) -> int:
     return dh * (kh - 1) // 2
 
 
+def named(module, name: str) -> bool:
+    """Whether ``module`` is ComfyUI's class ``name`` (this package never imports ComfyUI)."""
+    return type(module).__name__ == name
+
+
 def is_conv(module) -> bool:
     return hasattr(module, "kernel_size") and hasattr(module, "weight") and module.weight is not None \
         and module.weight.dim() >= 4
@@ -177,6 +182,6 @@ def bands_of(plan: Plan, batch: int) -> list[Band]:
     return [Band(t.index, t.in_start[axis], t.in_start[axis] + t.in_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "plan_exact", "plan_exact_encode",
+__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "named", "plan_exact", "plan_exact_encode",
            "receptive_rows",
            "split_rows"]

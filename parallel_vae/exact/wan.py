@@ -20,11 +20,7 @@ import torch
 
 from ..models.wan import count_modules, unpatchify
 from . import threads, wan_rows
-from .geometry import receptive_rows, upsample_factor
-
-
-def _named(module, name: str) -> bool:
-    return type(module).__name__ == name
+from .geometry import named, receptive_rows, upsample_factor
 
 
 class WanExact:
@@ -62,7 +58,7 @@ class WanExact:
         if dec is None or not all(hasattr(dec, a) for a in ("conv1", "middle", "upsamples", "head")) \
                 or not hasattr(model, "conv2"):
             return "its decoder is not ComfyUI's Wan decoder"
-        if any(_named(m, "AttentionBlock") for m in dec.upsamples.modules()):
+        if any(named(m, "AttentionBlock") for m in dec.upsamples.modules()):
             return "its up path has attention layers"
         return wan_rows.refusal(dec)
 
@@ -103,7 +99,7 @@ class WanExact:
             idx = [0]
             h = cached_conv(dec.conv1, x[:, :, i:i + n], cache, idx, self.cache_t)
             for layer in dec.middle:
-                h = layer(h, cache, idx) if _named(layer, "ResidualBlock") else layer(h)
+                h = layer(h, cache, idx) if named(layer, "ResidualBlock") else layer(h)
             channel.emit(self._up(h, cache, idx, n, i == 0))
 
     def _up(self, x: torch.Tensor, cache: list, idx: list, frames: int, first: bool) -> list[torch.Tensor]:
@@ -118,7 +114,7 @@ class WanExact:
             for layer in dec.upsamples:
                 x = layer(x, cache, idx, *extra)
             for layer in dec.head:
-                x = cached_conv(layer, x, cache, idx, self.cache_t) if _named(layer, "CausalConv3d") else layer(x)
+                x = cached_conv(layer, x, cache, idx, self.cache_t) if named(layer, "CausalConv3d") else layer(x)
         if self.patch_size > 1:
             x = unpatchify(x, self.patch_size)
         if first:  # the first latent frame decodes to one frame, each later one to the rest evenly

@@ -17,14 +17,10 @@ import sys
 
 import torch
 
-from .geometry import conv_spread, is_conv
+from .geometry import conv_spread, is_conv, named
 from .wan import cached_conv
 
 SKIP = ("AvgDown3D",)  # Wan 2.2's parallel shortcuts: no spatial reach beyond their own block
-
-
-def _named(module, name: str) -> bool:
-    return type(module).__name__ == name
 
 
 def _tops_up(forward, default: bool) -> bool:
@@ -108,7 +104,7 @@ class WanEncodeExact:
         if enc is None or not all(hasattr(enc, a) for a in ("conv1", "downsamples", "middle", "head")) \
                 or not hasattr(model, "conv1"):
             return "its encoder is not ComfyUI's Wan encoder"
-        if any(_named(m, "AttentionBlock") for m in enc.downsamples.modules()):
+        if any(named(m, "AttentionBlock") for m in enc.downsamples.modules()):
             return "its down path has attention layers"
         return None
 
@@ -169,9 +165,9 @@ class WanEncodeExact:
             x, idx = feats[:, :, t:t + n], [0]
             t += n
             for layer in enc.middle:
-                x = layer(x, cache, idx, **extra) if _named(layer, "ResidualBlock") else layer(x)
+                x = layer(x, cache, idx, **extra) if named(layer, "ResidualBlock") else layer(x)
             for layer in enc.head:
-                x = self._cached(layer, x, cache, idx) if _named(layer, "CausalConv3d") else layer(x)
+                x = self._cached(layer, x, cache, idx) if named(layer, "CausalConv3d") else layer(x)
             outs.append(x)
         mu, _ = self.model.conv1(torch.cat(outs, 2)).chunk(2, dim=1)
         return mu

@@ -21,16 +21,12 @@ from contextlib import contextmanager
 import torch
 
 from .attention import attend_band
-from .geometry import conv_spread
+from .geometry import conv_spread, named
 from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
 _lock = threading.Lock()
 _users: dict[int, int] = {}  # id(decoder) -> bands running on it
-
-
-def _named(module, name: str) -> bool:
-    return type(module).__name__ == name
 
 
 def spreading_convs(decoder) -> list:
@@ -51,7 +47,7 @@ def refusal(decoder) -> str | None:
         if stride != 1 or isinstance(pad, str) or pad > conv_spread(m):
             return "its decoder has a conv that is strided or not row-aligned"
     for m in decoder.modules():
-        if _named(m, "AttentionBlock") and not callable(getattr(m, "optimized_attention", None)):
+        if named(m, "AttentionBlock") and not callable(getattr(m, "optimized_attention", None)):
             return "its attention is not ComfyUI's"
     return None
 
@@ -106,7 +102,7 @@ def _install(decoder) -> None:
     for i, conv in enumerate(spreading_convs(decoder)):
         conv._conv_forward = _conv_hook(conv, f"conv{i}")
     for block in decoder.modules():
-        if _named(block, "AttentionBlock"):
+        if named(block, "AttentionBlock"):
             block.optimized_attention = _attention_hook(block)
 
 
@@ -114,7 +110,7 @@ def _remove(decoder) -> None:
     for conv in spreading_convs(decoder):
         conv.__dict__.pop("_conv_forward", None)
     for block in decoder.modules():
-        if _named(block, "AttentionBlock"):
+        if named(block, "AttentionBlock"):
             block.optimized_attention = getattr(block.optimized_attention, "__wrapped__", block.optimized_attention)
 
 
