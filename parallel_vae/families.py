@@ -16,6 +16,7 @@ import torch
 
 from .exact import SdExact, Unsupported, WanExact
 from .exact.attention import is_attention
+from .exact.bands import exchanges
 from .exact.geometry import conv_spread
 from .exact.sd_encode import SdEncodeExact
 from .exact.wan_encode import WanEncodeExact
@@ -128,7 +129,7 @@ def exact_encode_channels(key: str, model, latent_channels: int) -> int:
 
 def exact_lockstep(key: str, direction: str = "decode") -> bool:
     """Whether the family's bands exchange statistics and edge rows (and so run in lock-step)."""
-    return _executor_class(FAMILIES[key], direction).sync != "none"
+    return exchanges(_executor_class(FAMILIES[key], direction))
 
 
 def exact_rounds(key: str, model, direction: str = "decode", frames: int = 1) -> int:

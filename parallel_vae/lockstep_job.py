@@ -1,4 +1,4 @@
-"""Exact mode for GroupNorm VAEs on the workers: each batch item's bands decoded in lock-step.
+"""Exact mode on the workers: each batch item's bands decoded in lock-step (SD-family and Wan).
 
 One item at a time, its bands are cut into one contiguous group per live worker (as the plan
 shared rows out by lane speed and memory, exact/shares.py; evenly once a worker is lost). Each

@@ -5,7 +5,7 @@ Every band is a generator (sd.SdExact.band) that yields a request at each sync p
 ``RowsRequest`` (its edge rows), answered with (the band above's bottom rows, the band below's top
 rows), or a ``GatherRequest`` (its rows of a tensor every band reads whole), answered with the
 whole. A band may also yield a ``threads.Output`` (what it gives on the way: a decoder call's
-frames), which ``drive`` collects from every band. ``run`` drives bands in one thread;
+frames), which ``drive`` collects from every band; ``drive`` drives bands in one thread;
 ``answers`` answers bands that are a whole batch item.
 In a worker whose bands are part of an item, ``report`` makes the record for the parent (which
 holds every worker's part) and ``answers_from`` turns the parent's reply into each band's answer.
@@ -121,25 +121,14 @@ def answers_from(requests: Sequence[Request], shared: msgs.Record) -> list:
     return [(mean, rstd)] * len(requests)
 
 
-def run(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
-        answer: Callable[[Sequence[Request]], list] = answers) -> list:
-    """Drive ``bands`` to the end; returns each band's pixels. ``between`` runs after each sync
-    point (interrupt checks); ``answer`` turns the bands' requests into one answer per band (in a
-    worker: a round trip to the parent, which also has the other workers' bands)."""
-    steps = drive(bands, between, answer)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-        raise DecodeError("exact mode: bands gave output before their end")
-
-
 def drive(bands: Sequence[Generator], between: Optional[Callable[[], None]] = None,
           answer: Callable[[Sequence[Request]], list] = answers) -> Generator[list, None, list]:
-    """``run``, for bands that also give output on the way (``threads.Output``, e.g. the frames of
-    one decoder call): yields every band's output, in band order, each time they all gave one;
-    returns what each band returned. Closing it (an error, an interrupt) closes every band."""
+    """Drive ``bands`` to the end: yields every band's output on the way (``threads.Output``, e.g.
+    the frames of one decoder call), in band order, each time they all gave one; returns what each
+    band returned (SD's: its pixels). ``between`` runs after each sync point (interrupt checks);
+    ``answer`` turns the bands' requests into one answer per band (in a worker: a round trip to the
+    parent, which also has the other workers' bands). Closing it (an error, an interrupt) closes
+    every band."""
     requests: list = [None] * len(bands)
     results: list = [None] * len(bands)
     try:

@@ -20,7 +20,7 @@ import torch
 
 from ..models.wan import count_modules, unpatchify
 from . import threads, wan_rows
-from .geometry import named, receptive_rows, upsample_factor
+from .geometry import named, upsample_factor
 
 
 class WanExact:
@@ -42,11 +42,6 @@ class WanExact:
         for m in dec.upsamples.modules():  # DupUp3D shortcuts are not nn.Upsample, so not counted
             factor *= upsample_factor(m) or 1
         self.px_per_row = factor * patch_size
-
-    @staticmethod
-    def rf_rows(decoder) -> float:
-        """The up path's receptive field in latent rows (what a band without the exchange would need)."""
-        return receptive_rows([decoder.upsamples, decoder.head], skip=("DupUp3D",))
 
     @staticmethod
     def halo_of(model) -> int:
