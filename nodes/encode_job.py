@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parallel_vae import exact, families, plan_encode, sizing
+from ..parallel_vae import exact, plan_encode, sizing
 from ..parallel_vae import devices as device_lists
 from ..parallel_vae.errors import InputError
 from ..parallel_vae.inputs import check_values
@@ -15,7 +15,6 @@ from ..parallel_vae.spec import VaeSpec
 from . import compat, vae_info
 from .job import Job, check_mode, exact_wanted
 from .sharding import check_sharding
-from .model import vae_model
 
 
 def prepare_pixels(vae, spec: VaeSpec, pixels) -> torch.Tensor:
@@ -73,20 +72,11 @@ class EncodeJob(Job):
         return plan_encode.plan_video(shape, s, spec.scales, spec.latent_channels, spec.causal)
 
     def exact_plan(self, tile_size: int, terms) -> Plan:
-        spec, model = self.spec, self.vae.first_stage_model
-        channels = families.exact_encode_channels(spec.family, model, spec.latent_channels)
-        return exact.plan_encode(tuple(self.tensor.shape), spec.scales, channels, tile_size,
-                                 families.exact_halo(spec.family, model, "encode"),
-                                 families.exact_lockstep(spec.family, "encode"), terms)
+        spec = self.spec
+        return exact.plan_encode(tuple(self.tensor.shape), spec.scales, spec.latent_channels, tile_size, terms)
 
     def result(self, blended: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """The LATENT's samples as core's VAE Encode returns them (its dtype: ComfyUI's intermediate
-        one). Where exact bands gave the down path's features (Wan), the rest of the encoder runs
-        here, once, on the whole frame, on the VAE's own device."""
-        if plan.exact and families.exact_encode_finishes(self.spec.family):
-            local = vae_model(self.vae, self.spec).local(str(self.vae.device), plan)
-            with local.context():
-                blended = local.executor("encode").suffix(blended, self.tensor.shape[2]).to("cpu", torch.float32)
+        """The LATENT's samples as core's VAE Encode returns them (its dtype: ComfyUI's intermediate one)."""
         return blended.to(compat.pixel_dtype())
 
 

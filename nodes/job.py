@@ -218,9 +218,8 @@ class DecodeJob(Job):
         return self.spec.plan(tuple(self.tensor.shape), settings)
 
     def exact_plan(self, tile_size: int, terms) -> Plan:
-        spec, model = self.spec, self.vae.first_stage_model
-        return exact.plan(tuple(self.tensor.shape), spec.scales, spec.out_channels, tile_size,
-                          families.exact_halo(spec.family, model), families.exact_lockstep(spec.family), terms)
+        spec = self.spec
+        return exact.plan(tuple(self.tensor.shape), spec.scales, spec.out_channels, tile_size, terms)
 
     def finisher(self, progress: NodeProgress) -> Callable:
         """The blender's hook for each finished segment: ComfyUI's post-processing of the pixels (to

@@ -39,12 +39,7 @@ def lanes_for(job, backend: Backend, model: str) -> tuple[Backend, str]:
     frames = shape[2] if len(shape) == 5 else 1
     model_ = job.vae.first_stage_model
     rounds = families.exact_rounds(job.spec.family, model_, direction, frames)
-    halo = families.exact_halo(job.spec.family, model_, direction)
-    if direction == "encode":
-        halo *= job.spec.scales[-2].factor
-
-    def work(k: int) -> float:  # positions computed on k lanes (halo rows twice at each inner edge)
-        return batch * frames * cols * min(rows * k, rows + 2 * halo * (k - 1))
+    work = batch * frames * rows * cols  # every position once, on one lane, whatever the lane count
 
     px = job.spec.scales[-1].factor if direction == "decode" else 1
     size = f"{shape[-1] * px}x{shape[-2] * px}"

@@ -3,7 +3,7 @@
 stepper, its exact-mode band executor, and its patch size.
 
 Everything that depends on the family reads this table: the spec the nodes build, the decoders
-(``make_decoder``), exact mode (``exact_executor``, ``exact_refusal``, ``exact_halo``). Adding a
+(``make_decoder``), exact mode (``exact_executor``, ``exact_refusal``, ``exact_rounds``). Adding a
 family is a row here and, where it needs one, an adapter in models/ or exact/. Model classes are
 named by module and class (as ComfyUI defines them), so this package never imports ComfyUI.
 """
@@ -16,7 +16,6 @@ import torch
 
 from .exact import SdExact, Unsupported, WanExact
 from .exact.attention import is_attention
-from .exact.bands import exchanges
 from .exact.geometry import conv_spread
 from .exact.sd_encode import SdEncodeExact
 from .exact.wan_encode import WanEncodeExact
@@ -111,33 +110,10 @@ def exact_executor(key: str, model, dtype: torch.dtype, device, direction: str =
                                               first_chunk=family.first_chunk)
 
 
-def exact_halo(key: str, model, direction: str = "decode") -> int:
-    """Rows each band of ``model`` reads beyond its own."""
-    return _executor_class(FAMILIES[key], direction).halo_of(model)
-
-
-def exact_encode_finishes(key: str) -> bool:
-    """Whether exact encode bands give features that the executor's ``suffix`` turns into the latent."""
-    return hasattr(FAMILIES[key].exact_encode, "suffix")
-
-
-def exact_encode_channels(key: str, model, latent_channels: int) -> int:
-    """Channels of what exact encode bands give: the latent, or the features a suffix finishes."""
-    executor = FAMILIES[key].exact_encode
-    return executor.out_channels(model) if hasattr(executor, "out_channels") else latent_channels
-
-
-def exact_lockstep(key: str, direction: str = "decode") -> bool:
-    """Whether the family's bands exchange statistics and edge rows (and so run in lock-step)."""
-    return exchanges(_executor_class(FAMILIES[key], direction))
-
-
 def exact_rounds(key: str, model, direction: str = "decode", frames: int = 1) -> int:
-    """Lock-step rounds of one batch item (0 where bands run alone): one at each GroupNorm, each
-    conv that reads beyond its rows, and each global attention; a causal decoder's at each of its
-    ``frames`` latent frames (about one decoder call each)."""
-    if not exact_lockstep(key, direction):
-        return 0
+    """Lock-step rounds of one batch item: one at each GroupNorm, each conv that reads beyond its
+    rows, and each global attention; a causal decoder's at each of its ``frames`` latent frames
+    (about one decoder call each)."""
     part = model.decoder if direction == "decode" else model.encoder
     rounds = 0
     for m in part.modules():
@@ -148,5 +124,5 @@ def exact_rounds(key: str, model, direction: str = "decode", frames: int = 1) ->
     return rounds * (frames if FAMILIES[key].causal else 1)
 
 
-__all__ = ["EXACT_SUPPORTED", "exact_rounds", "FAMILIES", "Family", "detect", "exact_executor", "exact_halo", "exact_lockstep",
-           "exact_encode_channels", "exact_encode_finishes", "exact_refusal", "exact_supported", "make_decoder", "of"]
+__all__ = ["EXACT_SUPPORTED", "exact_rounds", "FAMILIES", "Family", "detect", "exact_executor",
+           "exact_refusal", "exact_supported", "make_decoder", "of"]

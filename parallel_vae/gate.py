@@ -7,10 +7,10 @@ so such a job runs on fewer lanes, or in ComfyUI's own process (no round trips a
 model, per batch item:
 
     in-process:  work / local_rate
-    k lanes:     work(k) / (sum of the k fastest lanes' rates) + rounds x round_s + start_s
+    k lanes:     work / (sum of the k fastest lanes' rates) + rounds x round_s + start_s
 
-``work(k)`` is the latent positions computed on k lanes (the positions once where bands exchange
-their edges; more where bands read a halo). Rates are latent positions per second, as measured on
+``work`` is the input positions (bands exchange their edges, so every position is computed once,
+whatever k). Rates are positions per second, as measured on
 earlier jobs of the same model; before any measurement nothing is known, and every lane is used
 (the first job measures them). A lane count is chosen only when it is ``MIN_GAIN`` faster than
 fewer lanes, so measurement noise does not flip between choices.
@@ -18,7 +18,7 @@ fewer lanes, so measurement noise does not flip between choices.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 MIN_GAIN = 0.10  # more lanes must be this much faster than fewer
 # CPU workers share the cores: n single-threaded workers together do more than one process on
@@ -70,10 +70,10 @@ def worker_prior(costs: Costs) -> Optional[float]:
     return costs.local_rate
 
 
-def choose(lanes: Sequence[str], costs: Costs, rounds: int, work: Callable[[int], float],
-           size: str, pinned: bool = False) -> Choice:
-    """The lanes for one job of ``work(k)`` positions per item on k lanes with ``rounds`` sync
-    points per item; ``size`` names the job in the reason ("256x256")."""
+def choose(lanes: Sequence[str], costs: Costs, rounds: int, work: float, size: str,
+           pinned: bool = False) -> Choice:
+    """The lanes for one job of ``work`` positions with ``rounds`` sync points; ``size`` names the
+    job in the reason ("256x256")."""
     n = len(lanes)
     if pinned:
         return Choice(tuple(lanes), f"all {n} lanes: pinned")
@@ -82,9 +82,9 @@ def choose(lanes: Sequence[str], costs: Costs, rounds: int, work: Callable[[int]
         return Choice(tuple(lanes), f"all {n} lanes: their speeds are not measured yet" if n > 1 else "")
     local = costs.local_rate or local_prior(costs, lanes)
     order = sorted(lanes, key=lambda name: -rates[name])
-    best_k, best_s = 0, work(1) / local
+    best_k, best_s = 0, work / local
     for k in range(2, n + 1):
-        s = work(k) / sum(rates[name] for name in order[:k]) + rounds * costs.round_s + costs.start_s
+        s = work / sum(rates[name] for name in order[:k]) + rounds * costs.round_s + costs.start_s
         if s < best_s * (1 - MIN_GAIN):
             best_k, best_s = k, s
     if best_k == n:

@@ -117,7 +117,6 @@ class Plan:
     step_frames: tuple[tuple[int, int], ...] = ()
     # "tiled" (VAEDecodeTiled's grid) or "exact" (row bands of the untiled decode, exact/geometry.py)
     mode: str = "tiled"
-    halo: int = 0  # exact mode: latent rows each band reads beyond its own on either side
     # exact mode on workers: (lane name, bands of each item) top to bottom, where rows were
     # shared out by lane speed and memory (exact/shares.py); empty: any even grouping
     shares: tuple[tuple[str, int], ...] = ()

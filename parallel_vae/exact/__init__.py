@@ -19,33 +19,30 @@ class Unsupported(Exception):
     """This VAE has no exact executor; the message says why."""
 
 
-def plan(in_shape, scales, out_channels: int, tile_size: int, halo: int, lockstep: bool,
-         terms: Sequence[Terms] = ()):
-    """The exact plan, with ``halo`` rows read beyond each band (none where bands exchange their
-    conv edges). Bands in ``lockstep`` with the lanes' ``terms`` (one per lane decoding at once):
+def plan(in_shape, scales, out_channels: int, tile_size: int, terms: Sequence[Terms] = ()):
+    """The exact plan. With the lanes' ``terms`` (one per lane decoding at once, in lock-step):
     each lane decodes rows in proportion to its speed within its memory (shares.split), and the
     plan says which bands are whose. Otherwise (no terms: one lane decodes every band in turn) the
-    bands are even, one per lane where the rows allow, and sized by ``tile_size`` (a band's own
-    rows hold at most tile_size^2 output pixels)."""
+    bands are even and sized by ``tile_size`` (a band's own rows hold at most tile_size^2 output
+    pixels)."""
     height, width = in_shape[-2], in_shape[-1]
-    if lockstep and terms:
+    if terms:
         shared = split(height, terms)
-        return plan_exact(in_shape, scales, out_channels, shared.spans, halo, shared.shares)
-    bands = band_count(height, width, scales[-1].factor, tile_size, max(1, len(terms)), halo)
-    return plan_exact(in_shape, scales, out_channels, split_rows(height, bands), halo)
+        return plan_exact(in_shape, scales, out_channels, shared.spans, shared.shares)
+    bands = band_count(height, width, scales[-1].factor, tile_size)
+    return plan_exact(in_shape, scales, out_channels, split_rows(height, bands))
 
 
-def plan_encode(in_shape, scales, latent_channels: int, tile_size: int, halo: int, lockstep: bool,
-                terms: Sequence[Terms] = ()):
+def plan_encode(in_shape, scales, latent_channels: int, tile_size: int, terms: Sequence[Terms] = ()):
     """Exact encoding's plan, banded as ``plan`` bands a decode: ``in_shape`` are the pixels, the
     bands are rows of the latent they encode to."""
     f = scales[-2].factor
     height, width = -(-in_shape[-2] // f), -(-in_shape[-1] // f)
-    if lockstep and terms:
+    if terms:
         shared = split(height, terms)
-        return plan_exact_encode(in_shape, scales, latent_channels, shared.spans, halo, shared.shares)
-    bands = band_count(height, width, f, tile_size, max(1, len(terms)), halo)
-    return plan_exact_encode(in_shape, scales, latent_channels, split_rows(height, bands), halo)
+        return plan_exact_encode(in_shape, scales, latent_channels, shared.spans, shared.shares)
+    bands = band_count(height, width, f, tile_size)
+    return plan_exact_encode(in_shape, scales, latent_channels, split_rows(height, bands))
 
 
 __all__ = ["SdExact", "Terms", "Unsupported", "WanExact", "plan", "plan_encode"]

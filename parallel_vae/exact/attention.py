@@ -29,10 +29,6 @@ def is_attention(module) -> bool:
     return is_attn_block(module) or type(module).__name__ == "AttentionBlock"
 
 
-def _is_split_attention(fn) -> bool:
-    return getattr(fn, "__name__", "") == "normal_attention"
-
-
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_bytes: int) -> torch.Tensor:
     """ComfyUI's split attention over ``[B, C, H, W]`` q, k, v with at most ``slice_bytes`` of
     scores alive. ``q`` may hold fewer rows than k and v (an exact band's own queries against the
@@ -80,14 +76,4 @@ def attend_band(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return split_attention(q, k, v, SLICE_BYTES)
 
 
-def attention_block(block, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for ComfyUI's ``AttnBlock``, with split attention bounded in memory."""
-    fn = getattr(block, "optimized_attention", None)
-    if not _is_split_attention(fn) or not is_attn_block(block):
-        return block(x)
-    h = block.norm(x)
-    h = split_attention(block.q(h), block.k(h), block.v(h), SLICE_BYTES)
-    return x + block.proj_out(h)
-
-
-__all__ = ["attend_band", "attention_block", "band_attention", "is_attention", "is_attn_block", "split_attention"]
+__all__ = ["attend_band", "band_attention", "is_attention", "is_attn_block", "split_attention"]

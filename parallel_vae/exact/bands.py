@@ -1,12 +1,12 @@
 """Exact bands of one batch item, decoded in the calling thread (in ComfyUI's process, or in a
 worker for the bands the parent gave it).
 
-Decoders whose bands exchange rows (SD's 2-D decoder, Wan) run their bands in lock-step (every
-band's state is alive at each exchange point): ``answer`` answers each sync point, here from these
-bands alone (they are the whole item) or in a worker through the parent, which holds every
-worker's bands. Wan's bands give their frames after each decoder call (each band's causal cache of
-its own rows alive, together the size of one whole-frame cache). Wan's exact encoder reads a halo
-and runs band by band (one causal cache alive at a time).
+Every executor's bands exchange what crosses their edges (statistics, conv edge rows, attention
+keys), so they run in lock-step (every band's state is alive at each exchange point): ``answer``
+answers each sync point, here from these bands alone (they are the whole item) or in a worker
+through the parent, which holds every worker's bands. Wan's decode bands give their frames after
+each decoder call (each band's causal cache of its own rows alive, together the size of one
+whole-frame cache).
 
 Out of memory on a band: every band is split in two and the item decoded again, skipping what was
 already delivered; the output does not depend on the band count, so this changes nothing but the
@@ -37,7 +37,7 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     z = latent.narrow(0, batch, 1)
     r = getattr(ex, "in_rows", 1)  # encoding: the boxes are pixel rows, the bands latent rows
     bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
-    if answer is not None and exchanges(ex):
+    if answer is not None:
         return attempt(ex, z, bands, work.split, poll, answer)
     return item_results(ex, z, bands, poll, empty_cache)
 
@@ -72,33 +72,8 @@ def attempt(ex, z, bands: Sequence[Band], split: int = 1, poll=None,
             answer: Optional[Callable] = None) -> Iterator[Unit]:
     """(band, step, pixels) of ``bands`` of one batch item ``z``, each band cut into ``split``
     sub-bands (concatenated again); ``answer`` answers the bands' sync points (GroupNorm
-    statistics, conv edge rows); by default these bands are the whole item."""
-    if exchanges(ex):
-        return _lockstep_item(ex, z, bands, split, poll, answer or lockstep.answers)
-    return _wan_encode_item(ex, z, bands, split, poll)
-
-
-def exchanges(ex) -> bool:
-    """Whether ``ex``'s bands exchange rows or statistics (and so run in lock-step)."""
-    return ex.sync != "none"
-
-
-def _wan_encode_item(ex, z, bands: Sequence[Band], split: int, poll) -> Iterator[Unit]:
-    """Band by band (one causal cache alive at a time): each band's down-path features over every
-    encoder call, concatenated in time (the suffix runs on the whole frame once they are all in)."""
-    x = ex.prefix(z)
-    height = x.shape[-2]
-    calls = ex.schedule(x.shape[2])
-    for band in bands:
-        subs = [ex.band(p, q, height) for p, q in sub_bands(band, split)]
-        parts = []
-        for t0, t1, extra in calls:
-            got = [s.feed(x[:, :, t0:t1], extra) for s in subs]
-            if got[0] is not None:
-                parts.append(got[0] if len(got) == 1 else torch.cat(got, -2))
-            if poll is not None:
-                poll()
-        yield band.index, 0, torch.cat(parts, 2)
+    statistics, conv edge rows, attention keys); by default these bands are the whole item."""
+    return _lockstep_item(ex, z, bands, split, poll, answer or lockstep.answers)
 
 
 def _lockstep_item(ex, z, bands: Sequence[Band], split: int, poll, answer) -> Iterator[Unit]:

@@ -1,19 +1,16 @@
-"""Exact mode geometry: row bands, their halo, and the plan that carries them.
+"""Exact mode geometry: row bands and the plan that carries them.
 
-A band owns latent rows ``[a, e)`` of one batch item. Where bands do not exchange rows as they go
-(Wan's exact encoder), a band reads the rows ``[a - halo, e + halo)`` (clipped at the image). The halo covers the up path's receptive field, worked out from the layers themselves
-(``receptive_rows``), never tuned: a smaller halo only looks right for some weights.
+A band owns latent rows ``[a, e)`` of one batch item and reads no others: what its layers read
+beyond its edges (conv edge rows, statistics, attention keys) its neighbours send as they go.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..plan import CAUSAL, IMAGE, VIDEO, AxisScale, Plan, Tile
 from ..plan_encode import down_scales
 
-MIN_ROWS_PER_HALO = 2  # bands much shorter than their halo mostly recompute their neighbours
 # oneDNN takes another conv algorithm for inputs a few rows high, whose rows differ from a tall
 # input's in the last bit: bands of at least this many latent rows keep the output bit-identical
 # whatever the band count (unless tile_size asks for smaller ones)
@@ -61,38 +58,6 @@ def upsample_factor(module) -> Optional[int]:
     return int(f)
 
 
-def receptive_rows(layers: Iterable, skip: tuple[str, ...] = ()) -> float:
-    """The up path's one-sided receptive field in rows at its input scale.
-
-    ``layers`` are the modules in execution order; every conv adds its spread at the scale it
-    runs at, every nearest upsample doubles the scale. Subtrees whose class name is in ``skip``
-    are parallel shortcuts without spatial spread (Wan 2.2's DupUp3D).
-    """
-    scale = 1
-    total = 0.0
-
-    def walk(m):
-        nonlocal scale, total
-        if type(m).__name__ in skip:
-            return
-        f = upsample_factor(m)
-        if f is not None:
-            scale *= f  # its own conv (SD's Upsample holds one) runs at the new scale
-        elif is_conv(m):
-            total += conv_spread(m) / scale
-            return
-        for child in m.children():
-            walk(child)
-
-    for layer in layers:
-        walk(layer)
-    return total
-
-
-def halo_rows(rf_rows: float) -> int:
-    return int(math.ceil(rf_rows - 1e-9))
-
-
 def split_rows(height: int, bands: int) -> list[tuple[int, int]]:
     """``bands`` runs of rows covering ``[0, height)``, sizes differing by at most one."""
     bands = max(1, min(bands, height))
@@ -105,19 +70,15 @@ def split_rows(height: int, bands: int) -> list[tuple[int, int]]:
     return spans
 
 
-def band_count(height: int, width: int, px_per_row: int, tile_size: int, lanes: int, halo: int) -> int:
-    """How many bands: at least enough that a band's own rows hold at most tile_size x tile_size
-    output pixels (the memory bound, as a tile), and one per lane (of ``lanes`` decoding at once)
-    where the rows allow bands of at least MIN_BAND_ROWS rows and MIN_ROWS_PER_HALO halos (more
-    than that would mostly recompute halos)."""
+def band_count(height: int, width: int, px_per_row: int, tile_size: int) -> int:
+    """How many bands for one lane: enough that a band's own rows hold at most tile_size x tile_size
+    output pixels (the memory bound, as a tile)."""
     rows_max = max(1, (tile_size * tile_size) // max(1, width * px_per_row * px_per_row))
-    for_memory = -(-height // rows_max)
-    for_lanes = min(max(1, lanes), max(1, height // max(MIN_BAND_ROWS, MIN_ROWS_PER_HALO * halo)))
-    return min(height, max(for_memory, for_lanes))
+    return min(height, -(-height // rows_max))
 
 
 def plan_exact(in_shape: Sequence[int], scales: Sequence[AxisScale], out_channels: int,
-               spans: Sequence[tuple[int, int]], halo: int, shares: tuple = ()) -> Plan:
+               spans: Sequence[tuple[int, int]], shares: tuple = ()) -> Plan:
     """A plan whose tiles are the bands ``spans`` (latent rows [a, e), top to bottom) of each batch
     item: own rows only, no feather, one pass, so the blender writes each band's pixels where they
     belong unchanged. ``shares``: see Plan.shares."""
@@ -144,14 +105,13 @@ def plan_exact(in_shape: Sequence[int], scales: Sequence[AxisScale], out_channel
         ts = scales[0]
         steps = tuple((ts.size(i), ts.size(i + 1)) for i in range(shape[2]))
     return Plan(CAUSAL if causal else IMAGE, shape, out_shape, tuple(scales), 1, tuple(tiles), steps,
-                mode="exact", halo=halo, shares=tuple(shares))
+                mode="exact", shares=tuple(shares))
 
 
 def plan_exact_encode(in_shape: Sequence[int], scales: Sequence[AxisScale], latent_channels: int,
-                      spans: Sequence[tuple[int, int]], halo: int, shares: tuple = ()) -> Plan:
+                      spans: Sequence[tuple[int, int]], shares: tuple = ()) -> Plan:
     """Exact encoding's plan: the bands ``spans`` (latent rows [a, e)) of each item, each reading
-    the pixel rows [a*f, e*f) (the executor reads ``halo`` latent rows more where it needs them)
-    and giving its latent rows, every frame at once; one pass, no feather."""
+    the pixel rows [a*f, e*f) and giving its latent rows, every frame at once; one pass, no feather."""
     shape = tuple(in_shape)
     video = len(shape) == 5
     f = scales[-2].factor
@@ -172,7 +132,7 @@ def plan_exact_encode(in_shape: Sequence[int], scales: Sequence[AxisScale], late
             tiles.append(Tile(index=len(tiles), batch=b, pass_index=0, in_start=in_start, in_size=in_size,
                               out_start=out_start, out_size=out_size, feather=(0,) * len(in_start), whole=False))
     out_shape = (shape[0], latent_channels) + tuple(s.canvas(n) for s, n in zip(down, shape[2:]))
-    return Plan(VIDEO if video else IMAGE, shape, out_shape, down, 1, tuple(tiles), mode="exact", halo=halo,
+    return Plan(VIDEO if video else IMAGE, shape, out_shape, down, 1, tuple(tiles), mode="exact",
                 shares=tuple(shares), direction="encode")
 
 
@@ -182,6 +142,4 @@ def bands_of(plan: Plan, batch: int) -> list[Band]:
     return [Band(t.index, t.in_start[axis], t.in_start[axis] + t.in_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["Band", "band_count", "bands_of", "conv_spread", "halo_rows", "named", "plan_exact", "plan_exact_encode",
-           "receptive_rows",
-           "split_rows"]
+__all__ = ["Band", "band_count", "bands_of", "conv_spread", "named", "plan_exact", "plan_exact_encode", "split_rows"]

@@ -80,6 +80,8 @@ def rows_from_wire(wire: Optional[tuple], device) -> Optional[torch.Tensor]:
     if wire is None:
         return None
     data, shape, dtype = wire
+    if not data:  # no rows (a band whose neighbour reads none of it); frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype))
     return flat.reshape(shape).to(device)
 

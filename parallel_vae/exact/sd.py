@@ -21,7 +21,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_block, is_attn_block
+from .attention import is_attn_block
 from .lockstep import Request
 from .row_ops import RowOps, Sync, same_rows
 
@@ -41,11 +41,7 @@ class SdExact(RowOps):
 
     sync = "groupnorm"
     causal = False
-    halo = 0  # a band reads no rows beyond its own: its neighbours send the edges each conv needs
 
-    @staticmethod
-    def halo_of(model) -> int:
-        return SdExact.halo
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         # (patch_size and first_chunk: the executors' common signature; a 2-D decoder has neither)
@@ -96,19 +92,6 @@ class SdExact(RowOps):
         """Nothing runs on the whole latent: ``z`` on the device, in the model's dtype."""
         return z.to(self.device, self.dtype)
 
-    def mid_whole(self, z: torch.Tensor) -> torch.Tensor:
-        """The mid block's output on the whole latent ``[1, C, H, W]`` in one piece, ComfyUI's
-        arithmetic (what the bands' first part equals; for measuring and probing the up path)."""
-        dec = self.decoder
-        z = self.prefix(z)
-        pqc = getattr(self.model, "post_quant_conv", None)
-        if pqc is not None:
-            z = pqc(z)
-        h = dec.conv_in(z)
-        h = dec.mid.block_1(h, None)
-        h = attention_block(dec.mid.attn_1, h)  # ComfyUI's arithmetic, bounded memory
-        return dec.mid.block_2(h, None)
-
     # -- one band --------------------------------------------------------------------------------
     def band(self, z: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
         """Own rows ``[a, e)`` of the latent ``z`` ``[1, C, H, W]`` (on the device): yields a Request
@@ -129,10 +112,6 @@ class SdExact(RowOps):
         box, h = [h], None
         h = yield from self._resblock(me, dec.mid.block_2, box)
         return (yield from self._up(me, h))
-
-    def up_band(self, mid: torch.Tensor, a: int, e: int) -> Generator[Request, object, torch.Tensor]:
-        """The up path alone on rows ``[a, e)`` of a whole mid-block output (``mid_whole``)."""
-        return (yield from self._up(Sync(a, e, mid.shape[-2]), self.dense(mid[:, :, a:e])))
 
     def _up(self, me: Sync, x: torch.Tensor) -> Generator[Request, object, torch.Tensor]:
         for layer in _resblocks(self.decoder):

@@ -33,14 +33,10 @@ class SdEncodeExact(RowOps):
 
     sync = "groupnorm"
     causal = False
-    halo = 0
     # VAE Encode's input is IMAGE moved to [B, C, H, W]: channels-last in memory, and so is every
     # activation after it; oneDNN's convs are faster so (about 15% of an SD encode on a CPU)
     fmt = torch.channels_last
 
-    @staticmethod
-    def halo_of(model) -> int:
-        return SdEncodeExact.halo
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

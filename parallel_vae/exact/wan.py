@@ -26,7 +26,6 @@ from .geometry import named, upsample_factor
 class WanExact:
     sync = "rows"  # bands exchange conv edge rows and attention keys (no statistics: per-pixel norms)
     causal = True
-    halo = 0  # a band reads no rows beyond its own: its neighbours send the edges each conv needs
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model
@@ -43,9 +42,6 @@ class WanExact:
             factor *= upsample_factor(m) or 1
         self.px_per_row = factor * patch_size
 
-    @staticmethod
-    def halo_of(model) -> int:
-        return WanExact.halo
 
     @staticmethod
     def refusal(model) -> str | None:

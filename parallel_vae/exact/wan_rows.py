@@ -1,11 +1,14 @@
-"""Exchange points on ComfyUI's Wan decoder modules, for bands that run the decoder itself on their
-own rows in a thread each (threads.py, wan.py).
+"""Exchange points on ComfyUI's Wan decoder and encoder modules, for bands that run the decoder or
+encoder itself on their own rows in a thread each (threads.py, wan.py, wan_encode.py).
 
-Two kinds of layer read beyond a band's rows:
+Three kinds of layer read beyond a band's rows:
 - a conv whose kernel spreads over rows (3x3 and 3x3x3): at its ``_conv_forward`` (after a
   CausalConv3d has put its cached frames and this call's together, so the rows a neighbour sends
   include its cached frames) the band sends its edge rows and gets its neighbours', runs the conv
   on [above; own; below] and keeps its own output rows;
+- the encoder's downsampling conv (3x3, stride 2, after a ZeroPad2d that adds one zero row at the
+  bottom): a band's last output row reads the first row of the band below, which takes the pad
+  row's place (bands are aligned so every band above the last has an even number of rows);
 - the middle block's per-frame attention: the band sends its keys and values and attends with its
   own queries over every band's (attention.attend_band).
 Wan's norms work per pixel, so nothing else crosses a band's edge.
@@ -26,27 +29,42 @@ from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
 _lock = threading.Lock()
-_users: dict[int, int] = {}  # id(decoder) -> bands running on it
+_users: dict[int, int] = {}  # id(module) -> bands running on it
 
 
-def spreading_convs(decoder) -> list:
-    return [m for m in decoder.modules() if hasattr(m, "_conv_forward") and hasattr(m, "kernel_size")
+def spreading_convs(part) -> list:
+    return [m for m in part.modules() if hasattr(m, "_conv_forward") and hasattr(m, "kernel_size")
             and conv_spread(m) > 0]
 
 
-def _pad_rows(conv) -> int:
-    pad = conv.padding
-    return pad[-2] if isinstance(pad, (tuple, list)) else pad
+def _rows(value) -> int:
+    return value[-2] if isinstance(value, (tuple, list)) else value
 
 
-def refusal(decoder) -> str | None:
-    """Why these hooks cannot band ``decoder`` (None: they can)."""
-    for m in spreading_convs(decoder):
-        stride = m.stride[-2] if isinstance(m.stride, (tuple, list)) else m.stride
-        pad = _pad_rows(m)
-        if stride != 1 or isinstance(pad, str) or pad > conv_spread(m):
-            return "its decoder has a conv that is strided or not row-aligned"
-    for m in decoder.modules():
+def _padded_downsamples(part) -> set[int]:
+    """ids of the 3x3 stride-2 convs that follow a ZeroPad2d of one row at the bottom and one column
+    at the right (Wan's Resample "downsample2d"/"downsample3d")."""
+    found = set()
+    for m in part.modules():
+        children = list(m.children())
+        for before, conv in zip(children, children[1:]):
+            if named(before, "ZeroPad2d") and tuple(before.padding) == (0, 1, 0, 1) and hasattr(conv, "kernel_size") \
+                    and _rows(conv.kernel_size) == 3 and _rows(conv.stride) == 2 and _rows(conv.padding) == 0 \
+                    and _rows(getattr(conv, "dilation", 1)) == 1:
+                found.add(id(conv))
+    return found
+
+
+def refusal(part, what: str = "decoder") -> str | None:
+    """Why these hooks cannot band ``part`` (a Wan decoder or encoder; None: they can)."""
+    down = _padded_downsamples(part)
+    for m in spreading_convs(part):
+        pad = _rows(m.padding)
+        if id(m) in down:
+            continue
+        if _rows(m.stride) != 1 or isinstance(pad, str) or pad > conv_spread(m):
+            return f"its {what} has a conv that is strided or not row-aligned"
+    for m in part.modules():
         if named(m, "AttentionBlock") and not callable(getattr(m, "optimized_attention", None)):
             return "its attention is not ComfyUI's"
     return None
@@ -55,7 +73,7 @@ def refusal(decoder) -> str | None:
 def _conv_hook(conv, name: str):
     original = conv._conv_forward
     spread = conv_spread(conv)
-    pre = spread - _pad_rows(conv)  # rows of zeros the module put on the input before the conv (ComfyUI 0.3.x)
+    pre = spread - _rows(conv.padding)  # rows of zeros the module put on the input before the conv (ComfyUI 0.3.x)
 
     def _conv_forward(input, weight, bias, *args, **kwargs):
         me = current()
@@ -81,6 +99,28 @@ def _conv_hook(conv, name: str):
     return _conv_forward
 
 
+def _downsample_hook(conv, name: str):
+    """The input is [own rows; one zero row]: where a band lies below, its first row replaces the
+    zero row, as in the untiled input (every row of the output is then the band's own)."""
+    original = conv._conv_forward
+
+    def _conv_forward(input, weight, bias, *args, **kwargs):
+        me = current()
+        if me is None or me.alone:
+            return original(input, weight, bias, *args, **kwargs)
+        rows = input.shape[-2] - 1
+        # the band above reads this band's first row; the band below reads nothing of it
+        _, below = me.ask(RowsRequest(me.next(), name, input.narrow(-2, 0, 1).clone(),
+                                      input.narrow(-2, rows, 0).clone()))
+        if below is not None:
+            if rows % 2:
+                raise RuntimeError(f"exact band [{me.a}, {me.e}) has an odd number of rows ({rows}) before {name}")
+            input = torch.cat([input.narrow(-2, 0, rows), below], -2)
+        return original(input, weight, bias, *args, **kwargs)
+
+    return _conv_forward
+
+
 def _attention_hook(block):
     original = block.optimized_attention
 
@@ -98,40 +138,43 @@ def _attention_hook(block):
     return optimized_attention
 
 
-def _install(decoder) -> None:
-    for i, conv in enumerate(spreading_convs(decoder)):
-        conv._conv_forward = _conv_hook(conv, f"conv{i}")
-    for block in decoder.modules():
+def _install(part) -> None:
+    down = _padded_downsamples(part)
+    for i, conv in enumerate(spreading_convs(part)):
+        hook = _downsample_hook if id(conv) in down else _conv_hook
+        conv._conv_forward = hook(conv, f"conv{i}")
+    for block in part.modules():
         if named(block, "AttentionBlock"):
             block.optimized_attention = _attention_hook(block)
 
 
-def _remove(decoder) -> None:
-    for conv in spreading_convs(decoder):
+def _remove(part) -> None:
+    for conv in spreading_convs(part):
         conv.__dict__.pop("_conv_forward", None)
-    for block in decoder.modules():
+    for block in part.modules():
         if named(block, "AttentionBlock"):
             block.optimized_attention = getattr(block.optimized_attention, "__wrapped__", block.optimized_attention)
 
 
 @contextmanager
-def exchanging(decoder):
-    """The hooks on ``decoder`` while the calling band runs (counted: the last band takes them off)."""
+def exchanging(part):
+    """The hooks on ``part`` (a decoder or an encoder) while the calling band runs (counted: the
+    last band takes them off)."""
     with _lock:
-        n = _users.get(id(decoder), 0)
+        n = _users.get(id(part), 0)
         if n == 0:
-            _install(decoder)
-        _users[id(decoder)] = n + 1
+            _install(part)
+        _users[id(part)] = n + 1
     try:
         yield
     finally:
         with _lock:
-            n = _users[id(decoder)] - 1
+            n = _users[id(part)] - 1
             if n == 0:
-                _remove(decoder)
-                del _users[id(decoder)]
+                _remove(part)
+                del _users[id(part)]
             else:
-                _users[id(decoder)] = n
+                _users[id(part)] = n
 
 
 __all__ = ["exchanging", "refusal", "spreading_convs"]

@@ -127,6 +127,15 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread(torch_threads):
+    """Bit-identity across band counts holds where no CPU kernel splits one output's sum over
+    threads. oneDNN on an AVX-512 Xeon does for 1x1 convs, by the input's size, so at 2 threads
+    bands of other heights differ by up to 8e-7 there (none on the EPYC it was first measured on);
+    at one thread nothing is split. Equality with VAE Decode (TOL) holds at any thread count."""
+    torch_threads(1)
+
+
 @pytest.fixture(scope="session")
 def source_of(pack):
     """What workers are sent of a ComfyUI VAE (the node's own ModelSource for it)."""

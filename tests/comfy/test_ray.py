@@ -83,7 +83,7 @@ def test_encode_over_two_ray_nodes_equals_local_workers_and_comfyuis_nodes(pack,
     decode(exact, vae, 64, 16, devices=RAY, mode="exact")
     assert pool.transport.puts - puts == 1 and pool.stats.loads == loads, "the encode's copy decodes: no weights"
 
-    wan = load_vae("wan21")  # halo bands on the actors, the rest of the encoder in ComfyUI's process
+    wan = load_vae("wan21")  # bands on the actors in lock-step, exchanging edge rows and keys
     video = torch.rand((5, 256, 64, 3), generator=torch.Generator().manual_seed(67))
     with torch.inference_mode():
         ours = pack.nodes.ParallelVAEEncode.execute(video, wan, 128, 16, 64, 8, RAY, "exact").result[0]["samples"]

@@ -81,24 +81,12 @@ def test_split_rows_covers_every_row_once_in_bands_differing_by_at_most_one():
             assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
-def test_band_count_follows_memory_first_then_lanes_never_bands_much_shorter_than_the_halo():
+def test_band_count_is_the_memory_bound_of_one_lane():
     # 128 rows x 128 columns (1024 px), tile 512: a band holds at most 32 rows -> 4 bands
-    assert geometry.band_count(128, 128, 8, 512, 1, 13) == 4
-    assert geometry.band_count(128, 128, 8, 4096, 1, 13) == 1
-    assert geometry.band_count(128, 128, 8, 4096, 2, 13) == 2
-    assert geometry.band_count(128, 128, 8, 4096, 8, 13) == 4  # 128 // (2 * 13)
-    assert geometry.band_count(20, 8, 8, 4096, 4, 13) == 1
-    # no halo (SD bands exchange their conv edges): as many lanes as bands of MIN_BAND_ROWS allow
-    assert geometry.band_count(64, 64, 8, 4096, 2, 0) == 2
-    assert geometry.band_count(64, 64, 8, 4096, 16, 0) == 64 // geometry.MIN_BAND_ROWS
-    assert geometry.band_count(64, 64, 8, 64, 1, 0) == 64  # the memory bound wins over bit-identity
-
-
-def test_receptive_rows_counts_every_conv_at_its_scale():
-    layers = [torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Upsample(scale_factor=2.0),
-              torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 5, padding=2)]
-    assert geometry.receptive_rows(layers) == 1 + 0.5 + 0 + 1.0
-    assert geometry.halo_rows(2.5) == 3 and geometry.halo_rows(3.0) == 3
+    assert geometry.band_count(128, 128, 8, 512) == 4
+    assert geometry.band_count(128, 128, 8, 4096) == 1
+    assert geometry.band_count(64, 64, 8, 64) == 64  # the memory bound wins over bit-identity
+    assert geometry.band_count(3, 8, 8, 8) == 3  # never more bands than rows
 
 
 def test_channels_last_rows_give_the_same_statistics_and_do_not_depend_on_the_band_split():

@@ -9,19 +9,15 @@ from parallel_vae.rates import Speeds
 GPUS = ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
 
 
-def flat(positions):
-    return lambda k: positions
-
-
 def gpu_costs(rate=50_000.0, round_s=0.002, start_s=0.05, local=None):
     return Costs(dict.fromkeys(GPUS, rate), local, round_s, start_s)
 
 
 def test_a_big_job_uses_every_lane_and_a_tiny_one_stays_in_process():
     costs = gpu_costs()
-    big = choose(GPUS, costs, rounds=64, work=flat(128 * 128 * 50), size="1024x1024")
+    big = choose(GPUS, costs, rounds=64, work=128 * 128 * 50, size="1024x1024")
     assert big.lanes == tuple(GPUS) and big.why == ""
-    tiny = choose(GPUS, costs, rounds=64, work=flat(32 * 32), size="256x256")
+    tiny = choose(GPUS, costs, rounds=64, work=32 * 32, size="256x256")
     assert tiny.in_process and tiny.why == "in-process: 256x256 is too small to gain from 4 lanes"
 
 
@@ -29,7 +25,7 @@ def test_a_middling_job_uses_some_lanes_and_says_so():
     # one lane 1 s; 60 rounds of 5 ms: 2 lanes 0.5 + 0.3 s, 3 lanes 0.33 + 0.3 s; a slow fourth
     # lane (0.2x) would make it 1/3.2 + 0.3 = 0.61 s: not 10% better than 0.63 s
     costs = Costs({"cuda:0": 1000.0, "cuda:1": 1000.0, "cuda:2": 1000.0, "cuda:3": 200.0}, None, 0.005, 0.0)
-    choice = choose(GPUS, costs, rounds=60, work=flat(1000), size="512x512")
+    choice = choose(GPUS, costs, rounds=60, work=1000, size="512x512")
     assert choice.lanes == ("cuda:0", "cuda:1", "cuda:2")
     assert choice.why == "3 of 4 lanes: 512x512 is too small to gain from more"
     assert choice.seconds == pytest.approx(1 / 3 + 0.3)
@@ -37,29 +33,17 @@ def test_a_middling_job_uses_some_lanes_and_says_so():
 
 def test_the_fastest_lanes_are_chosen_first():
     costs = Costs({"a": 1.0, "b": 4.0, "c": 2.0}, 4.0, 0.0, 0.0)
-    assert choose(["a", "b", "c"], costs, 10, flat(100.0), "x").lanes == ("b", "c", "a")
+    assert choose(["a", "b", "c"], costs, 10, 100.0, "x").lanes == ("b", "c", "a")
     slow_gain = Costs({"a": 0.1, "b": 4.0, "c": 2.0}, 4.0, 0.0, 0.0)
-    assert choose(["a", "b", "c"], slow_gain, 10, flat(100.0), "x").lanes == ("b", "c")
+    assert choose(["a", "b", "c"], slow_gain, 10, 100.0, "x").lanes == ("b", "c")
 
 
 def test_pinned_or_unmeasured_lanes_all_decode():
     costs = gpu_costs()
-    pinned = choose(GPUS, costs, rounds=64, work=flat(16), size="64x64", pinned=True)
+    pinned = choose(GPUS, costs, rounds=64, work=16, size="64x64", pinned=True)
     assert pinned.lanes == tuple(GPUS) and pinned.why == "all 4 lanes: pinned"
-    unknown = choose(GPUS, Costs({"cuda:0": 1.0}, None, 0.01, 0.1), 64, flat(16), "64x64")
+    unknown = choose(GPUS, Costs({"cuda:0": 1.0}, None, 0.01, 0.1), 64, 16, "64x64")
     assert unknown.lanes == tuple(GPUS) and "not measured" in unknown.why
-
-
-def test_halo_work_counts_against_more_lanes():
-    # bands that read a halo compute more rows on more lanes: with a big enough halo, fewer win
-    costs = Costs(dict.fromkeys(["a", "b"], 100.0), 100.0, 0.0, 0.0)
-    rows, halo = 10, 20
-
-    def work(k):
-        return min(rows * k, rows + 2 * halo * (k - 1))
-
-    assert choose(["a", "b"], costs, 0, work, "x").in_process
-    assert choose(["a", "b"], costs, 0, lambda k: 1000.0, "x").lanes == ("a", "b")
 
 
 def test_cpu_workers_are_judged_against_one_process_on_all_the_cores():
@@ -68,11 +52,11 @@ def test_cpu_workers_are_judged_against_one_process_on_all_the_cores():
     worker = local * CPU_SPLIT_GAIN / 2
     costs = Costs({"cpu[0]": worker, "cpu[1]": worker}, None, 0.005, 0.05, cpu_lanes=2)
     # in-process prior from the workers: 1.25 x worker x 2 / 1.25 = 100 positions/s
-    assert choose(["cpu[0]", "cpu[1]"], costs, 64, flat(100.0), "x").in_process  # 1 s vs 0.8 + 0.37 s
-    assert choose(["cpu[0]", "cpu[1]"], costs, 64, flat(10_000.0), "x").lanes == ("cpu[0]", "cpu[1]")
+    assert choose(["cpu[0]", "cpu[1]"], costs, 64, 100.0, "x").in_process  # 1 s vs 0.8 + 0.37 s
+    assert choose(["cpu[0]", "cpu[1]"], costs, 64, 10_000.0, "x").lanes == ("cpu[0]", "cpu[1]")
     only_local = Costs({}, local, 0.005, 0.05, cpu_lanes=2)  # workers unmeasured: priors from in-process
-    assert choose(["cpu[0]", "cpu[1]"], only_local, 64, flat(10_000.0), "x").lanes == ("cpu[0]", "cpu[1]")
-    assert choose(["cpu[0]", "cpu[1]"], only_local, 64, flat(100.0), "x").in_process
+    assert choose(["cpu[0]", "cpu[1]"], only_local, 64, 10_000.0, "x").lanes == ("cpu[0]", "cpu[1]")
+    assert choose(["cpu[0]", "cpu[1]"], only_local, 64, 100.0, "x").in_process
 
 
 def test_speeds_keep_rates_per_model_and_the_round_trip_from_the_least_waiting_lane():
