@@ -4,8 +4,9 @@ encoder itself on their own rows in a thread each (threads.py, wan.py, wan_encod
 Three kinds of layer read beyond a band's rows:
 - a conv whose kernel spreads over rows (3x3 and 3x3x3): at its ``_conv_forward`` (after a
   CausalConv3d has put its cached frames and this call's together, so the rows a neighbour sends
-  include its cached frames) the band sends its edge rows and gets its neighbours', runs the conv
-  on [above; own; below] and keeps its own output rows;
+  include its cached frames) the band sends its edge rows and gets its neighbours' and convolves
+  [above; own; below] without row padding, which gives exactly its own output rows (no row is
+  computed twice or copied after);
 - the encoder's downsampling conv (3x3, stride 2, after a ZeroPad2d that adds one zero row at the
   bottom): a band's last output row reads the first row of the band below, which takes the pad
   row's place (bands are aligned so every band above the last has an even number of rows);
@@ -87,16 +88,39 @@ def _conv_hook(conv, name: str):
         # clones: a view would keep this band's whole input alive in the neighbour's hands
         above, below = me.ask(RowsRequest(me.next(), name, own.narrow(-2, 0, spread).clone(),
                                           own.narrow(-2, rows - spread, spread).clone()))
-        top = input.narrow(-2, 0, pre) if above is None else above
-        bottom = input.narrow(-2, height - pre, pre) if below is None else below
+        # [above; own; below], spread rows each side (zero rows at the image's edge, as the conv pads
+        # there), convolved without row padding: exactly the band's own output rows, no copy of them
+        top = _edge(input, own, above, 0, pre, spread)
+        bottom = _edge(input, own, below, height - pre, pre, spread)
         joined = torch.cat([top, own, bottom], -2)
-        del own, above, below, input
-        y = original(joined, weight, bias, *args, **kwargs)
-        del joined
-        # a fresh tensor, not a view: elementwise kernels round a view's tail differently
-        return y.narrow(-2, top.shape[-2] - pre, rows).clone(memory_format=torch.contiguous_format)
+        del own, above, below, input, top, bottom
+        with _rows_unpadded(conv):
+            return original(joined, weight, bias, *args, **kwargs)
 
     return _conv_forward
+
+
+def _edge(input, own, got, at: int, pre: int, spread: int):
+    """The rows beyond one edge: the neighbour's, else the module's own zero rows, else new zeros."""
+    if got is not None:
+        return got
+    if pre == spread:
+        return input.narrow(-2, at, pre)
+    return own.new_zeros(own.shape[:-2] + (spread,) + own.shape[-1:])
+
+
+@contextmanager
+def _rows_unpadded(conv):
+    """``conv`` with no padding over rows while the calling band convolves (one band runs at a time)."""
+    before = conv.padding
+    if _rows(before) == 0:
+        yield
+        return
+    conv.padding = tuple(before[:-2]) + (0,) + tuple(before[-1:])
+    try:
+        yield
+    finally:
+        conv.padding = before
 
 
 def _downsample_hook(conv, name: str):

@@ -11,6 +11,7 @@ import torch
 
 from testkit import comfy_env, interrupt
 from testkit.procs import when_busy
+from testkit.speeds import even_speeds
 
 TOL = 1e-4
 
@@ -322,6 +323,7 @@ def test_wan_exact_equals_vae_encode_on_any_number_of_bands_and_workers(load_vae
     whole = encode(video, vae, 0, mode="exact")  # one band
     assert whole.shape == ref.shape and diff(whole, ref) <= TOL
     for devices in ("cpu", "cpu:2") if family == "wan21" else ("cpu",):
+        even_speeds(backends.local_pool())  # the workers' bands as high as the in-process ones
         # tile_size 128: bands of 8+ latent rows are bit-identical to one band;
         # tile_size 64: bands a few rows high (oneDNN picks other conv kernels there) stay within TOL
         assert same(encode(video, vae, 128, devices=devices, mode="exact"), whole), devices

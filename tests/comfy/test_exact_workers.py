@@ -13,20 +13,10 @@ import torch
 from testkit import faults, interrupt
 from testkit.compare import TOL, latent, max_diff
 from testkit.procs import when_busy
+from testkit.speeds import even_speeds
 
 SD_Z = (2, 4, 21, 14)
 WAN_Z = (1, 16, 3, 32, 4)  # two bands of 16 rows at tile_size 64 (which caps a band there) and even speeds
-
-
-def even_speeds(pool) -> None:
-    """Every lane measured alike, so the plan's Wan bands (two of 16 rows) do not move with what
-    earlier jobs measured: Wan's bands of other heights agree to about 2e-6 but not bit for bit
-    (oneDNN picks its conv kernel by the input's height; SD's do not move, see below). No pool
-    yet: nothing measured, every lane counts alike already."""
-    if pool is None:
-        return
-    for name in pool.speeds.rates:
-        pool.speeds.rates[name] = 1.0
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def test_wan_tiled_and_exact_image_and_stream_nodes_equal_local_workers(pack, lo
 
     # two bands of 16 rows (tile_size 64 caps a band there) in lock-step, their edge rows passed through
     # ComfyUI's process; lanes measured alike, so both pools cut the same bands (Wan's bands of other
-    # heights agree to about 2e-6, not bit for bit: tests/comfy/test_exact_workers.py, even_speeds)
+    # heights agree to about 2e-6, not bit for bit: scripts/testkit/speeds.py)
     e = latent((1, 16, 2, 32, 4), 63)
     for pool in filter(None, (ray_pool(), pack.nodes.backends.local_pool())):
         pool.speeds.rates.update({name: 1.0 for name in pool.speeds.rates})
