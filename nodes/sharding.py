@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..parallel_vae import families, gate
+from ..parallel_vae import families, gate, plan_encode
 from ..parallel_vae.backends import Backend
 from ..parallel_vae.errors import InputError
 from .backends import in_process_for
@@ -38,7 +38,10 @@ def lanes_for(job, backend: Backend, model: str) -> tuple[Backend, str]:
     rows, cols, batch = shape[-2], shape[-1], shape[0]
     frames = shape[2] if len(shape) == 5 else 1
     model_ = job.vae.first_stage_model
-    rounds = families.exact_rounds(job.spec.family, model_, direction, frames)
+    calls = frames  # a causal VAE's rounds come once per latent frame, about (one decoder or encoder call)
+    if direction == "encode" and len(shape) == 5:
+        calls = plan_encode.down_scales(tuple(job.spec.scales))[0].canvas(frames)
+    rounds = families.exact_rounds(job.spec.family, model_, direction, calls)
     work = batch * frames * rows * cols  # every position once, on one lane, whatever the lane count
 
     px = job.spec.scales[-1].factor if direction == "decode" else 1
