@@ -5,6 +5,7 @@ beyond its edges (conv edge rows, statistics, attention keys) its neighbours sen
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -37,6 +38,28 @@ def conv_spread(module) -> int:
     kh = k[-2] if isinstance(k, (tuple, list)) else k
     dh = d[-2] if isinstance(d, (tuple, list)) else d
     return dh * (kh - 1) // 2
+
+
+@contextmanager
+def rows_unpadded(conv):
+    """``conv`` with no padding over rows while the calling band convolves [above; own; below] (the
+    rows beyond its edges given, zero rows at the image's edge): its output is then exactly the
+    band's own rows, none computed to be cut away. One band convolves at a time."""
+    before = conv.padding
+    pad = before[-2] if isinstance(before, (tuple, list)) else before
+    if pad == 0:
+        yield
+        return
+    conv.padding = tuple(before[:-2]) + (0,) + tuple(before[-1:])
+    try:
+        yield
+    finally:
+        conv.padding = before
+
+
+def edge_rows(own, got, spread: int):
+    """The ``spread`` rows beyond one edge of ``own``: the neighbour's (``got``), or zeros at the image's edge."""
+    return got if got is not None else own.new_zeros(own.shape[:-2] + (spread,) + own.shape[-1:])
 
 
 def named(module, name: str) -> bool:
@@ -142,4 +165,5 @@ def bands_of(plan: Plan, batch: int) -> list[Band]:
     return [Band(t.index, t.in_start[axis], t.in_start[axis] + t.in_size[axis]) for t in plan.tiles_of(batch)]
 
 
-__all__ = ["Band", "band_count", "bands_of", "conv_spread", "named", "plan_exact", "plan_exact_encode", "split_rows"]
+__all__ = ["Band", "band_count", "bands_of", "conv_spread", "edge_rows", "named", "plan_exact", "plan_exact_encode",
+           "rows_unpadded", "split_rows"]

@@ -4,8 +4,8 @@ sd_encode.py):
 - at every GroupNorm it yields the moments of its rows and waits for the global statistics
   (``stats.combine``);
 - before every conv that reads beyond its output row it yields its edge rows of the conv's input
-  and waits for its neighbours' (``"rows"``); the conv runs on [above; own; below] and keeps its
-  own output rows;
+  and waits for its neighbours' (``"rows"``); the conv runs without row padding on [above; own;
+  below] (zero rows at the image's edge), which gives exactly its own output rows;
 - at the mid block's global attention it yields its keys and values and gets every band's back
   (``GatherRequest``); it attends with its own queries only.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import stats
 from .attention import band_attention
-from .geometry import conv_spread
+from .geometry import conv_spread, edge_rows, rows_unpadded
 from .lockstep import GatherRequest, RowsRequest, StatsRequest
 
 
@@ -63,15 +63,14 @@ class RowOps:
             raise RuntimeError(f"exact band [{me.a}, {me.e}) has {rows} rows before {name}, fewer than its conv reads")
         # clones: a view would keep this band's whole tensor alive in the neighbour's hands
         above, below = yield RowsRequest(me.next(), name, x[:, :, :spread].clone(), x[:, :, rows - spread:].clone())
-        parts = [p for p in (above, x, below) if p is not None]
-        if len(parts) == 1:
+        if above is None and below is None:
             return conv(x)
-        joined = torch.cat(parts, -2).contiguous(memory_format=self.fmt)
-        del parts, x
-        y = conv(joined)
-        del joined
-        top = 0 if above is None else above.shape[-2]
-        return self.dense(y[:, :, top:top + rows])
+        # [above; own; below] with no row padding: exactly the band's own output rows, no copy after
+        joined = torch.cat([edge_rows(x, above, spread), x, edge_rows(x, below, spread)], -2)
+        joined = joined.contiguous(memory_format=self.fmt)
+        del x, above, below
+        with rows_unpadded(conv):
+            return conv(joined)
 
     def _norm(self, me: Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
         mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .attention import attend_band
-from .geometry import conv_spread, named
+from .geometry import conv_spread, edge_rows, named, rows_unpadded
 from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
@@ -90,37 +90,16 @@ def _conv_hook(conv, name: str):
                                           own.narrow(-2, rows - spread, spread).clone()))
         # [above; own; below], spread rows each side (zero rows at the image's edge, as the conv pads
         # there), convolved without row padding: exactly the band's own output rows, no copy of them
-        top = _edge(input, own, above, 0, pre, spread)
-        bottom = _edge(input, own, below, height - pre, pre, spread)
+        # (0.3.x pads the rows itself before the conv: its zero rows serve at the image's edge)
+        padded = pre == spread
+        top = input.narrow(-2, 0, pre) if above is None and padded else edge_rows(own, above, spread)
+        bottom = input.narrow(-2, height - pre, pre) if below is None and padded else edge_rows(own, below, spread)
         joined = torch.cat([top, own, bottom], -2)
         del own, above, below, input, top, bottom
-        with _rows_unpadded(conv):
+        with rows_unpadded(conv):
             return original(joined, weight, bias, *args, **kwargs)
 
     return _conv_forward
-
-
-def _edge(input, own, got, at: int, pre: int, spread: int):
-    """The rows beyond one edge: the neighbour's, else the module's own zero rows, else new zeros."""
-    if got is not None:
-        return got
-    if pre == spread:
-        return input.narrow(-2, at, pre)
-    return own.new_zeros(own.shape[:-2] + (spread,) + own.shape[-1:])
-
-
-@contextmanager
-def _rows_unpadded(conv):
-    """``conv`` with no padding over rows while the calling band convolves (one band runs at a time)."""
-    before = conv.padding
-    if _rows(before) == 0:
-        yield
-        return
-    conv.padding = tuple(before[:-2]) + (0,) + tuple(before[-1:])
-    try:
-        yield
-    finally:
-        conv.padding = before
 
 
 def _downsample_hook(conv, name: str):
