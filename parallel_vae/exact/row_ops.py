@@ -78,11 +78,17 @@ class RowOps:
 
     def _resblock(self, me: Sync, block, box: list):
         x = box.pop()
-        h = yield from self._norm(me, block.norm1, x, "norm1")
         if block.in_channels != block.out_channels:
-            # the 1x1 shortcut now, not at the end: the block's wide input (up[0]'s first block
-            # takes 256 channels at full size) is not held through its sync points
-            x = block.nin_shortcut(x)
+            # the 1x1 shortcut before norm1, which then normalises the block's wide input in place
+            # (up[0]'s first block takes 256 channels at full size): one wide tensor alive, not two,
+            # and none held through the block's later sync points
+            mean, rstd = yield StatsRequest(me.next(), "norm1", block.norm1.eps,
+                                            stats.moments(x, block.norm1.num_groups))
+            h = x
+            x = block.nin_shortcut(h)
+            h = stats.normalize(h, block.norm1, mean, rstd, inplace=True)
+        else:
+            h = yield from self._norm(me, block.norm1, x, "norm1")  # x stays for the residual
         box, h = [F.silu(h, inplace=True)], None
         h = yield from self._conv(me, block.conv1, box, "conv1")
         h = yield from self._norm(me, block.norm2, h, "norm2", inplace=True)
