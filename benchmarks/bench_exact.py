@@ -48,6 +48,8 @@ METHODS = {
     "ours tiled, in-process": ("ParallelVAEDecode", "cpu", "tiled", 256, 64),
     "ours exact, in-process": ("ParallelVAEDecode", "cpu", "exact", 512, 64),
     "ours exact, cpu:2": ("ParallelVAEDecode", "cpu:2", "exact", 512, 64),
+    # tile_size 0: bands sized by each lane's free memory (one per worker here), not cut to 512x512 pixels
+    "ours exact, cpu:2, tile_size 0": ("ParallelVAEDecode", "cpu:2", "exact", 0, 64),
 }
 UNTILED, TILED = "VAEDecode", "VAEDecodeTiled 256/64"
 
