@@ -31,12 +31,17 @@ class Band:
         return self.e - self.a
 
 
+def row_part(value):
+    """The rows' entry of a conv's setting (kernel_size, stride, padding, dilation): one value for
+    every axis, or one per axis with rows second to last."""
+    return value[-2] if isinstance(value, (tuple, list)) else value
+
+
 def conv_spread(module) -> int:
     """Rows a conv reads beyond its output row on each side (0 for 1x1 and time-only kernels)."""
     k = module.kernel_size
     d = getattr(module, "dilation", 1)
-    kh = k[-2] if isinstance(k, (tuple, list)) else k
-    dh = d[-2] if isinstance(d, (tuple, list)) else d
+    kh, dh = row_part(k), row_part(d)
     return dh * (kh - 1) // 2
 
 
@@ -46,8 +51,7 @@ def rows_unpadded(conv):
     rows beyond its edges given, zero rows at the image's edge): its output is then exactly the
     band's own rows, none computed to be cut away. One band convolves at a time."""
     before = conv.padding
-    pad = before[-2] if isinstance(before, (tuple, list)) else before
-    if pad == 0:
+    if row_part(before) == 0:
         yield
         return
     conv.padding = tuple(before[:-2]) + (0,) + tuple(before[-1:])
@@ -166,4 +170,4 @@ def bands_of(plan: Plan, batch: int) -> list[Band]:
 
 
 __all__ = ["Band", "band_count", "bands_of", "conv_spread", "edge_rows", "named", "plan_exact", "plan_exact_encode",
-           "rows_unpadded", "split_rows"]
+           "row_part", "rows_unpadded", "split_rows"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import stats
 from .attention import band_attention
-from .geometry import conv_spread, edge_rows, rows_unpadded
+from .geometry import conv_spread, edge_rows, row_part, rows_unpadded
 from .lockstep import GatherRequest, RowsRequest, StatsRequest
 
 
@@ -72,8 +72,12 @@ class RowOps:
         with rows_unpadded(conv):
             return conv(joined)
 
+    def _stats(self, me: Sync, norm, x: torch.Tensor, name: str):
+        """The global (mean, rstd) of GroupNorm ``norm`` over every band's ``x``."""
+        return (yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups)))
+
     def _norm(self, me: Sync, norm, x: torch.Tensor, name: str, inplace: bool = False):
-        mean, rstd = yield StatsRequest(me.next(), name, norm.eps, stats.moments(x, norm.num_groups))
+        mean, rstd = yield from self._stats(me, norm, x, name)
         return stats.normalize(x, norm, mean, rstd, inplace=inplace)
 
     def _resblock(self, me: Sync, block, box: list):
@@ -82,8 +86,7 @@ class RowOps:
             # the 1x1 shortcut before norm1, which then normalises the block's wide input in place
             # (up[0]'s first block takes 256 channels at full size): one wide tensor alive, not two,
             # and none held through the block's later sync points
-            mean, rstd = yield StatsRequest(me.next(), "norm1", block.norm1.eps,
-                                            stats.moments(x, block.norm1.num_groups))
+            mean, rstd = yield from self._stats(me, block.norm1, x, "norm1")
             h = x
             x = block.nin_shortcut(h)
             h = stats.normalize(h, block.norm1, mean, rstd, inplace=True)
@@ -113,9 +116,7 @@ class RowOps:
 
 def same_rows(conv) -> bool:
     """Output row i is centred on input row i: stride 1, padding equal to the spread."""
-    stride = conv.stride[-2] if isinstance(conv.stride, (tuple, list)) else conv.stride
     pad = conv.padding
     if isinstance(pad, str):
         return pad == "same"
-    pad = pad[-2] if isinstance(pad, (tuple, list)) else pad
-    return stride == 1 and pad == conv_spread(conv)
+    return row_part(conv.stride) == 1 and row_part(pad) == conv_spread(conv)

@@ -36,12 +36,8 @@ def _resblocks(decoder):
 
 
 class SdExact(RowOps):
-    """Bands of one SD-family ``first_stage_model``; ``sync`` says bands exchange GroupNorm moments
-    and conv edge rows."""
-
-    sync = "groupnorm"
-    causal = False
-
+    """Bands of one SD-family ``first_stage_model``: they exchange GroupNorm moments, conv edge rows
+    and the mid-block attention's keys and values."""
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         # (patch_size and first_chunk: the executors' common signature; a 2-D decoder has neither)

@@ -17,6 +17,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
+from .geometry import row_part
 from .lockstep import Request, RowsRequest
 from .row_ops import RowOps, Sync, same_rows
 
@@ -31,12 +32,9 @@ def _engine(model) -> str | None:
 class SdEncodeExact(RowOps):
     """Bands of one SD-family ``first_stage_model``'s encoder, in lock-step."""
 
-    sync = "groupnorm"
-    causal = False
     # VAE Encode's input is IMAGE moved to [B, C, H, W]: channels-last in memory, and so is every
     # activation after it; oneDNN's convs are faster so (about 15% of an SD encode on a CPU)
     fmt = torch.channels_last
-
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model
@@ -135,7 +133,4 @@ def _stride2(conv) -> bool:
     if conv is None:
         return False
     k, s, p = conv.kernel_size, conv.stride, conv.padding
-    k = k[-2] if isinstance(k, (tuple, list)) else k
-    s = s[-2] if isinstance(s, (tuple, list)) else s
-    p = p[-2] if isinstance(p, (tuple, list)) else p
-    return k == 3 and s == 2 and p == 0
+    return row_part(k) == 3 and row_part(s) == 2 and row_part(p) == 0

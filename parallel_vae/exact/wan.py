@@ -24,8 +24,8 @@ from .geometry import named, upsample_factor
 
 
 class WanExact:
-    sync = "rows"  # bands exchange conv edge rows and attention keys (no statistics: per-pixel norms)
-    causal = True
+    """Bands of one Wan ``first_stage_model``'s decoder: they exchange conv edge rows and attention
+    keys (no statistics: Wan's norms work per pixel)."""
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

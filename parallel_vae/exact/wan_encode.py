@@ -19,7 +19,7 @@ from typing import Generator
 import torch
 
 from . import threads, wan_rows
-from .geometry import named
+from .geometry import named, row_part
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -31,14 +31,9 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * patch * patch, f, h // patch, w // patch)
 
 
-def _row_stride(conv) -> int:
-    s = conv.stride
-    return int(s[-2] if isinstance(s, (tuple, list)) else s)
-
-
 class WanEncodeExact:
-    sync = "rows"  # bands exchange conv edge rows and attention keys (no statistics: per-pixel norms)
-    causal = True
+    """Bands of one Wan ``first_stage_model``'s encoder: they exchange conv edge rows, the row below
+    each stride-2 downsample and attention keys (no statistics: Wan's norms work per pixel)."""
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model
@@ -52,10 +47,9 @@ class WanEncodeExact:
         rows = 1
         for m in enc.downsamples.modules():
             if hasattr(m, "kernel_size") and getattr(m, "weight", None) is not None:
-                rows *= _row_stride(m)
+                rows *= int(row_part(m.stride))
         self.rows = rows  # encoder-input rows per latent row
         self.in_rows = rows * patch_size  # pixel rows per latent row (bands.run's unit)
-
 
     @staticmethod
     def refusal(model) -> str | None:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .attention import attend_band
-from .geometry import conv_spread, edge_rows, named, rows_unpadded
+from .geometry import conv_spread, edge_rows, named, row_part, rows_unpadded
 from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
@@ -38,10 +38,6 @@ def spreading_convs(part) -> list:
             and conv_spread(m) > 0]
 
 
-def _rows(value) -> int:
-    return value[-2] if isinstance(value, (tuple, list)) else value
-
-
 def _padded_downsamples(part) -> set[int]:
     """ids of the 3x3 stride-2 convs that follow a ZeroPad2d of one row at the bottom and one column
     at the right (Wan's Resample "downsample2d"/"downsample3d")."""
@@ -49,9 +45,11 @@ def _padded_downsamples(part) -> set[int]:
     for m in part.modules():
         children = list(m.children())
         for before, conv in zip(children, children[1:]):
-            if named(before, "ZeroPad2d") and tuple(before.padding) == (0, 1, 0, 1) and hasattr(conv, "kernel_size") \
-                    and _rows(conv.kernel_size) == 3 and _rows(conv.stride) == 2 and _rows(conv.padding) == 0 \
-                    and _rows(getattr(conv, "dilation", 1)) == 1:
+            if not (named(before, "ZeroPad2d") and tuple(before.padding) == (0, 1, 0, 1)
+                    and hasattr(conv, "kernel_size")):
+                continue
+            if (row_part(conv.kernel_size), row_part(conv.stride), row_part(conv.padding),
+                    row_part(getattr(conv, "dilation", 1))) == (3, 2, 0, 1):
                 found.add(id(conv))
     return found
 
@@ -60,10 +58,10 @@ def refusal(part, what: str = "decoder") -> str | None:
     """Why these hooks cannot band ``part`` (a Wan decoder or encoder; None: they can)."""
     down = _padded_downsamples(part)
     for m in spreading_convs(part):
-        pad = _rows(m.padding)
+        pad = row_part(m.padding)
         if id(m) in down:
             continue
-        if _rows(m.stride) != 1 or isinstance(pad, str) or pad > conv_spread(m):
+        if row_part(m.stride) != 1 or isinstance(pad, str) or pad > conv_spread(m):
             return f"its {what} has a conv that is strided or not row-aligned"
     for m in part.modules():
         if named(m, "AttentionBlock") and not callable(getattr(m, "optimized_attention", None)):
@@ -74,7 +72,7 @@ def refusal(part, what: str = "decoder") -> str | None:
 def _conv_hook(conv, name: str):
     original = conv._conv_forward
     spread = conv_spread(conv)
-    pre = spread - _rows(conv.padding)  # rows of zeros the module put on the input before the conv (ComfyUI 0.3.x)
+    pre = spread - row_part(conv.padding)  # rows of zeros the module put on the input before the conv (ComfyUI 0.3.x)
 
     def _conv_forward(input, weight, bias, *args, **kwargs):
         me = current()

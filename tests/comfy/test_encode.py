@@ -133,7 +133,6 @@ def run_bands(pack, ex, x, spans, own_stats=False, edges=True, gather=True):
     lockstep, stats = pack.parallel_vae.exact.lockstep, pack.parallel_vae.exact.stats
     gens = [ex.band(x, a, e) for a, e in spans]
     out = [None] * len(gens)
-    replies = [None] * len(gens)
     requests = [None] * len(gens)
     for i, g in enumerate(gens):  # a band alone (Wan's) may finish without a single exchange
         try:
@@ -347,11 +346,12 @@ def test_wan_encode_bands_exchange_edges_rows_below_and_keys(pack, load_vae, one
     split = pack.parallel_vae.exact.geometry.split_rows
     with torch.inference_mode():
         ref = model.encode(x)
-        one = run_bands(pack, ex, ex.prefix(x), [(0, rows)])
-        two = run_bands(pack, ex, ex.prefix(x), split(rows, 2))
-        four = run_bands(pack, ex, ex.prefix(x), split(rows, 4))
-        padded = run_bands(pack, ex, ex.prefix(x), split(rows, 2), edges=False)
-        own_keys = run_bands(pack, ex, ex.prefix(x), split(rows, 2), gather=False)
+        x_in = ex.prefix(x)
+        one = run_bands(pack, ex, x_in, [(0, rows)])
+        two = run_bands(pack, ex, x_in, split(rows, 2))
+        four = run_bands(pack, ex, x_in, split(rows, 4))
+        padded = run_bands(pack, ex, x_in, split(rows, 2), edges=False)
+        own_keys = run_bands(pack, ex, x_in, split(rows, 2), gather=False)
     assert ref.shape[-2] == rows and diff(one, ref) <= TOL
     # Wan 2.1's bands of 8+ latent rows take the same oneDNN kernels as one band on 0.33 (bit for bit);
     # 0.3.75's pre-padded 3-D convs, and Wan 2.2's 1024-channel layers on bands a few rows high, round
