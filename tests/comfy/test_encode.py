@@ -34,6 +34,13 @@ def diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def scaled_diff(ours, ref) -> float:
+    """``diff`` over the reference's magnitude where that passes 1: the random-weight LTXV's latents
+    reach about 2.5e3, where one float32 ulp is 2.4e-4 and oneDNN's kernels for 1 and 2 threads
+    (a worker lane's count and ComfyUI's here) differ by a few ulps on AVX-512 CPUs."""
+    return diff(ours, ref) / max(1.0, ref.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def backends(pack):
     yield pack.nodes.backends
@@ -88,7 +95,14 @@ def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(pack, load_vae, 
     video = pixels((17, 160, 200, 3), 3)
     ours = encode(video, ltxv, 64, 16, 16, 8, devices=devices)
     assert ours.shape == (1, 128, 3, 5, 6)
-    assert diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
+    assert scaled_diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
+    if devices == "cpu:2":  # at a lane's one torch thread, the same tiles give the same bits as core's
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) == 0
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.mark.every_runtime
@@ -193,7 +207,7 @@ def test_auto_is_exact_where_supported_else_tiled_and_says_which(load_vae, encod
     assert diff(encode(px, sd, 0, mode="auto"), core.encode(px, sd)) <= TOL
     ltxv = load_vae("ltxv_meta")
     video = pixels((9, 96, 96, 3), 8)
-    assert diff(encode(video, ltxv, 64, 16, 16, 8, mode="auto"), core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
+    assert scaled_diff(encode(video, ltxv, 64, 16, 16, 8, mode="auto"), core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
     errors = pack.parallel_vae.errors
     with pytest.raises(errors.InputError, match=r"^mode: exact is not available for .*Use mode=tiled"):
         encode(video, ltxv, 64, 16, 16, 8, mode="exact")
