@@ -52,7 +52,7 @@ METHODS = {
 }
 KEYS = dict(zip(("tiled", "inproc", "cpu1x2", "cpu1x1", f"cpu{CORES}"), METHODS))  # --methods
 # Variants of the one worker lane, run only when --methods names them (what the overhead was):
-# the worker with glibc's own heap trimming (worker.Heap off), and ComfyUI's process on every
+# the worker with glibc's own heap trimming (heap.Heap.keep off), and ComfyUI's process on every
 # core as ComfyUI leaves torch (its threads spin-wait after each blend while the worker decodes).
 VARIANTS = {
     "cpu1x2trim": (f"ours cpu:1, 1 worker x {CORES} threads, glibc heap trimming",

@@ -17,7 +17,6 @@ parent holds, and the kernel closes it when the parent dies however it died.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import importlib.util
@@ -33,9 +32,9 @@ from typing import Any, Optional
 
 from . import protocol as msgs
 from .errors import ModelMismatch
+from .heap import HEAP
 
 MAX_CACHED_VAES = 2  # VAEs a worker keeps built (the least recently used goes first)
-KEEP_HEAP_ENV = "PARALLEL_VAE_KEEP_HEAP"
 # A Python file whose functions the worker calls at set points: ``on_init(worker)`` after its Init,
 # ``before_task(worker, work, tiles)`` before each task. The test suite's faults (a worker that
 # fails to start, runs out of memory or hangs) live in such a file; nothing the pack ships uses it.
@@ -92,40 +91,6 @@ def _share_weights(module, weights) -> bool:
     return True
 
 
-class Heap:
-    """Keeps what a worker frees while it works; gives it back to the system when it goes idle.
-
-    glibc returns the top of its heap to the kernel whenever more than 32 MiB of it are free
-    (twice its adaptive mmap threshold), and a decode crosses that mark several times per tile:
-    every regrowth is fresh zeroed pages, about 25,000 page faults (100 MiB) per 128-pixel SD tile
-    on the CPU. Keeping them made a 2-thread CPU worker about 7% faster (docs/BENCHMARKS.md).
-    Blocks over 32 MiB are mapped afresh either way.
-    ``PARALLEL_VAE_KEEP_HEAP=0`` leaves glibc's defaults (benchmarks compare the two).
-    """
-
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-    def __init__(self):
-        self.libc = None
-
-    def keep(self) -> None:
-        """Set once in the worker process, before it allocates much."""
-        if os.environ.get(KEEP_HEAP_ENV, "1") == "0":
-            return
-        try:
-            libc = ctypes.CDLL(None)
-        except OSError:
-            return
-        if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):  # glibc; elsewhere a no-op
-            # Fixed thresholds also stop glibc adapting them: the mmap one at its largest allowed.
-            if libc.mallopt(self.M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(self.M_TRIM_THRESHOLD, 1 << 30):
-                self.libc = libc
-
-    def give_back(self) -> None:
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
-
-
 class Cancelled(Exception):
     pass
 
@@ -169,7 +134,7 @@ class Worker:
         self.waited = 0.0  # seconds the running task spent waiting on its lock-step partners
         self.rounds = 0  # its lock-step sync points
         self.hooks = _load_hooks()
-        self.heap = Heap()
+        self.heap = HEAP
         self.busy = False  # worked since the heap was last given back
         self.threads = 1  # torch threads of this worker's own (Init)
 

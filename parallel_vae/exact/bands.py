@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..errors import DecodeError
+from ..heap import HEAP
 from . import lockstep
 from .geometry import Band, split_rows
 
@@ -37,9 +38,12 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     z = latent.narrow(0, batch, 1)
     r = getattr(ex, "in_rows", 1)  # encoding: the boxes are pixel rows, the bands latent rows
     bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
-    if answer is not None:
-        return attempt(ex, z, bands, work.split, poll, answer)
-    return item_results(ex, z, bands, poll, empty_cache)
+    # several bands in threads of their own (Wan's): their buffers must not stay in per-thread arenas
+    with HEAP.bands_running(getattr(ex, "in_threads", False) and ex.device.type == "cpu" and len(bands) > 1):
+        if answer is not None:
+            yield from attempt(ex, z, bands, work.split, poll, answer)
+        else:
+            yield from item_results(ex, z, bands, poll, empty_cache)
 
 
 def sub_bands(band: Band, split: int) -> list[tuple[int, int]]:

@@ -27,6 +27,8 @@ class WanExact:
     """Bands of one Wan ``first_stage_model``'s decoder: they exchange conv edge rows and attention
     keys (no statistics: Wan's norms work per pixel)."""
 
+    in_threads = True  # each band runs ComfyUI's modules in a thread of its own (threads.py)
+
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model
         self.decoder = dec = model.decoder

@@ -1,0 +1,91 @@
+"""How glibc's allocator treats a process's large CPU buffers: kept while a worker works
+(``keep``), and mapped afresh for each while exact bands run in threads (``bands_running``).
+
+glibc gives each thread that allocates its own arena, and an arena keeps what it frees (below its
+adaptive mmap threshold, which grows to 32 MiB as big blocks are freed) for its own thread's next
+allocations. Exact bands run one at a time but each in a thread of its own, so every band
+thread's arena keeps its own high-water mark: the process holds the sum over bands of each band's
+peak, not the peak of their sum (one-frame 768x768 Wan decode in ComfyUI's process: 3 bands hold
+about 540 MiB more than with big blocks mapped, 12 bands 1.9 GiB more). While several bands run in
+threads, blocks of ``BAND_MMAP_THRESHOLD`` or more are therefore mapped and unmapped (each free
+returns them to the kernel). The price is fresh pages for every such block, oneDNN's reorder
+buffers included: about 15% more time on that CPU decode (docs/BENCHMARKS.md). Afterwards the
+process's previous setting returns (for a process glibc had left adaptive: the values adaptation
+reaches, 32 MiB and 64 MiB). Elsewhere than glibc (Windows, macOS, where large blocks are mapped
+anyway) this is a no-op; device memory is torch's to pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+
+KEEP_HEAP_ENV = "PARALLEL_VAE_KEEP_HEAP"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+BAND_MMAP_THRESHOLD = 1 << 20
+BAND_TRIM_THRESHOLD = 128 << 10  # glibc's default
+ADAPTED = (32 << 20, 64 << 20)  # (mmap, trim) where glibc's adaptation ends
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+class Heap:
+    """One process's allocator settings (``HEAP``)."""
+
+    def __init__(self):
+        self.libc = _glibc()
+        self.kept = False
+        self._lock = threading.Lock()
+        self._bands = 0  # band runs under way in this process
+
+    def _set(self, mmap: int, trim: int) -> bool:
+        return bool(self.libc.mallopt(M_MMAP_THRESHOLD, mmap) and self.libc.mallopt(M_TRIM_THRESHOLD, trim))
+
+    def keep(self) -> None:
+        """A worker process keeps what it frees while it works and gives it back when idle
+        (``give_back``). glibc returns the top of its heap to the kernel whenever more than 32 MiB
+        of it are free, and a decode crosses that mark several times per tile: every regrowth is
+        fresh zeroed pages, about 25,000 page faults (100 MiB) per 128-pixel SD tile on the CPU.
+        Keeping them made a 2-thread CPU worker about 7% faster (docs/BENCHMARKS.md). Set once,
+        before the process allocates much. ``PARALLEL_VAE_KEEP_HEAP=0`` leaves glibc's defaults
+        (benchmarks compare the two)."""
+        if os.environ.get(KEEP_HEAP_ENV, "1") == "0" or self.libc is None:
+            return
+        with self._lock:  # fixed thresholds also stop glibc adapting them: the mmap one at its largest
+            self.kept = self._set(32 << 20, 1 << 30)
+
+    def give_back(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+    @contextmanager
+    def bands_running(self, cpu: bool = True):
+        """While several exact bands run in threads of this process on the CPU, their large
+        buffers are mapped afresh each and freed to the kernel."""
+        if not cpu or self.libc is None:
+            yield
+            return
+        with self._lock:
+            if self._bands == 0:
+                self._set(BAND_MMAP_THRESHOLD, BAND_TRIM_THRESHOLD)
+            self._bands += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bands -= 1
+                if self._bands == 0:
+                    self._set(32 << 20, 1 << 30) if self.kept else self._set(*ADAPTED)
+            self.give_back()
+
+
+HEAP = Heap()
+
+__all__ = ["HEAP", "Heap", "KEEP_HEAP_ENV"]

@@ -1,0 +1,62 @@
+"""parallel_vae.heap: while exact bands run in threads, their freed large blocks go back to the
+system; otherwise glibc keeps them in each band thread's arena, every band's high-water mark
+resident at once. Run in a child process: the allocator's settings are process-wide."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallel_vae.heap import Heap
+
+REPO = Path(__file__).resolve().parents[2]
+BLOCKS, BLOCK = 48, 2 << 20  # under the 32 MiB mmap threshold a worker keeps: heap blocks there
+
+CHILD = f"""
+import os, threading
+from parallel_vae.heap import HEAP
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def left_by_a_band_thread():
+    held = {{}}
+    def band():
+        before = rss()
+        blocks = [bytearray(b"\\x01" * {BLOCK}) for _ in range({BLOCKS})]
+        del blocks
+        held["left"] = rss() - before
+    t = threading.Thread(target=band)
+    t.start()
+    t.join()
+    return held["left"]
+
+import sys
+HEAP.keep()  # as a worker does: a freed block stays for the next
+with HEAP.bands_running(cpu=sys.argv[1] == "bands"):
+    print(left_by_a_band_thread())
+"""
+
+
+def left(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], cwd=REPO, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_a_band_threads_freed_blocks_leave_the_process_while_bands_run():
+    if Heap().libc is None:
+        pytest.skip("glibc only: other allocators map large blocks afresh already")
+    total = BLOCKS * BLOCK
+    kept, banded = left("device"), left("bands")
+    assert kept > total // 2, f"a worker's heap should keep what a thread frees: {kept >> 20} MiB"
+    assert banded < total // 4, f"freed band blocks should leave the process: {banded >> 20} MiB stayed"
+
+
+def test_bands_on_a_device_leave_the_allocator_alone():
+    heap = Heap()
+    with heap.bands_running(cpu=False):
+        assert heap._bands == 0
+    with heap.bands_running(cpu=True), heap.bands_running(cpu=True):
+        assert heap._bands == (2 if heap.libc is not None else 0)
+    assert heap._bands == 0
