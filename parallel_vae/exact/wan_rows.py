@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .attention import attend_band
-from .geometry import conv_spread, edge_rows, named, row_part, rows_unpadded
+from .geometry import conv_spread, edge_rows, is_conv, named, row_part, rows_unpadded, upsample_factor
 from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
@@ -51,6 +51,20 @@ def _padded_downsamples(part) -> set[int]:
             if (row_part(conv.kernel_size), row_part(conv.stride), row_part(conv.padding),
                     row_part(getattr(conv, "dilation", 1))) == (3, 2, 0, 1):
                 found.add(id(conv))
+    return found
+
+
+def _upsampling_convs(part) -> dict[int, object]:
+    """id(conv) -> the Sequential for each ``Sequential(Upsample(x2 nearest), 3x3 conv, stride 1,
+    padding 1)`` (Wan's Resample "upsample2d"/"upsample3d")."""
+    found = {}
+    for m in part.modules():
+        children = list(m.children())
+        if len(children) == 2 and upsample_factor(children[0]) == 2 \
+                and getattr(children[0], "mode", None) in ("nearest", "nearest-exact") and is_conv(children[1]) \
+                and (row_part(children[1].kernel_size), row_part(children[1].stride),
+                     row_part(children[1].padding), conv_spread(children[1])) == (3, 1, 1, 1):
+            found[id(children[1])] = m
     return found
 
 
@@ -122,6 +136,49 @@ def _downsample_hook(conv, name: str):
     return _conv_forward
 
 
+UPSAMPLE_CHUNK_BYTES = 16 << 20  # the upsampled input of one conv call
+
+
+def _upsample_hook(seq, name: str):
+    """Upsample x2 then a 3x3 conv, on a band: the upsampled rows exist a chunk at a time, never
+    the band's whole (twice its rows at the decoder's widest layer; every band's at once at the
+    exchange point). The conv reads one upsampled row beyond each edge: the neighbour's edge row
+    before upsampling (zero rows at the image's edge). Chunks start at fixed rows of the image, so
+    a row's chunk does not depend on the band count except at band edges."""
+    original = seq.forward
+    up, conv = list(seq.children())
+
+    def forward(x):
+        me = current()
+        if me is None:
+            return original(x)
+        rows = x.shape[-2]
+        above, below = (None, None) if me.alone else me.ask(
+            RowsRequest(me.next(), name, x.narrow(-2, 0, 1).clone(), x.narrow(-2, rows - 1, 1).clone()))
+        ext = torch.cat([edge_rows(x, above, 1), x, edge_rows(x, below, 1)], -2)  # ext row j: own row j - 1
+        del above, below
+        # own rows in pre-upsample rows per chunk; chunks end at multiples of ``step`` in the image
+        step = max(4, UPSAMPLE_CHUNK_BYTES // (x.shape[:-2].numel() * 4 * x.shape[-1] * x.element_size()))
+        first = me.a * rows // max(1, me.e - me.a)  # the band's first row, in this layer's rows
+        out = None
+        i = 0
+        while i < rows:
+            n = min(step - (first + i) % step, rows - i)
+            chunk = up(ext.narrow(-2, i, n + 2)).narrow(-2, 1, 2 * n + 2).contiguous()  # up rows [2i - 1, 2(i + n) + 1)
+            with rows_unpadded(conv):
+                y = conv(chunk)
+            del chunk
+            if out is None:
+                out = y.new_empty(y.shape[:-2] + (2 * rows,) + y.shape[-1:])
+            out.narrow(-2, 2 * i, 2 * n).copy_(y)
+            del y
+            i += n
+        return out
+
+    forward.__wrapped__ = original
+    return forward
+
+
 def _attention_hook(block):
     original = block.optimized_attention
 
@@ -140,8 +197,11 @@ def _attention_hook(block):
 
 
 def _install(part) -> None:
-    down = _padded_downsamples(part)
+    down, ups = _padded_downsamples(part), _upsampling_convs(part)
     for i, conv in enumerate(spreading_convs(part)):
+        if id(conv) in ups:
+            ups[id(conv)].forward = _upsample_hook(ups[id(conv)], f"conv{i}")
+            continue
         hook = _downsample_hook if id(conv) in down else _conv_hook
         conv._conv_forward = hook(conv, f"conv{i}")
     for block in part.modules():
@@ -152,6 +212,8 @@ def _install(part) -> None:
 def _remove(part) -> None:
     for conv in spreading_convs(part):
         conv.__dict__.pop("_conv_forward", None)
+    for seq in _upsampling_convs(part).values():
+        seq.__dict__.pop("forward", None)
     for block in part.modules():
         if named(block, "AttentionBlock"):
             block.optimized_attention = getattr(block.optimized_attention, "__wrapped__", block.optimized_attention)

@@ -144,7 +144,8 @@ def run_wan_bands(pack, ex, z, spans, edges=True, gather=True):
 
 
 @pytest.mark.every_runtime  # the hooks sit on ComfyUI's Wan modules, whose padding changed between runtimes
-def test_wan_bands_exchange_edges_and_keys_and_are_bit_identical_across_band_counts(pack, load_vae, one_thread):
+def test_wan_bands_exchange_edges_and_keys_and_are_bit_identical_across_band_counts(pack, load_vae, one_thread,
+                                                                                    monkeypatch):
     """Wan 2.1 here; Wan 2.2 runs the same hooks (test_wan_exact_equals_untiled_vae_decode bands it).
     Wan 2.2's bands agree with one band to 1e-5, not bit for bit, at the few-row sizes a test can
     afford: its 1024-channel layers take another oneDNN conv kernel on inputs 16 rows high."""
@@ -162,9 +163,25 @@ def test_wan_bands_exchange_edges_and_keys_and_are_bit_identical_across_band_cou
         padded = run_wan_bands(pack, ex, z, split(rows, 2), edges=False)
         own_keys = run_wan_bands(pack, ex, z, split(rows, 2), gather=False)
         untiled = vae.first_stage_model.decode(z.to(vae.vae_dtype))
+        # upsample + conv a few rows at a time (at real sizes a band's upsampled rows are never whole)
+        ups = [m for m in vae.first_stage_model.decoder.modules() if type(m).__name__ == "Upsample"]
+        calls = []
+        handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in ups]
+        run_wan_bands(pack, ex, z, split(rows, 2))
+        whole_calls = len(calls)
+        monkeypatch.setattr(pack.parallel_vae.exact.wan_rows, "UPSAMPLE_CHUNK_BYTES", 1)
+        chunked = run_wan_bands(pack, ex, z, split(rows, 2))
+        assert len(calls) - whole_calls > 2 * whole_calls, "the bands should upsample a few rows at a time"
+        for h in handles:
+            h.remove()
+        chunked_one = run_wan_bands(pack, ex, z, [(0, rows)])
     assert max_diff(one, untiled) <= TOL
     assert torch.equal(one, two), "two bands differ from one"
     assert torch.equal(one, three), "three bands differ from one"
+    # oneDNN picks another kernel for convs of a few hundred pixels (these chunks); at real widths
+    # a conv's rows do not depend on its height (docs/BENCHMARKS.md), so chunks change no bit there
+    assert max_diff(chunked, one) <= 1e-5, "upsampling a few rows at a time should agree with whole bands"
+    assert max_diff(chunked_one, chunked) <= 1e-5
     assert max_diff(padded, one) > 1e-2, "zero padding at band edges should visibly change the frames"
     assert max_diff(own_keys, one) > 1e-3, "attending over a band's own keys should change the frames"
 
