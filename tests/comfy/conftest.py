@@ -132,7 +132,8 @@ def one_thread(torch_threads):
     """Bit-identity across band counts holds where no CPU kernel splits one output's sum over
     threads. oneDNN on an AVX-512 Xeon does for 1x1 convs, by the input's size, so at 2 threads
     bands of other heights differ by up to 8e-7 there (none on the EPYC it was first measured on);
-    at one thread nothing is split. Equality with VAE Decode (TOL) holds at any thread count."""
+    at one thread nothing is split. The same goes for comparing in-process output with `cpu:2`'s
+    bit for bit: each worker runs one thread. Equality with VAE Decode (TOL) holds at any thread count."""
     torch_threads(1)
 
 

@@ -216,7 +216,7 @@ def test_a_non_causal_video_streams_frame_runs_equal_to_the_decode_node_with_wor
 
 @pytest.mark.every_runtime
 def test_a_worker_would_run_ahead_in_time_waits_until_the_earliest_window_is_delivered(
-        nodes, pack, load_vae, decode, stream_of, to_images, decodes, monkeypatch, tmp_path):
+        nodes, pack, load_vae, decode, stream_of, to_images, decodes, monkeypatch, tmp_path, one_thread):
     """The worker with the first window is slow: it waits for a file the test writes once the other
     worker was held back (or, were it never held, once it ran ahead). The other decodes at most the
     next window meanwhile, instead of running on to the end."""
@@ -254,7 +254,7 @@ def test_a_worker_would_run_ahead_in_time_waits_until_the_earliest_window_is_del
 
 
 def test_a_non_causal_stream_gives_the_same_files_with_a_worker_killed_and_none_when_interrupted(
-        nodes, load_vae, stream_of, save, tmp_path, monkeypatch):
+        nodes, load_vae, stream_of, save, tmp_path, monkeypatch, one_thread):
     import signal
 
     import comfy.model_management as mm
