@@ -20,6 +20,7 @@ measured the share of a prefix every lane once repeated went with it: docs/BENCH
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import subprocess
@@ -41,12 +42,16 @@ CASES = {
     # one frame: Qwen-Image's VAE is Wan 2.1's
     "wan1f": ("wan21_full", (1, 16, 1, 96, 96), (1, 16, 1, 4, 4), "Wan 2.1 VAE (real width), one frame 768x768"),
 }
+ARENAS_KEPT = "ours exact, in-process, arenas kept"
 # label: (node, devices, mode, tile_size, overlap)
 METHODS = {
     "VAEDecode": ("VAEDecode", None, None, None, None),
     "VAEDecodeTiled 256/64": ("VAEDecodeTiled", None, None, 256, 64),
     "ours tiled, in-process": ("ParallelVAEDecode", "cpu", "tiled", 256, 64),
     "ours exact, in-process": ("ParallelVAEDecode", "cpu", "exact", 512, 64),
+    # the same with glibc's thresholds left alone while band threads run (heap.Heap.bands_running off):
+    # each band thread's arena keeps its own high-water mark
+    ARENAS_KEPT: ("ParallelVAEDecode", "cpu", "exact", 512, 64),
     "ours exact, cpu:2": ("ParallelVAEDecode", "cpu:2", "exact", 512, 64),
     # tile_size 0: bands sized by each lane's free memory (one per worker here), not cut to 512x512 pixels
     "ours exact, cpu:2, tile_size 0": ("ParallelVAEDecode", "cpu:2", "exact", 0, 64),
@@ -81,6 +86,9 @@ def child(case: str, label: str, out: Path) -> None:
     if node == "ParallelVAEDecode":
         pack = comfy_env.load_pack()
         ours = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
+        if label == ARENAS_KEPT:
+            heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap")
+            heap.HEAP.bands_running = lambda cpu=True: contextlib.nullcontext()
         run = lambda z: ours.execute({"samples": z}, vae, tile, overlap, 64, 8, devices, mode=mode).result[0]  # noqa: E731
     elif node == "VAEDecodeTiled":
         run = lambda z: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, tile, overlap, 64, 8)[0]  # noqa: E731

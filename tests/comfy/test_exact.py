@@ -254,3 +254,27 @@ def test_the_prefix_attention_in_bounded_slices_equals_comfyuis_split_attention_
         monkeypatch.setattr(attention, "MIN_SLICE_ROWS", 1)  # many one-row slices: other kernels,
         monkeypatch.setattr(attention, "SLICE_BYTES", 1600 * 4)  # the same arithmetic
         assert max_diff(sliced(x), ref) <= 1e-5
+
+
+def test_a_wan_band_conv_takes_onednn_where_atens_small_conv_rule_would_not(pack, one_thread):
+    """ATen convolves float32 CPU inputs with N*C*T*H <= 20480 with its own kernel, not oneDNN's:
+    a band's few rows fall under that where the whole frame's do not, and get other bits. The
+    band's conv (wan_rows._convolve) takes oneDNN's, whose rows are the whole conv's bit for bit."""
+    from comfy.ldm.wan.vae import CausalConv3d
+
+    wan_rows, geometry = pack.parallel_vae.exact.wan_rows, pack.parallel_vae.exact.geometry
+    torch.manual_seed(0)
+    conv = CausalConv3d(128, 128, 3, padding=1)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    x = latent((1, 128, 1, 200, 48), 20)  # 128 x 200 rows: oneDNN for the whole frame
+    joined = x[:, :, :, 79:121]  # own rows [80, 120) and one beyond each edge: 128 x 42, ATen's own kernel
+    with torch.inference_mode():
+        whole = conv(x)[:, :, :, 80:120]
+        with geometry.rows_unpadded(conv):
+            ours = wan_rows._convolve(conv, conv._conv_forward, joined, conv.weight, conv.bias, (),
+                                      {"autopad": "causal_zero"})
+            aten = conv._conv_forward(joined, conv.weight, conv.bias, autopad="causal_zero")
+    assert torch.equal(ours, whole), "a band's oneDNN rows should be the whole conv's"
+    assert max_diff(aten, whole) <= TOL and not torch.equal(aten, whole), "ATen's kernel gives other bits"
