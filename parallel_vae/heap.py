@@ -9,7 +9,7 @@ peak, not the peak of their sum (one-frame 768x768 Wan decode in ComfyUI's proce
 about 540 MiB more than with big blocks mapped, 12 bands 1.9 GiB more). While several bands run in
 threads, blocks of ``BAND_MMAP_THRESHOLD`` or more are therefore mapped and unmapped (each free
 returns them to the kernel). The price is fresh pages for every such block, oneDNN's reorder
-buffers included: about 15% more time on that CPU decode (docs/BENCHMARKS.md). Afterwards the
+buffers included: about 22% more time on that CPU decode (docs/BENCHMARKS.md). Afterwards the
 process's previous setting returns (for a process glibc had left adaptive: the values adaptation
 reaches, 32 MiB and 64 MiB). Elsewhere than glibc (Windows, macOS, where large blocks are mapped
 anyway) this is a no-op; device memory is torch's to pool.
