@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 from bench_decode import machine  # noqa: E402
-from bench_exact import worker_peaks_kib  # noqa: E402
+from bench_exact import ARENAS_KEPT, keep_arenas, worker_peaks_kib  # noqa: E402
 
 CASES = {
     # name: VAE family, pixels [B, H, W, C], warm-up pixels, note, methods
@@ -45,6 +45,7 @@ METHODS = {
     "VAEEncode": ("VAEEncode", None, None, None, None, 0),
     "VAEEncodeTiled 512/64": ("VAEEncodeTiled", None, None, 512, 64, 0),
     "ours exact, in-process": ("ParallelVAEEncode", "cpu", "exact", 512, 64, 0),
+    ARENAS_KEPT: ("ParallelVAEEncode", "cpu", "exact", 512, 64, 0),  # glibc's arenas left alone (bench_exact)
     "ours exact, cpu:2": ("ParallelVAEEncode", "cpu:2", "exact", 0, 64, 0),
     "ours exact, cpu:1, 1 thread": ("ParallelVAEEncode", "cpu:1", "exact", 0, 64, 1),
     "ours exact, cpu:2, 1 thread each": ("ParallelVAEEncode", "cpu:2", "exact", 0, 64, 1),
@@ -55,7 +56,7 @@ METHODS = {
 PLANS = {
     "image": ["VAEEncode", "VAEEncodeTiled 512/64", "ours exact, in-process", "ours exact, cpu:2",
               "ours exact, cpu:1, 1 thread", "ours exact, cpu:2, 1 thread each", "VAEEncode float64"],
-    "video": ["VAEEncode", "ours exact, in-process", "ours exact, cpu:2", "VAEEncode float64"],
+    "video": ["VAEEncode", "ours exact, in-process", ARENAS_KEPT, "ours exact, cpu:2", "VAEEncode float64"],
     "i2v": ["WanImageToVideo, plain VAE", "WanImageToVideo, Parallel VAE cpu:2"],
 }
 UNTILED, TILED, TRUTH = "VAEEncode", "VAEEncodeTiled 512/64", "VAEEncode float64"
@@ -76,6 +77,8 @@ def child(case: str, label: str, out: Path) -> None:
     if node == "ParallelVAEEncode":
         pack = comfy_env.load_pack()
         ours = comfy_env.node_clone(pack.nodes.ParallelVAEEncode, {"UNIQUE_ID": "bench"})
+        if label == ARENAS_KEPT:
+            keep_arenas(pack)
         run = lambda px: ours.execute(px, vae, tile, overlap, 64, 8, devices, mode=mode).result[0]["samples"]  # noqa: E731
     elif node == "WanImageToVideo":
         from comfy_extras import nodes_wan

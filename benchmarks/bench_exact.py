@@ -71,6 +71,14 @@ def each_worker_peak_kib(pool) -> list[int]:
     return peaks
 
 
+def keep_arenas(pack) -> None:
+    """Leave glibc's thresholds alone while band threads run in this process (heap.Heap.bands_running off)."""
+    import contextlib
+
+    heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap")
+    heap.HEAP.bands_running = lambda cpu=True: contextlib.nullcontext()
+
+
 def child(case: str, label: str, out: Path) -> None:
     import resource
 
@@ -87,8 +95,7 @@ def child(case: str, label: str, out: Path) -> None:
         pack = comfy_env.load_pack()
         ours = comfy_env.node_clone(pack.nodes.ParallelVAEDecode, {"UNIQUE_ID": "bench"})
         if label == ARENAS_KEPT:
-            heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap")
-            heap.HEAP.bands_running = lambda cpu=True: contextlib.nullcontext()
+            keep_arenas(pack)
         run = lambda z: ours.execute({"samples": z}, vae, tile, overlap, 64, 8, devices, mode=mode).result[0]  # noqa: E731
     elif node == "VAEDecodeTiled":
         run = lambda z: nodes.VAEDecodeTiled().decode(vae, {"samples": z}, tile, overlap, 64, 8)[0]  # noqa: E731

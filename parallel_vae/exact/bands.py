@@ -38,8 +38,8 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     z = latent.narrow(0, batch, 1)
     r = getattr(ex, "in_rows", 1)  # encoding: the boxes are pixel rows, the bands latent rows
     bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
-    # several bands in threads of their own (Wan's): their buffers must not stay in per-thread arenas
-    with HEAP.bands_running(getattr(ex, "in_threads", False) and ex.device.type == "cpu" and len(bands) > 1):
+    # several bands in threads of their own (Wan's decode): their buffers must not stay in per-thread arenas
+    with HEAP.bands_running(getattr(ex, "map_band_blocks", False) and ex.device.type == "cpu" and len(bands) > 1):
         if answer is not None:
             yield from attempt(ex, z, bands, work.split, poll, answer)
         else:

@@ -27,7 +27,9 @@ class WanExact:
     """Bands of one Wan ``first_stage_model``'s decoder: they exchange conv edge rows and attention
     keys (no statistics: Wan's norms work per pixel)."""
 
-    in_threads = True  # each band runs ComfyUI's modules in a thread of its own (threads.py)
+    # bands in threads of their own (threads.py), whose arenas would each keep a band's peak: large
+    # blocks are mapped afresh while they run on the CPU (heap.Heap.bands_running)
+    map_band_blocks = True
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

@@ -35,7 +35,9 @@ class WanEncodeExact:
     """Bands of one Wan ``first_stage_model``'s encoder: they exchange conv edge rows, the row below
     each stride-2 downsample and attention keys (no statistics: Wan's norms work per pixel)."""
 
-    in_threads = True  # each band runs ComfyUI's modules in a thread of its own (threads.py)
+    # bands in threads too, but the encoder's largest blocks (its input level's) are mapped anyway:
+    # mapping smaller ones cost 15% more time for 0.5% less peak RSS (docs/BENCHMARKS.md)
+    map_band_blocks = False
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

@@ -128,6 +128,23 @@ def torch_threads():
 
 
 @pytest.fixture
+def band_heaps(pack, monkeypatch) -> list:
+    """What each exact item asks of heap.Heap.bands_running in this process (True: large blocks
+    mapped afresh while its bands run), in order."""
+    import importlib
+
+    heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap").HEAP
+    original, asked = heap.bands_running, []
+
+    def recording(cpu=True):
+        asked.append(cpu)
+        return original(cpu)
+
+    monkeypatch.setattr(heap, "bands_running", recording)
+    return asked
+
+
+@pytest.fixture
 def one_thread(torch_threads):
     """Bit-identity across band counts holds where no CPU kernel splits one output's sum over
     threads. oneDNN on an AVX-512 Xeon does for 1x1 convs, by the input's size, so at 2 threads
