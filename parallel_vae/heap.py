@@ -22,6 +22,8 @@ import threading
 from contextlib import contextmanager
 
 KEEP_HEAP_ENV = "PARALLEL_VAE_KEEP_HEAP"
+TUNABLES_ENV = "GLIBC_TUNABLES"
+HUGE_PAGES = "glibc.malloc.hugetlb"  # 1: malloc asks for transparent huge pages (glibc 2.35+)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 BAND_MMAP_THRESHOLD = 1 << 20
 BAND_TRIM_THRESHOLD = 128 << 10  # glibc's default
@@ -86,6 +88,20 @@ class Heap:
             self.give_back()
 
 
+def worker_tunables(environ) -> str | None:
+    """``GLIBC_TUNABLES`` for a worker process started from ``environ``: transparent huge pages for
+    what malloc maps (``glibc.malloc.hugetlb=1``), so a fresh 76 MiB activation faults in 38 huge
+    pages, not 19,000 small ones (a two-worker CPU decode of a 768x768 Wan frame: 7-8% faster at
+    the same peak RSS, docs/BENCHMARKS.md). Tunables are read at a process's start: ComfyUI's own
+    process cannot be given them. A tunable the user set stays as set; ``PARALLEL_VAE_KEEP_HEAP=0``
+    leaves glibc's defaults; glibc before 2.35 and other C libraries ignore it; with THP off
+    (``never``) it changes nothing."""
+    current = environ.get(TUNABLES_ENV) or ""
+    if environ.get(KEEP_HEAP_ENV, "1") == "0" or HUGE_PAGES in current:
+        return current or None
+    return ":".join(t for t in (current, f"{HUGE_PAGES}=1") if t)
+
+
 HEAP = Heap()
 
-__all__ = ["HEAP", "Heap", "KEEP_HEAP_ENV"]
+__all__ = ["HEAP", "Heap", "KEEP_HEAP_ENV", "worker_tunables"]

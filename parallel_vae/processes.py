@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Optional, Sequence
 
 from . import protocol as msgs
+from .heap import TUNABLES_ENV, worker_tunables
 from .workers import PACKAGE_ROOT, Channel, Death, Lost, Transport, WorkerSpec
 
 log = logging.getLogger("parallel_vae")
@@ -112,6 +113,9 @@ class Processes(Transport):
         env["PYTHONSAFEPATH"] = "1"  # no cwd on sys.path (Python 3.11+)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(spec.threads)
+        tunables = worker_tunables(env)
+        if tunables:
+            env[TUNABLES_ENV] = tunables
         env.update(dict(spec.env))
         return env
 

@@ -60,3 +60,14 @@ def test_bands_on_a_device_leave_the_allocator_alone():
     with heap.bands_running(cpu=True), heap.bands_running(cpu=True):
         assert heap._bands == (2 if heap.libc is not None else 0)
     assert heap._bands == 0
+
+
+def test_workers_start_with_huge_pages_for_malloc_unless_the_user_said_otherwise():
+    from parallel_vae.heap import worker_tunables
+
+    assert worker_tunables({}) == "glibc.malloc.hugetlb=1"
+    assert worker_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert worker_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"
+    assert worker_tunables({"PARALLEL_VAE_KEEP_HEAP": "0"}) is None
+    assert worker_tunables({"PARALLEL_VAE_KEEP_HEAP": "0", "GLIBC_TUNABLES": "x=1"}) == "x=1"

@@ -20,6 +20,7 @@ from parallel_vae.errors import DecodeError
 from parallel_vae.models import GenericDecoder
 from parallel_vae.plan import AxisScale, plan_image, settings_from_pixels
 from parallel_vae.pool import WorkerPool
+from parallel_vae.heap import worker_tunables
 from parallel_vae.processes import Processes
 from parallel_vae.worker import MAX_CACHED_VAES
 from parallel_vae.workers import ModelSource, WorkerSpec
@@ -100,6 +101,11 @@ def test_tiles_run_in_the_workers_and_equal_an_in_process_decode(pool2):
     assert len(pids) == 2 and os.getpid() not in pids
     assert report.pids() == pids, "both workers took tiles"
     assert sorted((t, s) for t, s, _, _ in report.units) == [(t.index, 0) for t in plan.tiles]
+    want = worker_tunables(os.environ)  # malloc asks for huge pages in workers (heap.py)
+    assert want and "glibc.malloc.hugetlb" in want
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert f"GLIBC_TUNABLES={want}".encode() in f.read().split(b"\0")
 
 
 def test_a_second_job_reuses_the_workers_and_sends_no_weights(pool2):
