@@ -20,7 +20,6 @@ measured the share of a prefix every lane once repeated went with it: docs/BENCH
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import subprocess
@@ -75,8 +74,7 @@ def keep_arenas(pack) -> None:
     """Leave glibc's thresholds alone while band threads run in this process (heap.Heap.bands_running off)."""
     import contextlib
 
-    heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap")
-    heap.HEAP.bands_running = lambda cpu=True: contextlib.nullcontext()
+    pack.parallel_vae.heap.HEAP.bands_running = lambda cpu=True: contextlib.nullcontext()
 
 
 def child(case: str, label: str, out: Path) -> None:

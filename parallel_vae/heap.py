@@ -27,6 +27,7 @@ HUGE_PAGES = "glibc.malloc.hugetlb"  # 1: malloc asks for transparent huge pages
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 BAND_MMAP_THRESHOLD = 1 << 20
 BAND_TRIM_THRESHOLD = 128 << 10  # glibc's default
+KEPT = (32 << 20, 1 << 30)  # (mmap, trim) of a worker's kept heap: the largest fixed mmap threshold
 ADAPTED = (32 << 20, 64 << 20)  # (mmap, trim) where glibc's adaptation ends
 
 
@@ -61,7 +62,7 @@ class Heap:
         if os.environ.get(KEEP_HEAP_ENV, "1") == "0" or self.libc is None:
             return
         with self._lock:  # fixed thresholds also stop glibc adapting them: the mmap one at its largest
-            self.kept = self._set(32 << 20, 1 << 30)
+            self.kept = self._set(*KEPT)
 
     def give_back(self) -> None:
         if self.libc is not None:
@@ -84,7 +85,7 @@ class Heap:
             with self._lock:
                 self._bands -= 1
                 if self._bands == 0:
-                    self._set(32 << 20, 1 << 30) if self.kept else self._set(*ADAPTED)
+                    self._set(*(KEPT if self.kept else ADAPTED))
             self.give_back()
 
 

@@ -131,9 +131,7 @@ def torch_threads():
 def band_heaps(pack, monkeypatch) -> list:
     """What each exact item asks of heap.Heap.bands_running in this process (True: large blocks
     mapped afresh while its bands run), in order."""
-    import importlib
-
-    heap = importlib.import_module(pack.parallel_vae.__name__ + ".heap").HEAP
+    heap = pack.parallel_vae.heap.HEAP
     original, asked = heap.bands_running, []
 
     def recording(cpu=True):

@@ -78,7 +78,8 @@ def core(comfy):
 
 @pytest.mark.every_runtime
 @pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
-def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(pack, load_vae, encode, core, backends, devices):
+def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(pack, load_vae, encode, core, backends, devices,
+                                                                torch_threads):
     sd = load_vae("sd")
     px = pixels((2, 139, 75, 3), 1)  # batch of 2, not square, not a multiple of 8: cropped as core crops
     ours = encode(px, sd, 64, 16, devices=devices)
@@ -97,12 +98,8 @@ def test_tiled_equals_vae_encode_tiled_for_image_and_video_vaes(pack, load_vae, 
     assert ours.shape == (1, 128, 3, 5, 6)
     assert scaled_diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) <= TOL
     if devices == "cpu:2":  # at a lane's one torch thread, the same tiles give the same bits as core's
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) == 0
-        finally:
-            torch.set_num_threads(threads)
+        torch_threads(1)
+        assert diff(ours, core.tiled(video, ltxv, 64, 16, 16, 8)) == 0
 
 
 @pytest.mark.every_runtime
