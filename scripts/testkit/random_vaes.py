@@ -72,6 +72,18 @@ FAMILIES = {
         "cosmos",
         {"decoder.unpatcher3d.wavelets": (2,)},
         "decoder.conv_out.1.conv3d.weight", (1, 16, 2, 4, 4)),
+    # HunyuanVideo's VAE (SD's layout in 3-D convs, causal padding, global mid attention: ComfyUI
+    # tiles it in time); its width is fixed by ComfyUI (246 M parameters), stored in bf16.
+    "hunyuan": Family(
+        "hunyuan",
+        {"decoder.conv_in.conv.weight": (512, 16, 3, 3, 3), "post_quant_conv.weight": (16, 16, 1, 1, 1)},
+        "decoder.conv_out.conv.weight", (1, 16, 2, 4, 4), torch.bfloat16),
+    # LTX-Video 0.9's VAE: the architecture ComfyUI picks from the weights alone, without metadata
+    # (its default config, version 0 by a 512-wide first decoder block), stored in bf16.
+    "ltxv": Family(
+        "ltxv",
+        {"decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": (512, 512, 3, 3, 3)},
+        "decoder.conv_out.conv.weight", (1, 128, 2, 2, 2), torch.bfloat16),
     # fp32 decoder.1.weight means lighttaew2_1 (no latent scaling); fp16 would mean TAEHV-Hunyuan.
     # LTXV whose architecture comes from the file's metadata (a small config; 4.1 M parameters):
     # built without that metadata it is another model. ComfyUI passes it from 0.9.2 on.

@@ -185,6 +185,8 @@ def test_a_worker_with_less_work_is_held_within_a_few_frames_of_the_others(load_
 NON_CAUSAL = {  # family: (latent, tile_size, overlap): 2 items, 3 temporal windows each at 16/8 frames
     "cosmos": ((2, 16, 4, 4, 4), 64, 16),
     "ltxv_meta": ((2, 128, 4, 2, 2), 64, 16),
+    "ltxv": ((2, 128, 4, 2, 2), 64, 16),  # LTX-Video 0.9's architecture, from its weights alone
+    "hunyuan": ((2, 16, 8, 2, 2), 64, 16),  # 4x in time: 29 frames
 }
 
 
