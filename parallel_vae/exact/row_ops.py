@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import stats
 from .attention import band_attention
-from .geometry import conv_spread, edge_rows, row_part, rows_unpadded
+from .geometry import conv_spread, edge_rows, join_rows, row_part, rows_unpadded
 from .lockstep import GatherRequest, RowsRequest, StatsRequest
 
 
@@ -66,8 +66,7 @@ class RowOps:
         if above is None and below is None:
             return conv(x)
         # [above; own; below] with no row padding: exactly the band's own output rows, no copy after
-        joined = torch.cat([edge_rows(x, above, spread), x, edge_rows(x, below, spread)], -2)
-        joined = joined.contiguous(memory_format=self.fmt)
+        joined = join_rows([edge_rows(x, above, spread), x, edge_rows(x, below, spread)], self.fmt)
         del x, above, below
         with rows_unpadded(conv):
             return conv(joined)

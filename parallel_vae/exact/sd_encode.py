@@ -17,7 +17,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
-from .geometry import row_part
+from .geometry import join_rows, row_part
 from .lockstep import Request, RowsRequest
 from .row_ops import RowOps, Sync, same_rows
 
@@ -124,7 +124,7 @@ class SdEncodeExact(RowOps):
             _, below = yield RowsRequest(me.next(), "downsample", x[:, :, :1].clone(), x[:, :, rows - 1:].clone())
         if below is None:  # the image's bottom: ComfyUI's zero pad
             below = torch.zeros_like(x[:, :, :1])
-        joined = F.pad(torch.cat([x, below], -2), (0, 1, 0, 0)).contiguous(memory_format=self.fmt)
+        joined = join_rows([x, below], self.fmt, zero_cols=1)  # and ComfyUI's zero right column
         del x
         return self.dense(down.conv(joined))
 
