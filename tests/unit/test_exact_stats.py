@@ -105,3 +105,19 @@ def test_channels_last_rows_give_the_same_statistics_and_do_not_depend_on_the_ba
         bands = [cl[:, :, a:e].clone(memory_format=torch.channels_last) for a, e in spans]
         got = stats.combine([stats.moments(band, 4) for band in bands], 1e-6)
         assert all(torch.equal(g, w) for g, w in zip(got, whole)), n
+
+
+def test_join_rows_stacks_parts_of_any_layout_into_the_bands_layout_copying_each_once():
+    g = torch.Generator().manual_seed(3)
+    own = torch.randn((1, 8, 6, 5), generator=g).contiguous(memory_format=torch.channels_last)
+    above = torch.randn((1, 8, 1, 5), generator=g)  # from the wire: contiguous
+    below = torch.zeros((1, 8, 1, 5))
+    joined = geometry.join_rows([above, own, below], torch.channels_last)
+    assert joined.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(joined, torch.cat([above, own, below], -2))
+    # torch.cat of these mixed layouts gives a contiguous tensor: the transposing copy join_rows avoids
+    assert not torch.cat([above, own, below], -2).is_contiguous(memory_format=torch.channels_last)
+    padded = geometry.join_rows([own, below], torch.channels_last, zero_cols=1)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded, torch.nn.functional.pad(torch.cat([own, below], -2), (0, 1, 0, 0)))
+    assert torch.equal(geometry.join_rows([above, own], torch.contiguous_format), torch.cat([above, own], -2))
