@@ -43,6 +43,8 @@ class SdExact(RowOps):
     # channels-last input without reordering it (about 10% of a 512x512 SD decode on a CPU at one
     # and at two threads); every band is in the same layout, so band counts still agree bit for bit
     fmt = torch.channels_last
+    # in a worker, large blocks come from the heap during the decode (heap.Heap.reusing_blocks)
+    reuse_blocks = True
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         # (patch_size and first_chunk: the executors' common signature; a 2-D decoder has neither)

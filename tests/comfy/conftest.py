@@ -143,6 +143,21 @@ def band_heaps(pack, monkeypatch) -> list:
 
 
 @pytest.fixture
+def block_reuse(pack, monkeypatch) -> list:
+    """What each exact item asks of heap.Heap.reusing_blocks (True: a worker's large blocks come
+    from its heap while the item runs), in order."""
+    heap = pack.parallel_vae.heap.HEAP
+    original, asked = heap.reusing_blocks, []
+
+    def recording(wanted=True):
+        asked.append(wanted)
+        return original(wanted)
+
+    monkeypatch.setattr(heap, "reusing_blocks", recording)
+    return asked
+
+
+@pytest.fixture
 def one_thread(torch_threads):
     """Bit-identity across band counts holds where no CPU kernel splits one output's sum over
     threads. oneDNN on an AVX-512 Xeon does for 1x1 convs, by the input's size, so at 2 threads

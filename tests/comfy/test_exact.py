@@ -14,7 +14,7 @@ SD_Z = (2, 4, 21, 14)  # batch 2, not square, 21 rows: no band count here divide
 
 def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_counts(pack, load_vae, decode,
                                                                                       core_decode, one_thread,
-                                                                                      decodes):
+                                                                                      decodes, block_reuse):
     vae = load_vae("sd")
     z = latent(SD_Z, 3)
     ref = core_decode(z, vae)
@@ -23,6 +23,8 @@ def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_cou
     for tile_size, bands in ((512, 1), (128, 2), (96, 3)):
         outputs[bands] = decode(z, vae, tile_size, 64, devices="cpu", mode="exact")
         assert len(decodes.last.units) == bands * SD_Z[0], "band count"
+    # each item asks for a heap that reuses large blocks (a worker's only: heap.Heap.reusing_blocks)
+    assert block_reuse and all(block_reuse)
         assert max_diff(outputs[bands], ref) <= TOL, f"{bands} bands"
     assert torch.equal(outputs[2], outputs[1]) and torch.equal(outputs[3], outputs[1])
 
@@ -43,12 +45,13 @@ def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core
     ("wan22", (1, 48, 2, 9, 2), 2),
 ])
 def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, stream_of, to_images, decodes,
-                                             band_heaps, family, shape, bands):
+                                             band_heaps, block_reuse, family, shape, bands):
     vae = load_vae(family)
     z = latent(shape, 5)
     ours = decode(z, vae, 64, 16, devices="cpu", mode="exact")
     assert len({t for t, *_ in decodes.last.units}) == bands
     assert band_heaps == [True], "several band threads on the CPU: large blocks mapped afresh (heap.py)"
+    assert block_reuse == [False], "Wan bands in threads: a heap that reuses large blocks would keep them per thread"
     assert max_diff(ours, core_decode(z, vae)) <= TOL
     if family == "wan21":  # the stream walks frames (every band's cache alive), the IMAGE node bands
         streamed = to_images(stream_of(z, vae, 64, 16, devices="cpu", mode="exact"))

@@ -71,3 +71,44 @@ def test_workers_start_with_huge_pages_for_malloc_unless_the_user_said_otherwise
     assert worker_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"
     assert worker_tunables({"PARALLEL_VAE_KEEP_HEAP": "0"}) is None
     assert worker_tunables({"PARALLEL_VAE_KEEP_HEAP": "0", "GLIBC_TUNABLES": "x=1"}) == "x=1"
+
+
+REUSE_CHILD = """
+import resource, sys
+from parallel_vae.heap import HEAP
+
+def faults_of_four_64_mib_blocks():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        block = bytearray(64 << 20)  # written through (zeroed) as a tensor's pages are
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if sys.argv[1] == "worker":
+    HEAP.keep()
+with HEAP.reusing_blocks():
+    bytearray(64 << 20)  # the first one is faulted in either way
+    inside = faults_of_four_64_mib_blocks()
+HEAP.give_back()  # as a worker does when idle
+after = faults_of_four_64_mib_blocks()
+print(inside, after)
+"""
+
+
+def faults(mode: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin"})  # no GLIBC_TUNABLES: 4 KiB pages
+    inside, after = map(int, out.stdout.split())
+    return inside, after
+
+
+def test_a_worker_reuses_large_blocks_from_its_heap_while_asked_and_maps_them_afresh_after():
+    if Heap().libc is None:
+        pytest.skip("glibc only")
+    pages = 4 * (64 << 20) // 4096  # four blocks' worth of fresh pages
+    inside, after = faults("worker")
+    assert inside < pages // 8, f"reused blocks should need no fresh pages: {inside} faults of {pages}"
+    assert after > pages // 2, f"after the job (and idle), large blocks are mapped afresh again: {after} faults"
+    # ComfyUI's own process (no kept heap) is left alone: every block mapped afresh
+    inside, _ = faults("comfyui")
+    assert inside > pages // 2, inside
