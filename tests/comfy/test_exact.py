@@ -23,10 +23,10 @@ def test_sd_exact_equals_untiled_vae_decode_and_is_bit_identical_across_band_cou
     for tile_size, bands in ((512, 1), (128, 2), (96, 3)):
         outputs[bands] = decode(z, vae, tile_size, 64, devices="cpu", mode="exact")
         assert len(decodes.last.units) == bands * SD_Z[0], "band count"
-    # each item asks for a heap that reuses large blocks (a worker's only: heap.Heap.reusing_blocks)
-    assert block_reuse and all(block_reuse)
         assert max_diff(outputs[bands], ref) <= TOL, f"{bands} bands"
     assert torch.equal(outputs[2], outputs[1]) and torch.equal(outputs[3], outputs[1])
+    # each item asks for a heap that reuses large blocks (a worker's only: heap.Heap.reusing_blocks)
+    assert block_reuse and all(block_reuse)
 
 
 def test_flux_style_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode, one_thread, decodes):
