@@ -83,17 +83,9 @@ class Heap:
         if not wanted or not self.kept or self.libc is None:
             yield
             return
-        with self._lock:
-            if self._reusing == 0:
-                self.libc.mallopt(M_MMAP_MAX, 0)
-            self._reusing += 1
-        try:
+        with self._while("_reusing", lambda: self.libc.mallopt(M_MMAP_MAX, 0),
+                         lambda: self.libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)):
             yield
-        finally:
-            with self._lock:
-                self._reusing -= 1
-                if self._reusing == 0:
-                    self.libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
 
     @contextmanager
     def bands_running(self, cpu: bool = True):
@@ -102,18 +94,28 @@ class Heap:
         if not cpu or self.libc is None:
             yield
             return
+        try:
+            with self._while("_bands", lambda: self._set(BAND_MMAP_THRESHOLD, BAND_TRIM_THRESHOLD),
+                             lambda: self._set(*(KEPT if self.kept else ADAPTED))):
+                yield
+        finally:
+            self.give_back()
+
+    @contextmanager
+    def _while(self, count: str, first, last):
+        """Counts the runs under way in attribute ``count``: ``first()`` as the first starts,
+        ``last()`` as the last ends (jobs and band runs may overlap in one process)."""
         with self._lock:
-            if self._bands == 0:
-                self._set(BAND_MMAP_THRESHOLD, BAND_TRIM_THRESHOLD)
-            self._bands += 1
+            if getattr(self, count) == 0:
+                first()
+            setattr(self, count, getattr(self, count) + 1)
         try:
             yield
         finally:
             with self._lock:
-                self._bands -= 1
-                if self._bands == 0:
-                    self._set(*(KEPT if self.kept else ADAPTED))
-            self.give_back()
+                setattr(self, count, getattr(self, count) - 1)
+                if getattr(self, count) == 0:
+                    last()
 
 
 def worker_tunables(environ) -> str | None:

@@ -127,34 +127,31 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+def _asks_of_heap(pack, monkeypatch, method: str) -> list:
+    """Every argument heap.HEAP.``method`` is called with in this process, in order (the call goes on)."""
+    heap = pack.parallel_vae.heap.HEAP
+    original, asked = getattr(heap, method), []
+
+    def recording(flag=True):
+        asked.append(flag)
+        return original(flag)
+
+    monkeypatch.setattr(heap, method, recording)
+    return asked
+
+
 @pytest.fixture
 def band_heaps(pack, monkeypatch) -> list:
     """What each exact item asks of heap.Heap.bands_running in this process (True: large blocks
     mapped afresh while its bands run), in order."""
-    heap = pack.parallel_vae.heap.HEAP
-    original, asked = heap.bands_running, []
-
-    def recording(cpu=True):
-        asked.append(cpu)
-        return original(cpu)
-
-    monkeypatch.setattr(heap, "bands_running", recording)
-    return asked
+    return _asks_of_heap(pack, monkeypatch, "bands_running")
 
 
 @pytest.fixture
 def block_reuse(pack, monkeypatch) -> list:
     """What each exact item asks of heap.Heap.reusing_blocks (True: a worker's large blocks come
     from its heap while the item runs), in order."""
-    heap = pack.parallel_vae.heap.HEAP
-    original, asked = heap.reusing_blocks, []
-
-    def recording(wanted=True):
-        asked.append(wanted)
-        return original(wanted)
-
-    monkeypatch.setattr(heap, "reusing_blocks", recording)
-    return asked
+    return _asks_of_heap(pack, monkeypatch, "reusing_blocks")
 
 
 @pytest.fixture
