@@ -1,8 +1,9 @@
 """Finding the pack's worker processes the way an operator would (by command line, in /proc), and
-acting on a worker at the moment it is busy."""
+acting on a worker at a point in the pool's work (before it sends the worker a given record)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -40,22 +41,35 @@ def alive(pid: int) -> bool:
         return False
 
 
-def when_busy(pool, lane: str, action, settle: float = 0.0, timeout: float = 60.0):
-    """A started thread that runs ``action(handle)`` once the pool's lane ``lane`` holds a task
-    (``settle`` seconds later: inside a lock-step by then); join it after the decode."""
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = next(h for h in pool.handles if h.name == lane)
-            if h.tasks:
-                time.sleep(settle)
-                action(h)
-                return
-            time.sleep(0.005)
+def before_sending(pool, lane: str, record: str, action, nth: int = 1) -> threading.Event:
+    """Run ``action(handle)`` in the pool's own thread just before it sends lane ``lane`` its
+    ``nth`` record of type ``record`` ("Task", "SharedRows", ...), then send it. Tied to what the
+    pool does, not to a moment: a worker killed there holds work it can never answer for, however
+    fast or slow the machine. Patches only that lane's present life; the event says it fired."""
+    h = next(h for h in pool.handles if h.name == lane)
+    send, seen, fired = h.send, [0], threading.Event()
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def sending(message):
+        if type(message).__name__ == record and not fired.is_set():
+            seen[0] += 1
+            if seen[0] == nth:
+                action(h)
+                fired.set()
+        send(message)
+
+    h.send = sending
+    return fired
+
+
+def sigkill(h, timeout: float = 30.0) -> None:
+    """SIGKILL a worker's process and return once it is dead (a zombie or gone)."""
+    pid = h.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {pid} still alive {timeout} s after SIGKILL")
+        time.sleep(0.01)
 
 
 def ray_actors(class_name: str = "ParallelVAEWorker") -> list[int]:

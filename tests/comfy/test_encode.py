@@ -2,15 +2,13 @@
 real VAELoader): tiled equals VAE Encode (Tiled), exact equals VAE Encode, on any number of lanes."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
 import torch
 
 from testkit import comfy_env, interrupt
-from testkit.procs import when_busy
+from testkit.procs import before_sending, sigkill
 from testkit.speeds import even_speeds
 
 TOL = 1e-4
@@ -221,9 +219,9 @@ def test_sigkill_of_a_worker_mid_encode_gives_the_same_latent_and_a_full_pool(lo
     pool = backends.local_pool()
     restarts = pool.stats.restarts
     victim = pool.pids()["cpu[1]"]
-    killer = when_busy(pool, "cpu[1]", lambda h: os.kill(victim, signal.SIGKILL))
+    killed = before_sending(pool, "cpu[1]", "Task", sigkill)  # dies holding a tile
     ours = encode(px, vae, 64, 16, devices="cpu:2")
-    killer.join()
+    assert killed.is_set(), "the worker never got a task"
     assert pool.stats.restarts == restarts + 1
     assert diff(ours, core.tiled(px, vae, 64, 16)) <= TOL
     ready = pool.wait_ready(source_of(vae))

@@ -12,7 +12,7 @@ import torch
 
 from testkit import faults, interrupt
 from testkit.compare import TOL, latent, max_diff
-from testkit.procs import when_busy
+from testkit.procs import before_sending, sigkill
 from testkit.speeds import even_speeds
 
 SD_Z = (2, 4, 21, 14)
@@ -97,16 +97,10 @@ def test_sigkill_of_a_worker_mid_lockstep_gives_the_same_output_and_a_full_pool(
     pool = backends.local_pool()
     victim = pool.pids()["cpu[1]"]
     restarts = pool.stats.restarts
-    seen = []
-
-    def kill(h):
-        seen.append(list(h.tasks))
-        os.kill(victim, signal.SIGKILL)
-
-    killer = when_busy(pool, "cpu[1]", kill, settle=0.3)  # inside the lock-step by then (it takes seconds)
+    # dies inside the lock-step: its band has answered rounds and waits on the next one's edge rows
+    killed = before_sending(pool, "cpu[1]", "SharedRows", sigkill, nth=3)
     again = decode(z, vae, 64, 16, devices="cpu:2", mode="exact")
-    killer.join()
-    assert seen, "the worker never got a task"
+    assert killed.is_set(), "the worker never reached a third exchange of edge rows"
     assert pool.stats.restarts == restarts + 1
     assert any("restarts" in text for _, text in pool.stats.events)
     assert torch.equal(again, clean)

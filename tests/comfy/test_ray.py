@@ -5,8 +5,6 @@ run on both nodes, a warm prompt ships no weights, pixels travel in the decoder'
 actor killed, a node removed or an interrupt mid-job change nothing in the output."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from testkit import interrupt, ray_cluster
 from testkit.compare import TOL, latent, max_diff
-from testkit.procs import when_busy
+from testkit.procs import before_sending, sigkill
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -142,9 +140,9 @@ def test_sigkill_of_an_actor_mid_job_gives_the_same_output_and_the_lane_rejoins(
     hold_vae(pool, vae)  # both actors hold the VAE: each pulls a tile at once
     lane = pool.names[1]
     victim, restarts = pool.pids()[lane], pool.stats.restarts
-    killer = when_busy(pool, lane, lambda h: os.kill(h.pid, signal.SIGKILL))
+    killed = before_sending(pool, lane, "Task", sigkill)  # dies holding a tile
     ours = decode(z, vae, 64, 16, devices=RAY)
-    killer.join()
+    assert killed.is_set(), "the actor never got a task"
     assert pool.stats.restarts == restarts + 1
     assert torch.equal(ours, clean)
     hold_vae(pool, vae)  # the restarted actor (up after the job ended) builds the VAE again
@@ -239,10 +237,10 @@ def test_removing_a_node_mid_job_gives_the_same_output_from_the_other(pack, load
     spec = pool.specs[1]
     node = next(n for n in cluster.list_all_nodes() if n.node_id == spec.node_id)
     earlier = len(pool.stats.events)  # the pool's life so far (the SIGKILL test killed this lane too)
-    remover = when_busy(pool, spec.name, lambda h: cluster.remove_node(node, allow_graceful=False))
+    removed = before_sending(pool, spec.name, "Task", lambda h: cluster.remove_node(node, allow_graceful=False))
     start = time.monotonic()
     ours = decode(z, vae, 64, 16, devices=RAY)
-    remover.join()
+    assert removed.is_set(), "the node's actor never got a task"
     took = time.monotonic() - start
     assert torch.equal(ours, clean)
     deaths = [text for _, text in pool.stats.events[earlier:] if spec.name in text and "died" in text]

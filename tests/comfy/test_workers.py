@@ -3,14 +3,13 @@ VAEDecodeTiled for any number of workers, persistence across prompts, faults and
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import pytest
 
 from testkit import faults, interrupt
 from testkit.compare import TOL, latent, max_diff
-from testkit.procs import when_busy
+from testkit.procs import before_sending, sigkill
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +73,9 @@ def test_sigkill_of_a_worker_mid_job_gives_the_same_output_and_a_full_pool(load_
     hold_vae(pool, vae)  # both hold the VAE: each pulls a tile at once
     victim = pool.pids()["cpu[1]"]
     restarts = pool.stats.restarts
-    killer = when_busy(pool, "cpu[1]", lambda h: os.kill(victim, signal.SIGKILL))
+    killed = before_sending(pool, "cpu[1]", "Task", sigkill)  # dies holding a tile
     ours = decode(z, vae, 64, 16, devices="cpu:2")
-    killer.join()
+    assert killed.is_set(), "the worker never got a task"
     assert pool.stats.restarts == restarts + 1
     assert max_diff(ours, core_tiled(z, vae, 64, 16, 64, 8)) <= TOL
     ready = pool.wait_ready(source_of(vae))
