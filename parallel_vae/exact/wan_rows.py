@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .attention import attend_band
-from .geometry import conv_spread, edge_rows, is_conv, named, row_part, rows_unpadded, upsample_factor
+from .geometry import conv_spread, edge_rows, is_conv, join_rows, named, row_part, rows_unpadded, upsample_factor
 from .lockstep import GatherRequest, RowsRequest
 from .threads import current
 
@@ -83,19 +83,23 @@ def refusal(part, what: str = "decoder") -> str | None:
     return None
 
 
+def _on_onednn(conv, input, args, kwargs) -> bool:
+    """Whether ``_convolve`` takes oneDNN's kernel for this call (float32 on the CPU, a plain conv)."""
+    return input.device.type == "cpu" and input.dtype == torch.float32 and not args \
+        and not set(kwargs) - {"autopad"} and kwargs.get("autopad") in (None, "causal_zero") \
+        and getattr(conv, "padding_mode", "zeros") == "zeros" and not getattr(conv, "transposed", False) \
+        and not isinstance(conv.padding, str) and torch.backends.mkldnn.is_available()
+
+
 def _convolve(conv, original, input, weight, bias, args, kwargs):
     """A band's conv call, on oneDNN's kernel wherever ATen would take it for the whole frame.
     ATen takes its own slower kernel instead for float32 CPU inputs with N*C*T*H <= 20480 (a
     heuristic for small convs), which a band's few rows fall under where the whole frame's do not
     (Wan's 384-channel level of a 768x768 frame in 3 bands: 1.6x the time per row, and other bits).
     oneDNN gives a band's rows bit for bit as its whole-frame conv does."""
-    autopad = kwargs.get("autopad")
-    if input.device.type != "cpu" or input.dtype != torch.float32 or args or set(kwargs) - {"autopad"} \
-            or autopad not in (None, "causal_zero") or getattr(conv, "padding_mode", "zeros") != "zeros" \
-            or getattr(conv, "transposed", False) or isinstance(conv.padding, str) \
-            or not torch.backends.mkldnn.is_available():
+    if not _on_onednn(conv, input, args, kwargs):
         return original(input, weight, bias, *args, **kwargs)
-    if autopad == "causal_zero":  # ComfyUI's one-frame path: the kernel's last time slices only
+    if kwargs.get("autopad") == "causal_zero":  # ComfyUI's one-frame path: the kernel's last time slices only
         weight = weight[:, :, -input.shape[2]:]
     return torch.mkldnn_convolution(input, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups)
 
@@ -119,6 +123,9 @@ def _conv_hook(conv, name: str):
         # clones: a view would keep this band's whole input alive in the neighbour's hands
         above, below = me.ask(RowsRequest(me.next(), name, own.narrow(-2, 0, spread).clone(),
                                           own.narrow(-2, rows - spread, spread).clone()))
+        if pre in (0, spread) and rows >= 2 * spread and _on_onednn(conv, input, args, kwargs):
+            del own
+            return _edges_mended(conv, original, input, pre, spread, above, below, weight, bias, kwargs)
         # [above; own; below], spread rows each side (zero rows at the image's edge, as the conv pads
         # there), convolved without row padding: exactly the band's own output rows, no copy of them
         # (0.3.x pads the rows itself before the conv: its zero rows serve at the image's edge)
@@ -131,6 +138,25 @@ def _conv_hook(conv, name: str):
             return _convolve(conv, original, joined, weight, bias, args, kwargs)
 
     return _conv_forward
+
+
+def _edges_mended(conv, original, input, pre, spread, above, below, weight, bias, kwargs):
+    """The band's input convolved as it is, zero rows beyond its edges (the conv's own row padding,
+    or the module's on 0.3.x), then each edge's ``spread`` output rows convolved again from
+    [neighbour's rows; own first or last 2 * spread rows] and written over. The same rows as
+    convolving [above; own; below], without that band-sized copy of the input, which at the widest
+    layer is a third of a frame's activations with 3 bands (oneDNN's rows do not depend on the
+    input's height, checked bit for bit by the exact tests)."""
+    out = _convolve(conv, original, input, weight, bias, (), kwargs)
+    rows = input.shape[-2] - 2 * pre
+    for got, start, at in ((above, 0, 0), (below, rows - 2 * spread, rows - spread)):
+        if got is None:
+            continue
+        own = input.narrow(-2, pre + start, 2 * spread)
+        part = join_rows([got, own] if at == 0 else [own, got])
+        with rows_unpadded(conv):
+            out.narrow(-2, at, spread).copy_(_convolve(conv, original, part, weight, bias, (), kwargs))
+    return out
 
 
 def _downsample_hook(conv, name: str):
