@@ -121,3 +121,19 @@ def test_join_rows_stacks_parts_of_any_layout_into_the_bands_layout_copying_each
     assert padded.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(padded, torch.nn.functional.pad(torch.cat([own, below], -2), (0, 1, 0, 0)))
     assert torch.equal(geometry.join_rows([above, own], torch.contiguous_format), torch.cat([above, own], -2))
+
+
+def test_doubled_inner_equals_upsample_x2_without_the_edge_rows_and_reuses_its_memory():
+    from parallel_vae.exact import wan_rows
+
+    up = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+    g = torch.Generator().manual_seed(3)
+    space = None
+    for shape in [(2, 5, 7, 6), (2, 5, 3, 6), (1, 4, 9, 5)]:  # a smaller chunk after a larger one, then a larger
+        src = torch.randn(shape, generator=g)
+        want = up(src).narrow(-2, 1, 2 * shape[-2] - 2).contiguous()
+        got, grown = wan_rows.doubled_inner(src, space)
+        assert got.is_contiguous() and torch.equal(got, want), shape
+        if space is not None and space.numel() >= got.numel():
+            assert grown is space and got.data_ptr() == space.data_ptr(), "written into the given memory"
+        space = grown
