@@ -1,19 +1,21 @@
 """How glibc's allocator treats a process's large CPU buffers: kept while a worker works
 (``keep``), large ones reused from the heap during a worker's SD exact decode (``reusing_blocks``),
-and mapped afresh for each while exact bands run in threads (``bands_running``).
+and given back at every band's turn while exact bands run in threads (``bands_running``).
 
 glibc gives each thread that allocates its own arena, and an arena keeps what it frees (below its
 adaptive mmap threshold, which grows to 32 MiB as big blocks are freed) for its own thread's next
 allocations. Exact bands run one at a time but each in a thread of its own, so every band
 thread's arena keeps its own high-water mark: the process holds the sum over bands of each band's
 peak, not the peak of their sum (one-frame 768x768 Wan decode in ComfyUI's process: 3 bands hold
-about 540 MiB more than with big blocks mapped, 12 bands 1.9 GiB more). While several bands run in
-threads, blocks of ``BAND_MMAP_THRESHOLD`` or more are therefore mapped and unmapped (each free
-returns them to the kernel). The price is fresh pages for every such block, oneDNN's reorder
-buffers included: about 22% more time on that CPU decode (docs/BENCHMARKS.md). Afterwards the
-process's previous setting returns (for a process glibc had left adaptive: the values adaptation
-reaches, 32 MiB and 64 MiB). Elsewhere than glibc (Windows, macOS, where large blocks are mapped
-anyway) this is a no-op; device memory is torch's to pool.
+about 300-540 MiB more, 12 bands 1.9 GiB more). While several bands run in threads, blocks under
+32 MiB come from the arenas, reused within a band's turn, and each time a band hands over to the
+next (``turn_over``, from threads.Channel.ask) ``malloc_trim`` gives every arena's free pages back.
+An earlier rule, every block of 1 MiB or more mapped afresh and unmapped when freed, held the same
+peak at a fresh page fault for each block within the turn too: 6.8 million faults against 5.5-5.8
+million for that decode, and 10-15% of its time (docs/BENCHMARKS.md). Afterwards the process's
+previous setting returns (for a process glibc had left adaptive: the values adaptation reaches,
+32 MiB and 64 MiB). Elsewhere than glibc (Windows, macOS, where large blocks are mapped anyway)
+this is a no-op; device memory is torch's to pool.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ TUNABLES_ENV = "GLIBC_TUNABLES"
 HUGE_PAGES = "glibc.malloc.hugetlb"  # 1: malloc asks for transparent huge pages (glibc 2.35+)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 MMAP_MAX_DEFAULT = 65536  # glibc's own M_MMAP_MAX
-BAND_MMAP_THRESHOLD = 1 << 20
-BAND_TRIM_THRESHOLD = 128 << 10  # glibc's default
 KEPT = (32 << 20, 1 << 30)  # (mmap, trim) of a worker's kept heap: the largest fixed mmap threshold
+# (mmap, trim) while bands run in threads: blocks under 32 MiB from the heap, what a band frees
+# given back as its turn ends (malloc_trim returns free pages inside an arena but not a thread
+# arena's top, which goes back as it passes the trim threshold)
+BANDS = (32 << 20, 8 << 20)
 ADAPTED = (32 << 20, 64 << 20)  # (mmap, trim) where glibc's adaptation ends
 
 
@@ -89,16 +93,23 @@ class Heap:
 
     @contextmanager
     def bands_running(self, cpu: bool = True):
-        """While several exact bands run in threads of this process on the CPU, their large
-        buffers are mapped afresh each and freed to the kernel."""
+        """While several exact bands run in threads of this process on the CPU, their buffers come
+        from the heap within a band's turn and go back to the kernel as it ends (``turn_over``)."""
         if not cpu or self.libc is None:
             yield
             return
         try:
-            with self._while("_bands", lambda: self._set(BAND_MMAP_THRESHOLD, BAND_TRIM_THRESHOLD),
+            with self._while("_bands", lambda: self._set(*BANDS),
                              lambda: self._set(*(KEPT if self.kept else ADAPTED))):
                 yield
         finally:
+            self.give_back()
+
+    def turn_over(self) -> None:
+        """A band hands over to the next (its thread waits): what its arena holds free goes back,
+        so the next band, whose thread has another arena, finds the pages with the kernel, not
+        kept for a thread that is waiting (about 1 ms for a 768x768 Wan frame's arenas)."""
+        if self._bands:
             self.give_back()
 
     @contextmanager

@@ -40,7 +40,7 @@ def run(ex, work, latent: torch.Tensor, tiles: Sequence[int], answer: Optional[C
     bands = [Band(t, a // r, -(-e // r)) for t, a, e in map(work.band, tiles)]
     # several bands in threads of their own (Wan's decode): their buffers must not stay in per-thread arenas
     cpu = ex.device.type == "cpu"
-    with HEAP.bands_running(getattr(ex, "map_band_blocks", False) and cpu and len(bands) > 1), \
+    with HEAP.bands_running(getattr(ex, "gives_back_turns", False) and cpu and len(bands) > 1), \
             HEAP.reusing_blocks(getattr(ex, "reuse_blocks", False) and cpu):
         if answer is not None:
             yield from attempt(ex, z, bands, work.split, poll, answer)

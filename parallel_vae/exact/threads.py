@@ -20,6 +20,8 @@ from typing import Callable, Generator
 
 import torch
 
+from ..heap import HEAP
+
 _local = threading.local()
 
 
@@ -53,7 +55,9 @@ class Channel:
         return self.k - 1
 
     def ask(self, request):
-        """In the band's thread: hand ``request`` to the driver and wait for its answer."""
+        """In the band's thread: hand ``request`` to the driver and wait for its answer (what this
+        band freed in its turn goes back first: heap.Heap.turn_over)."""
+        HEAP.turn_over()
         self._up.put(("yield", request))
         kind, value = self._down.get()
         if kind == "stop":

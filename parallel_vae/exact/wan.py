@@ -27,9 +27,9 @@ class WanExact:
     """Bands of one Wan ``first_stage_model``'s decoder: they exchange conv edge rows and attention
     keys (no statistics: Wan's norms work per pixel)."""
 
-    # bands in threads of their own (threads.py), whose arenas would each keep a band's peak: large
-    # blocks are mapped afresh while they run on the CPU (heap.Heap.bands_running)
-    map_band_blocks = True
+    # bands in threads of their own (threads.py), whose arenas would each keep a band's peak: what
+    # a band frees goes back as its turn ends while they run on the CPU (heap.Heap.bands_running)
+    gives_back_turns = True
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

@@ -36,8 +36,9 @@ class WanEncodeExact:
     each stride-2 downsample and attention keys (no statistics: Wan's norms work per pixel)."""
 
     # bands in threads too, but the encoder's largest blocks (its input level's) are mapped anyway:
-    # mapping smaller ones cost 15% more time for 0.5% less peak RSS (docs/BENCHMARKS.md)
-    map_band_blocks = False
+    # the band heap rule (then: smaller blocks mapped afresh) cost 15% more time for 0.5% less
+    # peak RSS (docs/BENCHMARKS.md)
+    gives_back_turns = False
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
         self.model = model

@@ -191,8 +191,8 @@ def doubled_inner(src, space=None):
     """Nearest x2 of ``src`` [..., m, W] over rows and columns without its first and last row
     ([..., 2m - 2, 2W], contiguous), written into ``space`` (a flat tensor, grown when too small)
     and returned with it. The same values as Upsample(x2 nearest) then narrow then contiguous, in
-    one copy and no fresh memory per chunk: with blocks mapped afresh while bands run, each new
-    16 MiB chunk was 4,096 page faults, twice per chunk."""
+    one copy and no fresh memory per chunk: while bands ran with blocks mapped afresh (an earlier
+    heap rule) each new 16 MiB chunk was 4,096 page faults, twice per chunk."""
     *lead, m, w = src.shape
     shape = (*lead, 2 * m - 2, 2 * w)
     numel = math.prod(shape)

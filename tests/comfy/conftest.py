@@ -142,8 +142,8 @@ def _asks_of_heap(pack, monkeypatch, method: str) -> list:
 
 @pytest.fixture
 def band_heaps(pack, monkeypatch) -> list:
-    """What each exact item asks of heap.Heap.bands_running in this process (True: large blocks
-    mapped afresh while its bands run), in order."""
+    """What each exact item asks of heap.Heap.bands_running in this process (True: what a band
+    frees goes back as its turn ends while its bands run), in order."""
     return _asks_of_heap(pack, monkeypatch, "bands_running")
 
 

@@ -50,7 +50,7 @@ def test_wan_exact_equals_untiled_vae_decode(pack, load_vae, decode, core_decode
     z = latent(shape, 5)
     ours = decode(z, vae, 64, 16, devices="cpu", mode="exact")
     assert len({t for t, *_ in decodes.last.units}) == bands
-    assert band_heaps == [True], "several band threads on the CPU: large blocks mapped afresh (heap.py)"
+    assert band_heaps == [True], "several band threads on the CPU: each band gives back what it freed as its turn ends (heap.py)"
     assert block_reuse == [False], "Wan bands in threads: a heap that reuses large blocks would keep them per thread"
     assert max_diff(ours, core_decode(z, vae)) <= TOL
     if family == "wan21":  # the stream walks frames (every band's cache alive), the IMAGE node bands

@@ -1,6 +1,6 @@
-"""parallel_vae.heap: while exact bands run in threads, their freed large blocks go back to the
-system; otherwise glibc keeps them in each band thread's arena, every band's high-water mark
-resident at once. Run in a child process: the allocator's settings are process-wide."""
+"""parallel_vae.heap: while exact bands run in threads, what a band frees stays for its own turn
+and goes back to the system as it hands over to the next band; otherwise glibc keeps it in each
+band thread's arena, every band's high-water mark resident at once. Run in a child process: the allocator's settings are process-wide."""
 import subprocess
 import sys
 from pathlib import Path
@@ -15,42 +15,61 @@ BLOCKS, BLOCK = 48, 2 << 20  # under the 32 MiB mmap threshold a worker keeps: h
 CHILD = f"""
 import os, threading
 from parallel_vae.heap import HEAP
+from parallel_vae.exact.threads import Channel
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+def touched(size):
+    b = bytearray(size)
+    b[::4096] = b"\\x01" * len(range(0, size, 4096))  # a byte in every page: resident
+    return b
+
 def left_by_a_band_thread():
     held = {{}}
+    channel = Channel(0, 1, 2)  # one of two bands
     def band():
         before = rss()
-        blocks = [bytearray(b"\\x01" * {BLOCK}) for _ in range({BLOCKS})]
+        blocks, pins = [], []
+        for _ in range({BLOCKS}):  # a small block after each: freed blocks stay apart, in the bins
+            blocks.append(touched({BLOCK}))
+            pins.append(touched(4096))
         del blocks
-        held["left"] = rss() - before
+        held["in turn"] = rss() - before
+        channel.ask("edge rows")  # hands over to the next band, as at every exchange point
+        held["after"] = rss() - before
+        del pins
     t = threading.Thread(target=band)
     t.start()
+    assert channel._up.get()[0] == "yield"
+    channel._down.put(("answer", None))
     t.join()
-    return held["left"]
+    return held["in turn"], held["after"]
 
 import sys
 HEAP.keep()  # as a worker does: a freed block stays for the next
 with HEAP.bands_running(cpu=sys.argv[1] == "bands"):
-    print(left_by_a_band_thread())
+    print(*left_by_a_band_thread())
 """
 
 
-def left(mode: str) -> int:
+def left(mode: str) -> tuple[int, int]:
     out = subprocess.run([sys.executable, "-c", CHILD, mode], cwd=REPO, capture_output=True, text=True, check=True)
-    return int(out.stdout)
+    in_turn, after = out.stdout.split()
+    return int(in_turn), int(after)
 
 
-def test_a_band_threads_freed_blocks_leave_the_process_while_bands_run():
+def test_a_band_threads_freed_blocks_stay_for_its_turn_and_leave_when_it_hands_over():
     if Heap().libc is None:
         pytest.skip("glibc only: other allocators map large blocks afresh already")
     total = BLOCKS * BLOCK
-    kept, banded = left("device"), left("bands")
-    assert kept > total // 2, f"a worker's heap should keep what a thread frees: {kept >> 20} MiB"
-    assert banded < total // 4, f"freed band blocks should leave the process: {banded >> 20} MiB stayed"
+    (kept_in_turn, kept), (banded_in_turn, banded) = left("device"), left("bands")
+    assert kept_in_turn > total // 2 and kept > total // 2, \
+        f"a worker's heap should keep what a thread frees: {kept >> 20} MiB"
+    assert banded_in_turn > total // 2, \
+        f"within its turn a band's freed blocks should stay for its next ones: {banded_in_turn >> 20} MiB"
+    assert banded < total // 4, f"a band's freed blocks should leave as it hands over: {banded >> 20} MiB stayed"
 
 
 def test_bands_on_a_device_leave_the_allocator_alone():
