@@ -45,6 +45,7 @@ sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 from bench_decode import machine  # noqa: E402
 from testkit import latents, random_vaes  # noqa: E402
 from testkit.procs import workers_of  # noqa: E402
+from group_memory import TotalMemory  # noqa: E402
 from testkit.server import ComfyServer, prepare_base  # noqa: E402
 
 # --vae: (family, latent channels, spatial factor, frames of a latent frame after the first,
@@ -55,41 +56,6 @@ VAES = {"wan21": ("wan21", 16, 8, 4, "5,41"), "ltxv": ("ltxv_meta", 128, 32, 8, 
 def peak_rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
-class TotalMemory:
-    """The peak of the machine memory ComfyUI and its workers hold together, sampled every 0.1 s:
-    private pages of each process plus the shared memory they map, counted once (the sum of each
-    process's peak counts the result slots twice: in ComfyUI and in the worker that fills them)."""
-
-    def __init__(self, pid: int):
-        import threading
-
-        self.pid, self.peak_mib = pid, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _status(pid: int) -> dict:
-        with open(f"/proc/{pid}/status") as f:
-            return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f)
-                    if k in ("RssAnon", "RssFile", "RssShmem")}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                parts = [self._status(p) for p in (self.pid, *workers_of(self.pid))]
-                total = sum(s["RssAnon"] + s["RssFile"] for s in parts) + max(s["RssShmem"] for s in parts)
-                self.peak_mib = max(self.peak_mib, total)
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                pass
-            self._stop.wait(0.1)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_mib
 
 
 def prompt_for(method: str, vae_name: str, latent_name: str, size: int, batch: int) -> dict:
@@ -127,7 +93,7 @@ def one(method: str, vae: str, latent_frames: int, size: int, batch: int, tmp: P
     shape = (1, channels, latent_frames, size // spatial, size // spatial)
     latents.save_latent(latents.random_latent(shape, 2024), base / "input" / name)
     with ComfyServer(base, env=env) as server:
-        sampler = TotalMemory(server.proc.pid)
+        sampler = TotalMemory(server.proc.pid, lambda: workers_of(server.proc.pid))
         run = server.run(prompt_for(method, vae_name, name, size, batch), timeout=3600)
         total = sampler.stop()
         if not run.ok:
