@@ -88,7 +88,9 @@ def one(method: str, vae: str, latent_frames: int, size: int, batch: int, tmp: P
     family, channels, spatial, _, _ = VAES[vae]
     base = prepare_base(tmp / f"{method}-{latent_frames}")
     vae_name = random_vaes.vae_filename(family)
-    (base / "models" / "vae" / vae_name).symlink_to(random_vaes.ensure_vae_file(family, random_vaes.cache_dir()))
+    link = base / "models" / "vae" / vae_name
+    link.unlink(missing_ok=True)  # left by an earlier run that failed
+    link.symlink_to(random_vaes.ensure_vae_file(family, random_vaes.cache_dir()))
     name = f"bench_{latent_frames}.latent"
     shape = (1, channels, latent_frames, size // spatial, size // spatial)
     latents.save_latent(latents.random_latent(shape, 2024), base / "input" / name)
