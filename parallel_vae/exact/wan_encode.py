@@ -36,8 +36,8 @@ class WanEncodeExact:
     each stride-2 downsample and attention keys (no statistics: Wan's norms work per pixel)."""
 
     # bands in threads too, but the encoder's largest blocks (its input level's) are mapped anyway:
-    # the band heap rule (then: smaller blocks mapped afresh) cost 15% more time for 0.5% less
-    # peak RSS (docs/BENCHMARKS.md)
+    # giving a band's heap back at each turn cost 8-12% more time for 2.4% less peak RSS on a
+    # 768x768 image (mapping smaller blocks afresh, the rule before, 15% for 0.5%; docs/BENCHMARKS.md)
     gives_back_turns = False
 
     def __init__(self, model, dtype: torch.dtype, device, patch_size: int = 1, first_chunk: bool = False):
