@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 from bench_decode import machine, psnr  # noqa: E402
-from group_memory import TotalMemory  # noqa: E402
+from group_memory import TotalMemory, status_mib  # noqa: E402
 
 CASES = {
     # name: VAE family, latent shape, warm-up latent shape, note
@@ -73,16 +73,6 @@ def each_worker_peak_kib(pool) -> list[int]:
     return peaks
 
 
-def shared_kib(pids) -> list[int]:
-    """Each process's resident shared memory now (RssShmem: the weights block the workers map, the
-    latent and result blocks), which every process's peak RSS counts again."""
-    out = []
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            out.append(int(next(line for line in f if line.startswith("RssShmem:")).split()[1]))
-    return out
-
-
 def keep_arenas(pack) -> None:
     """Leave glibc's thresholds alone while band threads run in this process (heap.Heap.bands_running off)."""
     import contextlib
@@ -114,21 +104,21 @@ def child(case: str, label: str, out: Path) -> None:
         run = lambda z: nodes.VAEDecode().decode(vae, {"samples": z})[0]  # noqa: E731
     watch = observe.decodes(pack) if pack else contextlib.nullcontext()
 
-    def workers():
-        pool = pack.nodes.backends.local_pool() if pack and devices != "cpu" else None
-        return pool.pids().values() if pool else ()
+    def local_pool():  # started by the first decode on workers
+        return pack.nodes.backends.local_pool() if pack and devices != "cpu" else None
 
-    together = TotalMemory("self", workers, shared="all")
+    together = TotalMemory("self", lambda: local_pool().pids().values() if local_pool() else (), shared="all")
     with torch.inference_mode(), watch as seen:
         run(latents.random_latent(warm_shape, seed=1))
         z = latents.random_latent(shape, seed=1234)
         t = time.perf_counter()
         images = run(z)
         seconds = time.perf_counter() - t
-    pool = pack.nodes.backends.local_pool() if pack and devices != "cpu" else None
+    pool = local_pool()
     each = each_worker_peak_kib(pool) if pool else []
     together_mb = together.stop()
-    shared = shared_kib(["self", *pool.pids().values()]) if pool else []
+    # resident shared memory now (the weights block the workers map), which every peak counts again
+    shared = [status_mib(p, ("RssShmem",))["RssShmem"] for p in ("self", *pool.pids().values())] if pool else []
     torch.save(images.float().contiguous(), out)
     parent_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = seen.last if pack else None
@@ -136,7 +126,7 @@ def child(case: str, label: str, out: Path) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": (parent_kib + sum(each)) / 1024,
                       "parent_mb": parent_kib / 1024, "workers_mb": [k / 1024 for k in each],
                       "weights_mb": weights / 2**20, "units": len(report.units) if report else None,
-                      "shared_mb": [k / 1024 for k in shared],
+                      "shared_mb": shared,
                       "together_mb": together_mb}))
 
 

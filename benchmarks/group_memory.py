@@ -17,15 +17,16 @@ import threading
 from typing import Callable, Iterable
 
 
-def _fields(path: str, keys: tuple[str, ...]) -> dict:
-    with open(path) as f:
+def status_mib(pid, keys: tuple[str, ...]) -> dict:
+    """Fields ``keys`` of /proc/``pid``/status ("self" allowed), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
         return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
                 if k in keys}
 
 
 def held_mib(pids: Iterable, shared: str = "shmem") -> float:
     """What the processes ``pids`` ("self" allowed) hold together now, in MiB (see the module)."""
-    parts = [_fields(f"/proc/{p}/status", ("RssAnon", "RssFile", "RssShmem")) for p in pids]
+    parts = [status_mib(p, ("RssAnon", "RssFile", "RssShmem")) for p in pids]
     if shared == "all":
         return sum(s["RssAnon"] for s in parts) + max(s["RssFile"] for s in parts) + max(s["RssShmem"] for s in parts)
     return sum(s["RssAnon"] + s["RssFile"] for s in parts) + max(s["RssShmem"] for s in parts)

@@ -168,8 +168,8 @@ def test_wan_bands_exchange_edges_and_keys_and_are_bit_identical_across_band_cou
         own_keys = run_wan_bands(pack, ex, z, split(rows, 2), gather=False)
         untiled = vae.first_stage_model.decode(z.to(vae.vae_dtype))
         # upsample + conv a few rows at a time (at real sizes a band's upsampled rows are never whole)
-        ups = [list(m.children())[1] for m in vae.first_stage_model.decoder.modules()
-               if len(list(m.children())) == 2 and type(list(m.children())[0]).__name__ == "Upsample"]
+        ups = [seq[1] for seq in vae.first_stage_model.decoder.modules()
+               if isinstance(seq, torch.nn.Sequential) and len(seq) == 2 and type(seq[0]).__name__ == "Upsample"]
         assert ups, "Wan's up path has Upsample-then-conv layers"
         calls = []  # their convs' calls
         handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in ups]
