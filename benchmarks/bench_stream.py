@@ -45,7 +45,7 @@ sys.path[:0] = [str(REPO / "scripts"), str(REPO / "benchmarks")]
 from bench_decode import machine  # noqa: E402
 from testkit import latents, random_vaes  # noqa: E402
 from testkit.procs import workers_of  # noqa: E402
-from group_memory import TotalMemory  # noqa: E402
+from group_memory import TotalMemory, status_mib  # noqa: E402
 from testkit.server import ComfyServer, prepare_base  # noqa: E402
 
 # --vae: (family, latent channels, spatial factor, frames of a latent frame after the first,
@@ -54,8 +54,7 @@ VAES = {"wan21": ("wan21", 16, 8, 4, "5,41"), "ltxv": ("ltxv_meta", 128, 32, 8, 
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+    return status_mib(pid, ("VmHWM",))["VmHWM"]
 
 
 def prompt_for(method: str, vae_name: str, latent_name: str, size: int, batch: int) -> dict:
